@@ -1,0 +1,174 @@
+"""Model-level conversions: dense → masked (``mpdify``), masked → packed (``pack``) and back."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .masks import layer_seed, make_mask
+from .nn.masked import MPDLinear
+from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
+
+__all__ = ["mpdify", "pack", "unpack", "apply_masks_", "compressed_layers"]
+
+LayerFilter = Callable[[str, nn.Linear], bool]
+
+
+def mpdify(
+    model: nn.Module,
+    compression: int | Mapping[str, int],
+    *,
+    filter: LayerFilter | None = None,
+    seed: int = 0,
+    permute: bool = True,
+) -> nn.Module:
+    """Replace ``nn.Linear`` layers of ``model`` by :class:`MPDLinear` with seeded MPD masks.
+
+    ``compression`` is one factor for every selected layer, or a mapping from qualified layer
+    names to factors (only those layers are compressed). ``filter(name, module)`` further
+    selects layers. Each layer's mask is drawn from ``layer_seed(seed, name)``, so the same seed
+    gives the same masks in every process. Existing parameter objects are kept, so an optimizer
+    built before this call stays valid. Works in place and returns ``model`` (or the new layer
+    when ``model`` itself is an ``nn.Linear``).
+    """
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, MPDLinear)
+    }
+    if isinstance(compression, Mapping):
+        unknown = sorted(set(compression) - set(linears))
+        if unknown:
+            raise KeyError(f"compression names layers that are not uncompressed nn.Linear modules: {unknown}")
+        factors = dict(compression)
+    else:
+        factors = {name: compression for name in linears}
+    if filter is not None:
+        factors = {name: c for name, c in factors.items() if filter(name, linears[name])}
+    if not factors:
+        raise ValueError("no nn.Linear layer was selected for compression")
+
+    replacements: dict[int, MPDLinear] = {}
+    for name, c in factors.items():
+        linear = linears[name]
+        if id(linear) in replacements:
+            continue
+        mask = make_mask(
+            linear.out_features, linear.in_features, c,
+            seed=layer_seed(seed, name), permute=permute, name=name or type(model).__name__,
+        )
+        replacements[id(linear)] = MPDLinear.from_linear(linear, mask)
+    return _replace_modules(model, lambda m: replacements.get(id(m)))
+
+
+def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Turn every :class:`MPDLinear` into packed block-diagonal form.
+
+    Inside each ``nn.Sequential``, runs ``MPDLinear → element-wise modules → MPDLinear ...``
+    become one :class:`PackedChain` (one gather between consecutive layers, so the Sequential
+    gets shorter); other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. The result
+    computes the same function as the masked model. Unless ``inplace``, ``model`` is untouched.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    with torch.no_grad():
+        for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+            _fuse_sequential(seq)
+        return _replace_modules(
+            model, lambda m: BlockDiagonalLinear.from_masked(m) if isinstance(m, MPDLinear) else None
+        )
+
+
+def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Inverse of :func:`pack`: packed layers back to :class:`MPDLinear` (masked dense form)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    with torch.no_grad():
+        for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+            items = []
+            for child in seq:
+                items.extend(child.unfused() if isinstance(child, PackedChain) else [child])
+            _reset_sequential(seq, items)
+
+        def _unpack_one(module: nn.Module) -> nn.Module | None:
+            if isinstance(module, PackedChain):
+                return nn.Sequential(*module.unfused())
+            if isinstance(module, BlockDiagonalLinear):
+                return module.to_masked()
+            return None
+
+        return _replace_modules(model, _unpack_one)
+
+
+def apply_masks_(model: nn.Module) -> None:
+    """Re-zero the off-mask weights of every :class:`MPDLinear` (for optimizers that move them)."""
+    for module in model.modules():
+        if isinstance(module, MPDLinear):
+            module.apply_mask_()
+
+
+def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name → compressed module (masked, packed or chain) for every one in ``model``."""
+    kinds = (MPDLinear, BlockDiagonalLinear, PackedChain)
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and not any(name.startswith(p + ".") for p in found):
+            found[name] = module
+    return found
+
+
+def _fuse_sequential(seq: nn.Sequential) -> None:
+    items = list(seq)
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(items):
+        if not isinstance(items[i], MPDLinear):
+            out.append(items[i])
+            i += 1
+            continue
+        layers, acts = [items[i]], []
+        j = i + 1
+        while True:
+            k = j
+            while k < len(items) and is_elementwise(items[k]):
+                k += 1
+            if k >= len(items) or not isinstance(items[k], MPDLinear):
+                break
+            gap = items[j:k]
+            # An empty gap becomes an empty Sequential, which is the identity.
+            acts.append(gap[0] if len(gap) == 1 else nn.Sequential(*gap))
+            layers.append(items[k])
+            j = k + 1
+        if len(layers) == 1:
+            out.append(items[i])
+        else:
+            out.append(PackedChain([BlockDiagonalLinear.from_masked(m) for m in layers], acts))
+        i = j
+    _reset_sequential(seq, out)
+
+
+def _reset_sequential(seq: nn.Sequential, items: list[nn.Module]) -> None:
+    for key in list(seq._modules):
+        del seq._modules[key]
+    for idx, item in enumerate(items):
+        seq.add_module(str(idx), item)
+
+
+def _replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Swap every module for which ``make`` returns a replacement, every place it is referenced."""
+    root = make(model)
+    if root is not None:
+        return root
+    cache: dict[int, nn.Module | None] = {}
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in cache:
+                cache[id(child)] = make(child)
+            if cache[id(child)] is not None:
+                parent._modules[key] = cache[id(child)]
+    return model

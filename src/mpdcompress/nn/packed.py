@@ -1,0 +1,235 @@
+"""Packed block-diagonal form: only the ``c`` blocks are stored, plus gather indices.
+
+``BlockDiagonalLinear`` is one compressed layer; ``PackedChain`` runs ``Linear → f → Linear ...``
+with the output permutation of each layer and the input permutation of the next fused into one
+gather. Both are ordinary trainable modules (parameters are the blocks and the bias).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import ChainWeights, run_chain
+from ..layout import BlockLayout
+from ..masks import MPDMask
+from .masked import MPDLinear
+
+__all__ = ["BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]
+
+# Modules that act on each feature independently and identically, so they commute with any
+# permutation of the features and may sit between two fused layers.
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Dropout, nn.AlphaDropout,
+)
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters == 1
+    return type(module) in ELEMENTWISE_MODULES
+
+
+class BlockDiagonalLinear(nn.Module):
+    """A compressed linear layer stored as ``c`` padded blocks ``(c, max_rows, max_cols)``.
+
+    Computes exactly the masked layer it was packed from. ``bias`` is kept in packed, padded
+    output order (padding entries are zero and never read).
+    """
+
+    row_order: torch.Tensor
+    col_order: torch.Tensor
+    num_blocks: torch.Tensor
+    in_gather: torch.Tensor
+    out_gather: torch.Tensor
+    padding_mask: torch.Tensor | None
+
+    def __init__(self, mask: MPDMask, weight_blocks: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        layout = mask.layout
+        expected = (layout.compression, layout.max_rows, layout.max_cols)
+        if tuple(weight_blocks.shape) != expected:
+            raise ValueError(f"weight_blocks must have shape {expected}, got {tuple(weight_blocks.shape)}")
+        if bias is not None and tuple(bias.shape) != (layout.compression * layout.max_rows,):
+            raise ValueError(
+                f"packed bias must have shape {(layout.compression * layout.max_rows,)}, got {tuple(bias.shape)}"
+            )
+        self.in_features, self.out_features = layout.d_in, layout.d_out
+        self.weight_blocks = nn.Parameter(weight_blocks)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        device = weight_blocks.device
+        self.register_buffer("row_order", mask.row_order.to(device))
+        self.register_buffer("col_order", mask.col_order.to(device))
+        self.register_buffer("num_blocks", torch.tensor(layout.compression, device=device))
+        self._build_indices()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_indices())
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_masked(cls, layer: MPDLinear) -> "BlockDiagonalLinear":
+        return cls.from_dense(layer.weight * layer.mask, layer.bias, layer.mpd_mask)
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, mask: MPDMask) -> "BlockDiagonalLinear":
+        """Pack the entries of ``weight`` that lie on ``mask`` (entries off the mask are dropped)."""
+        layout = mask.layout
+        if tuple(weight.shape) != mask.shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} does not match mask shape {mask.shape}")
+        device = weight.device
+        rows = mask.row_order.to(device)
+        cols = mask.col_order.to(device)
+        c, br, bc = layout.compression, layout.max_rows, layout.max_cols
+        pr = layout.padded_row_positions().to(device)
+        pc = layout.padded_col_positions().to(device)
+        padded = weight.new_zeros(c * br, c * bc)
+        padded[pr[:, None], pc[None, :]] = weight[rows][:, cols]
+        blocks = torch.diagonal(padded.view(c, br, c, bc), dim1=0, dim2=2).permute(2, 0, 1)
+        blocks = blocks * layout.padding_mask().to(device)
+        packed_bias = None
+        if bias is not None:
+            packed_bias = bias.new_zeros(c * br)
+            packed_bias[pr] = bias[rows]
+        return cls(mask, blocks.contiguous(), packed_bias)
+
+    # -- views of the layer ---------------------------------------------------------------------
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout.create(self.out_features, self.in_features, int(self.num_blocks))
+
+    @property
+    def compression(self) -> int:
+        return int(self.num_blocks)
+
+    @property
+    def mpd_mask(self) -> MPDMask:
+        return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
+
+    def effective_blocks(self) -> torch.Tensor:
+        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
+        w = self.weight_blocks
+        if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
+            return w * self.padding_mask
+        return w
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``d_out x d_in`` masked dense weight this layer computes with."""
+        layout = self.layout
+        pr = layout.padded_row_positions().to(self.row_order.device)
+        pc = layout.padded_col_positions().to(self.row_order.device)
+        padded = torch.block_diag(*self.weight_blocks.unbind(0))
+        dense = self.weight_blocks.new_zeros(layout.d_out, layout.d_in)
+        dense[self.row_order[:, None], self.col_order[None, :]] = padded[pr][:, pc]
+        return dense
+
+    @torch.no_grad()
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias in original output order."""
+        return None if self.bias is None else self.bias[self.out_gather]
+
+    @torch.no_grad()
+    def to_masked(self) -> MPDLinear:
+        layer = MPDLinear(
+            self.in_features, self.out_features, self.bias is not None, mask=self.mpd_mask,
+            device=self.weight_blocks.device, dtype=self.weight_blocks.dtype,
+        )
+        layer.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            layer.bias.copy_(self.dense_bias())
+        return layer
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _build_indices(self) -> None:
+        layout = self.layout
+        mask = MPDMask(layout, self.row_order.cpu(), self.col_order.cpu())  # validates loaded orders
+        device = self.row_order.device
+        pr = layout.padded_row_positions()
+        pc = layout.padded_col_positions()
+        # Padding inputs read feature 0; their weights are zero, so any valid index is exact.
+        in_gather = torch.zeros(layout.compression * layout.max_cols, dtype=torch.int64)
+        in_gather[pc] = mask.col_order
+        out_gather = torch.empty(layout.d_out, dtype=torch.int64)
+        out_gather[mask.row_order] = pr
+        self.register_buffer("in_gather", in_gather.to(device), persistent=False)
+        self.register_buffer("out_gather", out_gather.to(device), persistent=False)
+        padding = None if layout.is_even else layout.padding_mask().to(device)
+        self.register_buffer("padding_mask", padding, persistent=False)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weights = ChainWeights([self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [])
+        return run_chain(input, weights)
+
+    def extra_repr(self) -> str:
+        layout = self.layout
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"compression={layout.compression}, blocks={layout.compression}x{layout.max_rows}x{layout.max_cols}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class PackedChain(nn.Module):
+    """``layers[0] → activations[0] → layers[1] → ... → layers[-1]`` with fused permutations."""
+
+    def __init__(self, layers: list[BlockDiagonalLinear], activations: list[nn.Module]) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("a PackedChain needs at least one layer")
+        if len(activations) != len(layers) - 1:
+            raise ValueError(f"{len(layers)} layers need {len(layers) - 1} activations, got {len(activations)}")
+        for i, act in enumerate(activations):
+            ops = list(act) if isinstance(act, nn.Sequential) else [act]
+            if not all(is_elementwise(op) for op in ops):
+                raise ValueError(f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain")
+        for i in range(len(layers) - 1):
+            if layers[i].out_features != layers[i + 1].in_features:
+                raise ValueError(
+                    f"layer {i} has {layers[i].out_features} outputs but layer {i + 1} "
+                    f"expects {layers[i + 1].in_features} inputs"
+                )
+        self.layers = nn.ModuleList(layers)
+        self.activations = nn.ModuleList(activations)
+        self._build_fused_gathers()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_fused_gathers())
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def _build_fused_gathers(self) -> None:
+        for i in range(1, len(self.layers)):
+            fused = self.layers[i - 1].out_gather[self.layers[i].in_gather]
+            self.register_buffer(f"fused_gather_{i}", fused, persistent=False)
+
+    def chain_weights(self) -> ChainWeights:
+        n = len(self.layers)
+        gathers = [self.layers[0].in_gather]
+        gathers += [getattr(self, f"fused_gather_{i}") for i in range(1, n)]
+        gathers.append(self.layers[-1].out_gather)
+        return ChainWeights(
+            gathers,
+            [layer.effective_blocks() for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            list(self.activations),
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return run_chain(input, self.chain_weights())
+
+    def unfused(self) -> list[nn.Module]:
+        """The masked modules this chain computes: ``[MPDLinear, act, MPDLinear, ...]``."""
+        out: list[nn.Module] = []
+        for i, layer in enumerate(self.layers):
+            if i:
+                act = self.activations[i - 1]
+                out.extend(act if isinstance(act, nn.Sequential) else [act])
+            out.append(layer.to_masked())
+        return out
