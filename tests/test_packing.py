@@ -1,0 +1,212 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, make_mask, mpdify, pack, unpack
+
+from .conftest import assert_close_to_scale
+from .test_layout_masks import shapes_and_factor
+
+
+def random_masked_layer(d_out, d_in, c, seed, bias=True):
+    torch.manual_seed(seed)
+    layer = MPDLinear(d_in, d_out, bias, compression=c, seed=seed)
+    if bias:
+        nn.init.normal_(layer.bias)
+    return layer
+
+
+@given(shapes_and_factor(), st.integers(0, 10_000), st.integers(1, 9), st.booleans())
+def test_pack_single_layer_is_exact(sdc, seed, batch, bias):
+    d_out, d_in, c = sdc
+    layer = random_masked_layer(d_out, d_in, c, seed, bias)
+    packed = BlockDiagonalLinear.from_masked(layer)
+    x = torch.randn(batch, d_in)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), layer(x))
+    assert packed.weight_blocks.shape == (c, layer.mpd_mask.layout.max_rows, layer.mpd_mask.layout.max_cols)
+
+
+@given(shapes_and_factor(), st.integers(0, 10_000), st.booleans())
+def test_unpack_round_trips(sdc, seed, bias):
+    d_out, d_in, c = sdc
+    layer = random_masked_layer(d_out, d_in, c, seed, bias)
+    back = BlockDiagonalLinear.from_masked(layer).to_masked()
+    assert torch.equal(back.weight, layer.weight)
+    assert torch.equal(back.mask, layer.mask)
+    if bias:
+        assert torch.equal(back.bias, layer.bias)
+
+
+@given(
+    st.lists(st.integers(2, 40), min_size=3, max_size=5),
+    st.integers(0, 10_000),
+    st.integers(1, 6),
+    st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh, nn.Identity]),
+)
+def test_pack_fused_chain_is_exact(dims, seed, batch, act):
+    torch.manual_seed(seed)
+    mods = []
+    for i in range(len(dims) - 1):
+        mods += [nn.Linear(dims[i], dims[i + 1]), act()]
+    model = nn.Sequential(*mods[:-1])
+    factors = {str(2 * i): 1 + (seed + i) % min(dims[i], dims[i + 1]) for i in range(len(dims) - 1)}
+    mpdify(model, factors, seed=seed)
+    packed = pack(model)
+    assert isinstance(packed[0], PackedChain) and len(packed) == 1
+    x = torch.randn(batch, dims[0])
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
+        assert_close_to_scale(unpack(packed)(x), model(x), rel=0.0)
+
+
+def lenet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 7, 10])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_lenet_pack_exact_with_uneven_blocks(c, batch):
+    model = mpdify(lenet(), c)
+    packed = pack(model)
+    assert type(packed[1]) is PackedChain and len(packed[1].layers) == 3
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
+
+
+def test_pack_leaves_original_and_unpack_restores_structure():
+    model = mpdify(lenet(), 10, filter=lambda n, m: m.out_features != 10)
+    packed = pack(model)
+    assert isinstance(model[1], MPDLinear)  # not in place by default
+    assert [type(m).__name__ for m in packed] == ["Flatten", "PackedChain", "ReLU", "Linear"]
+    restored = unpack(packed)
+    assert [type(m).__name__ for m in restored] == [type(m).__name__ for m in model]
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_chain_with_dropout_and_multiple_elementwise_ops_between():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Dropout(0.5), nn.Linear(30, 12), nn.Linear(12, 6))
+    mpdify(model, 3)
+    model.eval()
+    packed = pack(model)
+    assert len(packed) == 1 and len(packed[0].layers) == 3
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
+    assert [type(m).__name__ for m in unpack(packed)] == ["MPDLinear", "ReLU", "Dropout", "MPDLinear", "MPDLinear"]
+
+
+def test_non_elementwise_module_breaks_the_chain():
+    model = mpdify(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)), 2)
+    packed = pack(model)
+    assert [type(m).__name__ for m in packed] == ["BlockDiagonalLinear", "LayerNorm", "BlockDiagonalLinear"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
+
+
+class CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 9), nn.Linear(9, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_layers_outside_sequential_pack_individually_with_leading_dims():
+    torch.manual_seed(1)
+    model = mpdify(CustomNet(), 3)
+    packed = pack(model)
+    assert isinstance(packed.fc1, BlockDiagonalLinear)
+    x = torch.randn(2, 3, 4, 12)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
+    assert isinstance(unpack(packed).fc2, MPDLinear)
+
+
+def test_packed_state_dict_round_trip_and_validation():
+    packed = pack(mpdify(lenet(), 10, seed=4))
+    other = pack(mpdify(lenet(seed=9), 10, seed=11))
+    other.load_state_dict(packed.state_dict())
+    x = torch.randn(3, 784)
+    with torch.no_grad():
+        assert torch.equal(other(x), packed(x))
+    bad = packed.state_dict()
+    key = next(k for k in bad if k.endswith("col_order"))
+    bad[key] = bad[key].flip(0).clone()
+    bad[key][0] = bad[key][1]
+    with pytest.raises(ValueError, match="not a permutation"):
+        other.load_state_dict(bad)
+
+
+def test_packed_layer_parameter_count_is_one_over_c():
+    packed = pack(mpdify(lenet(), 10))
+    chain = packed[1]
+    nnz = sum(layer.mpd_mask.layout.nnz for layer in chain.layers)
+    stored = sum(layer.weight_blocks.numel() for layer in chain.layers)
+    dense = 784 * 300 + 300 * 100 + 100 * 10
+    assert nnz == 23_520 + 3_000 + 100  # exactly 1/10 of 266,200 dense weights
+    assert stored <= nnz * 1.01 and stored / dense < 0.1 + 0.02
+
+
+def test_constructor_rejects_wrong_block_shape():
+    mask = make_mask(6, 4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"weight_blocks must have shape \(2, 3, 2\)"):
+        BlockDiagonalLinear(mask, torch.zeros(2, 2, 2), None)
+    with pytest.raises(ValueError, match="packed bias"):
+        BlockDiagonalLinear(mask, torch.zeros(2, 3, 2), torch.zeros(5))
+
+
+def test_chain_constructor_errors():
+    a = BlockDiagonalLinear.from_masked(MPDLinear(4, 6, compression=2))
+    b = BlockDiagonalLinear.from_masked(MPDLinear(5, 3, compression=1))
+    with pytest.raises(ValueError, match="expects 5 inputs"):
+        PackedChain([a, b], [nn.ReLU()])
+    with pytest.raises(ValueError, match="not element-wise"):
+        PackedChain([a, a], [nn.Softmax(dim=0)])
+    with pytest.raises(ValueError, match="need 1 activations"):
+        PackedChain([a, BlockDiagonalLinear.from_masked(MPDLinear(6, 3, compression=1))], [])
+
+
+def test_packed_model_is_trainable_and_keeps_padding_zero():
+    torch.manual_seed(0)
+    packed = pack(mpdify(nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)), 3))
+    opt = torch.optim.Adam(packed.parameters(), lr=1e-2, weight_decay=1e-3)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(packed(x), y).backward()
+        opt.step()
+    for layer in packed[0].layers:
+        with torch.no_grad():
+            assert torch.equal(layer.effective_blocks() * ~layer.padding_mask, torch.zeros_like(layer.weight_blocks))
+    with torch.no_grad():
+        assert_close_to_scale(unpack(packed)(x), packed(x))
+
+
+def test_packed_torch_compile_and_autocast():
+    packed = pack(mpdify(lenet(), 10)).eval()
+    x = torch.randn(8, 784)
+    with torch.no_grad():
+        ref = packed(x)
+        compiled = torch.compile(packed, backend="aot_eager")
+        assert_close_to_scale(compiled(x), ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = packed(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_packed_to_float64():
+    model = mpdify(lenet(), 10).double()
+    packed = pack(model)
+    x = torch.randn(2, 784, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x), rel=1e-12)
