@@ -34,6 +34,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+    from tqdm import tqdm
+
+    from .bench.report import write_bench_report
+    from .bench.suite import FULL, QUICK, run_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    config = QUICK if args.quick else FULL
+    command = "mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
+
+    def progress(msg: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(msg)
+
+    result = run_suite(config, device=args.device, dtype=dtype, command=command.strip(), progress=progress)
+    bar.close()
+    for path in write_bench_report(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpdcompress", description="Matrix permutation decomposition for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="time packed layers and models against dense, masked, CSR and BSR")
+    bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -51,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"mpdcompress {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,16 @@
 """The packed forward: gather → ``c`` block GEMMs (+bias) → element-wise op → gather → ... → gather.
 
-A chain of ``n`` compressed layers runs with ``n + 1`` gathers. Activations are kept
-feature-major (``(features, batch)``) between layers: gathering rows of a feature-major tensor
-copies contiguous rows, and ``bmm(blocks, x.view(c, b_in, batch))`` needs no transposes.
+A chain of ``n`` compressed layers runs with ``n + 1`` gathers. Layouts were chosen by
+measurement on a 2-core CPU (``benchmarks/``, DESIGN.md §1):
+
+* between layers, activations are feature-major ``(features, batch)``: the fused gather then
+  copies whole contiguous rows, ~10x faster than gathering columns of a ``(batch, features)``
+  tensor, and ``bmm(blocks, h.view(c, cols, batch))`` needs no transpose;
+* the user's batch-major input and output are converted inside the first and last GEMM (BLAS
+  reads and writes transposed operands for free), never by a separate transpose copy.
+
+Without autograd, the last GEMM writes straight into batch-major output through ``out=``; with
+autograd (training the packed form) or under tracing it uses the functional ops plus one copy.
 """
 
 from __future__ import annotations
@@ -30,22 +38,63 @@ class ChainWeights:
     activations: Sequence[Callable[[torch.Tensor], torch.Tensor]]  # n - 1 element-wise ops
 
 
+def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
+    # out= bypasses autograd and autocast and is opaque to tracers, so it is only used in plain
+    # eager inference.
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in (*weights.blocks, *weights.biases))
+
+
+def _block_gemm_to_batch_major(
+    a: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, functional: bool
+) -> torch.Tensor:
+    """``a`` (c, batch, cols) → ``(batch, c * rows)`` = per-block ``a_k @ blocks_kᵀ + bias_k``."""
+    c, rows, _ = blocks.shape
+    batch = a.shape[1]
+    bt = blocks.transpose(1, 2)
+    if functional:
+        y = torch.bmm(a, bt) if bias is None else torch.baddbmm(bias.view(c, 1, rows), a, bt)
+        return y.transpose(0, 1).reshape(batch, c * rows)
+    out = torch.empty(batch, c, rows, dtype=torch.result_type(a, blocks), device=a.device)
+    if bias is None:
+        torch.bmm(a, bt, out=out.transpose(0, 1))
+    else:
+        torch.baddbmm(bias.view(c, 1, rows), a, bt, out=out.transpose(0, 1))
+    return out.view(batch, c * rows)
+
+
+def _block_gemm_to_feature_major(a: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``a`` (c, cols, batch), any strides → ``(c * rows, batch)``."""
+    c, rows, _ = blocks.shape
+    y = torch.bmm(blocks, a) if bias is None else torch.baddbmm(bias.view(c, rows, 1), blocks, a)
+    return y.view(c * rows, a.shape[-1])
+
+
 def run_chain(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     """Apply the packed chain to ``x`` of shape ``(..., d_in)``; returns ``(..., d_out)``."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     batch = x2d.shape[0]
-    h = x2d.t().index_select(0, weights.gathers[0])
-    last = len(weights.blocks) - 1
-    for i, (blocks, bias) in enumerate(zip(weights.blocks, weights.biases)):
-        c, rows, cols = blocks.shape
-        h3 = h.view(c, cols, batch)
-        if bias is None:
-            h = torch.bmm(blocks, h3)
-        else:
-            h = torch.baddbmm(bias.view(c, rows, 1), blocks, h3)
-        h = h.view(c * rows, batch)
-        if i < last:
-            h = weights.activations[i](h).index_select(0, weights.gathers[i + 1])
-    out = h.t().index_select(1, weights.gathers[-1])
+    functional = _functional_only(x, weights)
+    n = len(weights.blocks)
+    first = weights.blocks[0]
+    xg = x2d.index_select(1, weights.gathers[0]).view(batch, first.shape[0], first.shape[2])
+    if n == 1:
+        y = _block_gemm_to_batch_major(xg.transpose(0, 1), first, weights.biases[0], functional)
+    else:
+        h = _block_gemm_to_feature_major(xg.permute(1, 2, 0), first, weights.biases[0])
+        for i in range(1, n):
+            blocks = weights.blocks[i]
+            c, _, cols = blocks.shape
+            h = weights.activations[i - 1](h).index_select(0, weights.gathers[i]).view(c, cols, batch)
+            if i < n - 1:
+                h = _block_gemm_to_feature_major(h, blocks, weights.biases[i])
+            else:
+                y = _block_gemm_to_batch_major(h.transpose(1, 2), blocks, weights.biases[i], functional)
+    out = y.index_select(1, weights.gathers[-1])
     return out.reshape(*lead, out.shape[-1])

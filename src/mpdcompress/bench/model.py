@@ -1,0 +1,76 @@
+"""Model-level benchmark: each paper model (and its FC stack) dense vs packed, end to end."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..convert import mpdify, pack
+from ..models import INPUT_SHAPES, PAPER_SETUPS, build_model, fc_stack, paper_filter
+from ..timing import median_seconds
+from .memory import model_weight_bytes
+
+__all__ = ["MODEL_STACKS", "build_stack", "run_model_bench"]
+
+# name → (builder, input shape, compression, FC-only?)
+MODEL_STACKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, bool]] = {
+    "lenet300": (lambda: build_model("lenet300"), INPUT_SHAPES["lenet300"], 10, True),
+    "alexnet-fc": (lambda: fc_stack([16384, 4096, 4096, 1000]), (16384,), 8, True),
+    "transformer-mlp": (lambda: fc_stack([768, 3072, 768]), (768,), 8, True),
+    "deep-mnist": (lambda: build_model("deep-mnist"), INPUT_SHAPES["deep-mnist"], 10, False),
+    "tf-cifar10": (lambda: build_model("tf-cifar10"), INPUT_SHAPES["tf-cifar10"], 10, False),
+    "alexnet-bn": (lambda: build_model("alexnet-bn"), INPUT_SHAPES["alexnet-bn"], 8, False),
+}
+
+
+def build_stack(name: str, form: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """``form`` is ``dense``, ``masked`` or ``packed``; paper models compress the paper's layers."""
+    if name not in MODEL_STACKS:
+        raise KeyError(f"unknown stack {name!r}; choose from {sorted(MODEL_STACKS)}")
+    if form not in ("dense", "masked", "packed"):
+        raise ValueError(f"form must be dense, masked or packed, got {form!r}")
+    builder, shape, c, _ = MODEL_STACKS[name]
+    torch.manual_seed(seed)
+    model = builder()
+    if form != "dense":
+        flt = paper_filter(model, name) if name in PAPER_SETUPS else None
+        mpdify(model, c, filter=flt, seed=seed)
+        if form == "packed":
+            model = pack(model)
+    return model.eval(), shape
+
+
+def run_model_bench(
+    names: Iterable[str] = tuple(MODEL_STACKS),
+    batches: dict[bool, Iterable[int]] | None = None,
+    *,
+    device: str = "cpu",
+    repeats: int = 7,
+    min_time: float = 0.05,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Dense vs packed time (and masked, the training form) for each stack; ratio = dense / packed."""
+    batches = batches or {True: (1, 64, 512), False: (1, 64)}
+    rows = []
+    for name in names:
+        fc_only = MODEL_STACKS[name][3]
+        forms = {form: build_stack(name, form) for form in ("dense", "masked", "packed")}
+        forms = {k: (m.to(device), s) for k, (m, s) in forms.items()}
+        sizes = {k: model_weight_bytes(m) for k, (m, _) in forms.items()}
+        for batch in batches[fc_only]:
+            x = torch.randn(batch, *forms["dense"][1], device=device)
+            seconds = {}
+            with torch.no_grad():
+                for form, (model, _) in forms.items():
+                    seconds[form] = median_seconds(lambda: model(x), repeats=repeats, min_time=min_time, device=device)
+            rows.append({
+                "model": name, "fc_only": fc_only, "compression": MODEL_STACKS[name][2], "batch": batch,
+                "device": device, "seconds": seconds,
+                "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
+                "state_dict_bytes": sizes,
+            })
+            if progress is not None:
+                progress(f"{name} batch={batch}: packed {seconds['dense'] / seconds['packed']:.2f}x dense")
+    return rows

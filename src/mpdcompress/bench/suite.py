@@ -1,0 +1,62 @@
+"""The whole benchmark run behind ``mpdcompress bench`` and ``benchmarks/run_bench.py``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .layer import LAYER_SHAPES, run_layer_bench
+from .machine import describe_machine
+from .memory import peak_rss_bytes
+from .model import MODEL_STACKS, run_model_bench
+
+__all__ = ["run_suite", "QUICK", "FULL"]
+
+FULL = {
+    "shapes": LAYER_SHAPES,
+    "factors": (4, 8, 10, 16),
+    "batches": (1, 16, 64, 512),
+    "models": tuple(MODEL_STACKS),
+    "model_batches": {True: (1, 64, 512), False: (1, 64)},
+    "rss_models": ("lenet300", "alexnet-fc", "alexnet-bn"),
+    "repeats": 7,
+}
+QUICK = {
+    "shapes": [s for s in LAYER_SHAPES if s[0] in ("lenet-fc1", "alexnet-fc7", "transformer-mlp-up")],
+    "factors": (8,),
+    "batches": (1, 64),
+    "models": ("lenet300", "transformer-mlp"),
+    "model_batches": {True: (1, 64), False: (1,)},
+    "rss_models": (),
+    "repeats": 5,
+}
+
+
+def run_suite(
+    config: dict,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    command: str = "mpdcompress bench",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    result: dict = {"command": command, "machine": describe_machine(device), "dtype": str(dtype), "repeats": config["repeats"]}
+    result["layers"] = run_layer_bench(
+        config["shapes"], config["factors"], config["batches"], dtype=dtype, device=device,
+        repeats=config["repeats"], progress=progress,
+    )
+    result["models"] = run_model_bench(
+        config["models"], config["model_batches"], device=device, repeats=config["repeats"], progress=progress
+    ) if dtype == torch.float32 else []
+    rss = []
+    if config["rss_models"] and device == "cpu":
+        baseline = peak_rss_bytes("", "baseline", 1)
+        for name in config["rss_models"]:
+            for form in ("dense", "packed"):
+                peak = peak_rss_bytes(name, form, 64)
+                rss.append({"model": name, "form": form, "bytes": peak, "over_baseline": peak - baseline})
+                if progress is not None:
+                    progress(f"peak RSS {name}/{form}: {peak / 2**20:.0f} MiB")
+    result["peak_rss"] = rss
+    return result
