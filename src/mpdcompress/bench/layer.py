@@ -64,20 +64,22 @@ def layer_candidates(
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"dense": dense, "masked": masked, "packed": packed}
     notes: dict[str, str] = {}
 
-    csr = weight.to_sparse_csr()
-    out["csr"] = lambda x: torch.addmm(bias[:, None], csr, x.t()).t()
+    def sparse_candidate(key: str, build: Callable[[], torch.Tensor]) -> None:
+        # Sparse kernels cover only some layouts/dtypes/devices: probe once and record why not.
+        try:
+            sparse = build()
+            torch.addmm(bias[:, None], sparse, torch.zeros(d_in, 1, device=device, dtype=dtype))
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            notes[key] = f"not supported by this torch build: {str(exc).splitlines()[0][:120]}"
+            return
+        out[key] = lambda x: torch.addmm(bias[:, None], sparse, x.t()).t()
 
+    sparse_candidate("csr", weight.to_sparse_csr)
     layout = packed.layout
     blocks = packed.weight_blocks.detach()
     c, rows, cols = blocks.shape
     if layout.is_even:
-        try:
-            bsr = torch.block_diag(*blocks.unbind(0)).to_sparse_bsr((rows, cols))
-            probe = torch.zeros(d_in, 1, device=device, dtype=dtype)
-            torch.addmm(bias[:, None], bsr, probe)
-            out["bsr"] = lambda x: torch.addmm(bias[:, None], bsr, x.t()).t()
-        except (RuntimeError, NotImplementedError) as exc:
-            notes["bsr"] = f"not supported by this torch build: {str(exc).splitlines()[0][:120]}"
+        sparse_candidate("bsr", lambda: torch.block_diag(*blocks.unbind(0)).to_sparse_bsr((rows, cols)))
     else:
         notes["bsr"] = "uneven blocks: BSR needs equal block sizes"
 
