@@ -22,7 +22,8 @@ def test_every_candidate_computes_the_masked_layer(d_out, d_in, c):
                 assert torch.allclose(fns[key](x), ref, atol=1e-5), key
             else:
                 assert key in notes
-    assert "bsr" in notes if (d_out % c or d_in % c) else True
+    assert fns["bmm_only"](x).shape == (c, 5, -(-d_out // c))
+    assert ("bsr" in notes) == bool(d_out % c or d_in % c)
 
 
 def test_layer_and_model_bench_rows_and_report(tmp_path):

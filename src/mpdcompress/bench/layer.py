@@ -83,8 +83,14 @@ def layer_candidates(
     else:
         notes["bsr"] = "uneven blocks: BSR needs equal block sizes"
 
+    staged: dict[int, torch.Tensor] = {}
+
     def bmm_only(x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x[:, : c * cols].reshape(-1, c, cols).transpose(0, 1), blocks.transpose(1, 2))
+        # The GEMM on an already gathered (and padded) input: the ceiling for ``packed``.
+        batch = x.shape[0]
+        if batch not in staged:
+            staged[batch] = torch.randn(c, batch, cols, device=device, dtype=dtype)
+        return torch.bmm(staged[batch], blocks.transpose(1, 2))
 
     out["bmm_only"] = bmm_only
     return out, notes
