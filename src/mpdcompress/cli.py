@@ -48,7 +48,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    config = QUICK if args.quick else FULL
+    config = dict(QUICK if args.quick else FULL)
+    if args.shapes:
+        known = {s[0]: s for s in FULL["shapes"]}
+        unknown = sorted(set(args.shapes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown layer shapes {unknown}; choose from {sorted(known)}")
+        config["shapes"] = [known[name] for name in args.shapes]
+    for key in ("factors", "batches", "models"):
+        if getattr(args, key):
+            config[key] = tuple(getattr(args, key))
+    if args.no_rss:
+        config["rss_models"] = ()
     command = "mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
 
@@ -77,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    bench.add_argument("--shapes", nargs="+", help="layer shapes by name (default: all)")
+    bench.add_argument("--factors", nargs="+", type=int, help="compression factors")
+    bench.add_argument("--batches", nargs="+", type=int, help="layer batch sizes")
+    bench.add_argument("--models", nargs="+", help="model stacks (default: all)")
+    bench.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
     bench.add_argument("--quiet", action="store_true")
