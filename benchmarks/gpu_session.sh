@@ -12,3 +12,6 @@ timeout 230 python3 -m mpdcompress bench --device cuda --shapes $shapes --factor
   --models lenet300 alexnet-fc transformer-mlp alexnet-bn --out "$out/bench_cuda" 2>&1 | tr "\r" "\n" > "$out/bench_cuda.log"; tail -3 "$out/bench_cuda.log"
 timeout 90 python3 -m mpdcompress bench --device cuda --dtype bf16 --shapes $shapes --factors 8 --batches 1 64 512 \
   --out "$out/bench_cuda_bf16" 2>&1 | tr "\r" "\n" > "$out/bench_bf16.log"; tail -3 "$out/bench_bf16.log"
+timeout 200 python3 -m mpdcompress bench --device cuda --shapes lenet-fc1 --factors 8 --batches 1 \
+  --models lenet300 alexnet-fc transformer-mlp --compile reduce-overhead --out "$out/bench_cuda_compiled" \
+  2>&1 | tr "\r" "\n" > "$out/bench_compiled.log"; tail -3 "$out/bench_compiled.log"

@@ -58,6 +58,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
             config[key] = tuple(getattr(args, key))
+    if args.compile:
+        config["compile_mode"] = args.compile
     if args.no_rss:
         config["rss_models"] = ()
     command = "mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--factors", nargs="+", type=int, help="compression factors")
     bench.add_argument("--batches", nargs="+", type=int, help="layer batch sizes")
     bench.add_argument("--models", nargs="+", help="model stacks (default: all)")
+    bench.add_argument("--compile", metavar="MODE", help="also torch.compile every model form with this mode "
+                       "(default, reduce-overhead, max-autotune)")
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import torch
@@ -68,8 +69,9 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Turn every :class:`MPDLinear` into packed block-diagonal form.
 
     Inside each ``nn.Sequential``, runs ``MPDLinear → element-wise modules → MPDLinear ...``
-    become one :class:`PackedChain` (one gather between consecutive layers, so the Sequential
-    gets shorter); other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. The result
+    become one :class:`PackedChain` (one gather between consecutive layers) under the key of the
+    run's first module, so the Sequential gets shorter while every other module keeps its key;
+    other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. The result
     computes the same function as the masked model. Unless ``inplace``, ``model`` is untouched.
     """
     if not inplace:
@@ -88,14 +90,14 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     with torch.no_grad():
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-            items = []
-            for child in seq:
-                items.extend(child.unfused() if isinstance(child, PackedChain) else [child])
+            items: list[tuple[str, nn.Module]] = []
+            for key, child in seq._modules.items():
+                items.extend(child.unfused() if isinstance(child, PackedChain) else [(key, child)])
             _reset_sequential(seq, items)
 
         def _unpack_one(module: nn.Module) -> nn.Module | None:
             if isinstance(module, PackedChain):
-                return nn.Sequential(*module.unfused())
+                return nn.Sequential(OrderedDict(module.unfused()))
             if isinstance(module, BlockDiagonalLinear):
                 return module.to_masked()
             return None
@@ -121,40 +123,42 @@ def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _fuse_sequential(seq: nn.Sequential) -> None:
-    items = list(seq)
-    out: list[nn.Module] = []
+    items = list(seq._modules.items())
+    out: list[tuple[str, nn.Module]] = []
     i = 0
     while i < len(items):
-        if not isinstance(items[i], MPDLinear):
+        if not isinstance(items[i][1], MPDLinear):
             out.append(items[i])
             i += 1
             continue
-        layers, acts = [items[i]], []
+        layers, acts = [items[i][1]], []
         j = i + 1
         while True:
             k = j
-            while k < len(items) and is_elementwise(items[k]):
+            while k < len(items) and is_elementwise(items[k][1]):
                 k += 1
-            if k >= len(items) or not isinstance(items[k], MPDLinear):
+            if k >= len(items) or not isinstance(items[k][1], MPDLinear):
                 break
-            gap = items[j:k]
+            gap = [m for _, m in items[j:k]]
             # An empty gap becomes an empty Sequential, which is the identity.
             acts.append(gap[0] if len(gap) == 1 else nn.Sequential(*gap))
-            layers.append(items[k])
+            layers.append(items[k][1])
             j = k + 1
         if len(layers) == 1:
             out.append(items[i])
         else:
-            out.append(PackedChain([BlockDiagonalLinear.from_masked(m) for m in layers], acts))
+            source_keys = [key for key, _ in items[i:j]]
+            chain = PackedChain([BlockDiagonalLinear.from_masked(m) for m in layers], acts, source_keys=source_keys)
+            out.append((items[i][0], chain))
         i = j
     _reset_sequential(seq, out)
 
 
-def _reset_sequential(seq: nn.Sequential, items: list[nn.Module]) -> None:
+def _reset_sequential(seq: nn.Sequential, items: list[tuple[str, nn.Module]]) -> None:
     for key in list(seq._modules):
         del seq._modules[key]
-    for idx, item in enumerate(items):
-        seq.add_module(str(idx), item)
+    for key, item in items:
+        seq.add_module(key, item)
 
 
 def _replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:

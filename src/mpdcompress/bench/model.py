@@ -49,9 +49,14 @@ def run_model_bench(
     device: str = "cpu",
     repeats: int = 7,
     min_time: float = 0.05,
+    compile_mode: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Dense vs packed time (and masked, the training form) for each stack; ratio = dense / packed."""
+    """Dense vs packed time (and masked, the training form) for each stack; ratio = dense / packed.
+
+    With ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ...), every form is run through
+    ``torch.compile`` with that mode, so the comparison is compiled dense vs compiled packed.
+    """
     batches = batches or {True: (1, 64, 512), False: (1, 64)}
     rows = []
     for name in names:
@@ -59,15 +64,19 @@ def run_model_bench(
         forms = {form: build_stack(name, form) for form in ("dense", "masked", "packed")}
         forms = {k: (m.to(device), s) for k, (m, s) in forms.items()}
         sizes = {k: model_weight_bytes(m) for k, (m, _) in forms.items()}
+        runners = {
+            form: (torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model)
+            for form, (model, _) in forms.items()
+        }
         for batch in batches[fc_only]:
             x = torch.randn(batch, *forms["dense"][1], device=device)
             seconds = {}
             with torch.no_grad():
-                for form, (model, _) in forms.items():
-                    seconds[form] = median_seconds(lambda: model(x), repeats=repeats, min_time=min_time, device=device)
+                for form, run in runners.items():
+                    seconds[form] = median_seconds(lambda: run(x), repeats=repeats, min_time=min_time, device=device)
             rows.append({
                 "model": name, "fc_only": fc_only, "compression": MODEL_STACKS[name][2], "batch": batch,
-                "device": device, "seconds": seconds,
+                "device": device, "compile_mode": compile_mode, "seconds": seconds,
                 "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
                 "state_dict_bytes": sizes,
             })

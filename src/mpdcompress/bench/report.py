@@ -120,7 +120,8 @@ def write_bench_report(result: dict, out_dir: str | Path) -> list[Path]:
         files = _plots(result["layers"], out)
         md += [f"![{f}]({f})" for f in files] + [""]
     if result.get("models"):
-        md += ["## Models", "", *_model_table(result["models"]), ""]
+        mode = result.get("compile_mode")
+        md += ["## Models" + (f" (every form under torch.compile, mode={mode})" if mode else ""), "", *_model_table(result["models"]), ""]
     if result.get("peak_rss"):
         md += ["## Peak RSS during one forward (batch 64, fresh process)", "",
                "| model | form | peak RSS MiB | over empty process MiB |", "|---|---|---|---|"]

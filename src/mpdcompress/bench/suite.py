@@ -42,12 +42,14 @@ def run_suite(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     result: dict = {"command": command, "machine": describe_machine(device), "dtype": str(dtype), "repeats": config["repeats"]}
+    result["compile_mode"] = config.get("compile_mode")
     result["layers"] = run_layer_bench(
         config["shapes"], config["factors"], config["batches"], dtype=dtype, device=device,
         repeats=config["repeats"], progress=progress,
     )
     result["models"] = run_model_bench(
-        config["models"], config["model_batches"], device=device, repeats=config["repeats"], progress=progress
+        config["models"], config["model_batches"], device=device, repeats=config["repeats"],
+        compile_mode=config.get("compile_mode"), progress=progress,
     ) if dtype == torch.float32 else []
     rss = []
     if config["rss_models"] and device == "cpu":

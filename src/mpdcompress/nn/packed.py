@@ -175,7 +175,14 @@ class BlockDiagonalLinear(nn.Module):
 class PackedChain(nn.Module):
     """``layers[0] → activations[0] → layers[1] → ... → layers[-1]`` with fused permutations."""
 
-    def __init__(self, layers: list[BlockDiagonalLinear], activations: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        layers: list[BlockDiagonalLinear],
+        activations: list[nn.Module],
+        source_keys: list[str] | None = None,
+    ) -> None:
+        """``source_keys``: the keys the fused modules had in their ``nn.Sequential`` (one per
+        layer and per element-wise module, in order), so :meth:`unfused` can restore them."""
         super().__init__()
         if not layers:
             raise ValueError("a PackedChain needs at least one layer")
@@ -193,6 +200,12 @@ class PackedChain(nn.Module):
                 )
         self.layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activations)
+        n_modules = len(layers) + sum(len(a) if isinstance(a, nn.Sequential) else 1 for a in activations)
+        if source_keys is None:
+            source_keys = [str(i) for i in range(n_modules)]
+        if len(source_keys) != n_modules:
+            raise ValueError(f"source_keys needs {n_modules} keys, got {len(source_keys)}")
+        self.source_keys = list(source_keys)
         self._build_fused_gathers()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._build_fused_gathers())
 
@@ -224,12 +237,23 @@ class PackedChain(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return run_chain(input, self.chain_weights())
 
-    def unfused(self) -> list[nn.Module]:
-        """The masked modules this chain computes: ``[MPDLinear, act, MPDLinear, ...]``."""
-        out: list[nn.Module] = []
-        for i, layer in enumerate(self.layers):
+    def _unfused_slots(self) -> list[nn.Module | int]:
+        """The fused run in order: activation modules, and layer indices where the layers sit."""
+        slots: list[nn.Module | int] = []
+        for i in range(len(self.layers)):
             if i:
                 act = self.activations[i - 1]
-                out.extend(act if isinstance(act, nn.Sequential) else [act])
-            out.append(layer.to_masked())
-        return out
+                slots.extend(act if isinstance(act, nn.Sequential) else [act])
+            slots.append(i)
+        return slots
+
+    def layer_source_keys(self) -> list[str]:
+        """The Sequential key each layer had before fusion."""
+        return [key for key, slot in zip(self.source_keys, self._unfused_slots()) if isinstance(slot, int)]
+
+    def unfused(self) -> list[tuple[str, nn.Module]]:
+        """The masked modules this chain computes, with their original keys: ``MPDLinear, act, ...``."""
+        return [
+            (key, self.layers[slot].to_masked() if isinstance(slot, int) else slot)
+            for key, slot in zip(self.source_keys, self._unfused_slots())
+        ]

@@ -1,0 +1,126 @@
+"""Describe a module tree as JSON and rebuild it, without pickle or importing arbitrary code.
+
+Only container types and a fixed list of ``torch.nn`` layers (plus this package's own) are
+supported; their constructor arguments are read back from the attributes of the same name,
+which is how ``torch.nn`` layers store them. Anything else makes :func:`describe` raise
+:class:`UnsupportedArchitectureError`, and the user passes their own model skeleton to ``load``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layout import BlockLayout
+from .masks import MPDMask
+from .nn.masked import MPDLinear
+from .nn.packed import BlockDiagonalLinear, PackedChain
+
+__all__ = ["describe", "build", "UnsupportedArchitectureError", "SUPPORTED_LAYERS"]
+
+SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (
+        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+        nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Embedding,
+        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten,
+        nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+        nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+        nn.Tanhshrink, nn.LogSigmoid, nn.PReLU, nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout2d,
+        nn.AlphaDropout,
+    )
+}
+_CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
+# Constructor arguments that are not stored under their own name, or are not JSON values.
+_SKIP_ARGS = {"device", "dtype", "self", "args", "kwargs", "_weight", "_freeze", "init"}
+
+
+class UnsupportedArchitectureError(TypeError):
+    """The model contains a module type that cannot be described without user code."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    raise TypeError(f"not a JSON value: {value!r}")
+
+
+def _layer_args(module: nn.Module) -> dict[str, Any]:
+    args = {}
+    for name in inspect.signature(type(module).__init__).parameters:
+        if name in _SKIP_ARGS or not hasattr(module, name):
+            continue
+        value = getattr(module, name)
+        if name in ("bias", "affine", "elementwise_affine") and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        try:
+            args[name] = _jsonable(value)
+        except TypeError as exc:
+            raise UnsupportedArchitectureError(f"{type(module).__name__}.{name}: {exc}") from None
+    return args
+
+
+def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
+    """JSON description of ``module``'s tree (types and constructor arguments, no tensors)."""
+    kind = type(module).__name__
+    if type(module) in _CONTAINERS.values():
+        return {"type": kind, "children": [[key, describe(child, f"{name}.{key}".strip("."))]
+                                            for key, child in module._modules.items()]}
+    if isinstance(module, PackedChain):
+        return {"type": "PackedChain",
+                "layers": [describe(layer, f"{name}.layers.{i}") for i, layer in enumerate(module.layers)],
+                "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
+                "source_keys": list(module.source_keys)}
+    if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
+        return {"type": kind, "args": {"d_out": module.out_features, "d_in": module.in_features,
+                                       "compression": module.compression, "bias": module.bias is not None}}
+    if type(module) in SUPPORTED_LAYERS.values():
+        return {"type": kind, "args": _layer_args(module)}
+    raise UnsupportedArchitectureError(
+        f"module {name or '<root>'} has type {type(module).__module__}.{kind}, which mpdcompress cannot "
+        "rebuild from a file by itself; pass your model to load(path, model=...)"
+    )
+
+
+def _tuple_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def build(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a module tree from :func:`describe`'s output with placeholder weights and masks.
+
+    The caller loads the real tensors (and masks) afterwards; identity permutations stand in.
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
+    kind = spec["type"]
+    if kind in _CONTAINERS:
+        children = spec.get("children", [])
+        container = _CONTAINERS[kind]()
+        for key, child in children:
+            container.add_module(str(key), build(child))
+        return container
+    if kind == "PackedChain":
+        return PackedChain([build(s) for s in spec["layers"]], [build(s) for s in spec["activations"]],
+                           source_keys=spec.get("source_keys"))
+    if kind in ("BlockDiagonalLinear", "MPDLinear"):
+        a = spec["args"]
+        layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])
+        mask = MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
+        if kind == "MPDLinear":
+            return MPDLinear(a["d_in"], a["d_out"], bool(a["bias"]), mask=mask)
+        blocks = torch.zeros(layout.compression, layout.max_rows, layout.max_cols)
+        bias = torch.zeros(layout.compression * layout.max_rows) if a["bias"] else None
+        return BlockDiagonalLinear(mask, blocks, bias)
+    if kind in SUPPORTED_LAYERS:
+        try:
+            return SUPPORTED_LAYERS[kind](**_tuple_args(spec.get("args", {})))
+        except TypeError as exc:
+            raise ValueError(f"cannot build {kind} from {spec.get('args')}: {exc}") from None
+    raise ValueError(f"architecture names an unsupported module type {kind!r}")
