@@ -76,6 +76,73 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .convert import pack
+    from .io import load, read_manifest, save
+
+    manifest = read_manifest(args.checkpoint)
+    if manifest["form"] == "packed":
+        raise ValueError(f"{args.checkpoint} is already packed")
+    model = load(args.checkpoint)
+    out = save(pack(model), args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
+    import os
+
+    before, after = os.path.getsize(args.checkpoint), os.path.getsize(out)
+    print(f"wrote {out}: {after:,} bytes ({after / before:.3f} of the masked file's {before:,})")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .summary import file_summary, paper_model_summary
+
+    if args.model:
+        s = paper_model_summary(args.model, args.compression)
+        print(f"{s['model']} at c={s['compression']} (layers compressed as in the paper)")
+        print(f"  FC weights dense: {s['fc_weights_dense']:>12,}   paper: {s['paper_fc_weights_dense']:>12,}")
+        print(f"  FC weights MPD:   {s['fc_weights_mpd']:>12,}   paper: {s['paper_fc_weights_mpd']:>12,}")
+        return 0
+    if not args.file:
+        raise ValueError("give a model file, or --model NAME for a paper model")
+    s = file_summary(args.file)
+    print(f"{s['path']}: {s['form']} model, written by {s['writer']}, "
+          f"architecture {'included' if s['has_architecture'] else 'NOT included (load needs model=)'}")
+    print(f"{'layer':<28}{'was':<10}{'shape':>14}{'c':>5}{'dense':>14}{'kept':>12}{'stored':>12}")
+    for r in s["layers"]:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        print(f"{r['name']:<28}{r['source']:<10}{shape:>14}{r['compression']:>5}{r['dense_weights']:>14,}"
+              f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}")
+    dense_w = sum(r["dense_weights"] for r in s["layers"])
+    kept_w = sum(r["kept_weights"] for r in s["layers"])
+    print(f"compressed layers: {dense_w:,} -> {kept_w:,} weights ({dense_w / kept_w:.2f}x fewer)")
+    print(f"file: {s['file_bytes']:,} bytes; the same layers dense in fp32: {s['dense_compressed_layers_bytes']:,} bytes")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_onnx
+    from .io import load, read_manifest
+
+    model = load(args.file)
+    recorded = read_manifest(args.file).get("input_shape")
+    shape = tuple(args.input_shape or recorded or _input_shape(model))
+    path = export_onnx(model, torch.randn(2, *shape), args.output, opset=args.opset)
+    print(f"wrote {path} (input shape (batch, {', '.join(map(str, shape))}), opset {args.opset})")
+    return 0
+
+
+def _input_shape(model) -> tuple[int, ...]:
+    from torch import nn
+
+    first = next((m for m in model.modules() if not isinstance(m, (nn.Sequential, nn.ModuleList))), None)
+    if isinstance(first, nn.Flatten) or first is None:
+        raise ValueError("the file does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28")
+    if hasattr(first, "in_features"):
+        return (first.in_features,)
+    raise ValueError("the file does not record its input shape; pass --input-shape")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpdcompress", description="Matrix permutation decomposition for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=_cmd_bench)
+
+    pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")
+    pk.add_argument("checkpoint", help="masked model file written by mpdcompress (save or train)")
+    pk.add_argument("-o", "--output", required=True)
+    pk.set_defaults(func=_cmd_pack)
+
+    ins = sub.add_parser("inspect", help="layers, factors, parameter counts and size of a model file or paper model")
+    ins.add_argument("file", nargs="?")
+    ins.add_argument("--model", help="a paper model instead of a file: lenet300, deep-mnist, tf-cifar10, alexnet-bn")
+    ins.add_argument("--compression", "-c", type=int)
+    ins.set_defaults(func=_cmd_inspect)
+
+    ex = sub.add_parser("export", help="export a model file to ONNX")
+    ex.add_argument("file")
+    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--input-shape", nargs="+", type=int, help="input shape without the batch dimension")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 

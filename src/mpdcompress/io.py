@@ -75,8 +75,17 @@ def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``model`` (packed or masked) to ``path`` atomically; returns the path.
+
+    ``input_shape`` (without the batch dimension) is recorded for tools such as ONNX export;
+    ``metadata`` is free-form user text kept in the manifest.
 
     The previous file at ``path`` survives any crash during the write: the data goes to a
     temporary file in the same folder, is flushed to disk, then renamed over ``path``.
@@ -109,6 +118,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "layers": layers,
         "architecture": architecture,
         "sha256": {key: _digest(t) for key, t in tensors.items()},
+        "input_shape": None if input_shape is None else [int(d) for d in input_shape],
         "user": dict(metadata or {}),
     }
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})

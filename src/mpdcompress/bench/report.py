@@ -128,5 +128,14 @@ def write_bench_report(result: dict, out_dir: str | Path) -> list[Path]:
         for r in result["peak_rss"]:
             md.append(f"| {r['model']} | {r['form']} | {r['bytes'] / 2**20:.1f} | {r['over_baseline'] / 2**20:.1f} |")
         md.append("")
+    if result.get("onnx"):
+        md += ["## ONNX Runtime (CPU): dense export vs packed export", "",
+               "| model | batch | dense ms | packed ms | packed × | max abs error vs torch |", "|---|---|---|---|---|---|"]
+        for r in result["onnx"]:
+            md.append(f"| {r['model']} | {r['batch']} | {1e3 * r['seconds']['dense']:.3f} | "
+                      f"{1e3 * r['seconds']['packed']:.3f} | {r['speedup']:.2f} | {r['max_abs_error_vs_torch']:.1e} |")
+        md.append("")
+    if result.get("onnx_note"):
+        md += [f"ONNX: {result['onnx_note']}", ""]
     (out / "bench.md").write_text("\n".join(md))
     return [out / "bench.json", out / "bench.md", *(out / f for f in files)]

@@ -20,6 +20,8 @@ FULL = {
     "models": tuple(MODEL_STACKS),
     "model_batches": {True: (1, 64, 512), False: (1, 64)},
     "rss_models": ("lenet300", "alexnet-fc", "alexnet-bn"),
+    "onnx_models": ("lenet300", "alexnet-fc", "transformer-mlp"),
+    "onnx_batches": (1, 64),
     "repeats": 7,
 }
 QUICK = {
@@ -29,6 +31,8 @@ QUICK = {
     "models": ("lenet300", "transformer-mlp"),
     "model_batches": {True: (1, 64), False: (1,)},
     "rss_models": (),
+    "onnx_models": ("lenet300",),
+    "onnx_batches": (16,),
     "repeats": 5,
 }
 
@@ -61,4 +65,13 @@ def run_suite(
                 if progress is not None:
                     progress(f"peak RSS {name}/{form}: {peak / 2**20:.0f} MiB")
     result["peak_rss"] = rss
+    result["onnx"] = []
+    if config.get("onnx_models") and device == "cpu" and dtype == torch.float32:
+        try:
+            from .onnx_bench import run_onnx_bench
+        except ImportError:
+            result["onnx_note"] = "onnxruntime is not installed (pip install 'mpdcompress[onnx]')"
+        else:
+            result["onnx"] = run_onnx_bench(config["onnx_models"], config["onnx_batches"],
+                                            repeats=config["repeats"], progress=progress)
     return result
