@@ -192,6 +192,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .experiments import run_reproduction
+
+    bar = tqdm(desc="reproducing", unit="step", disable=args.quiet)
+
+    def progress(message: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(message)
+        if message.endswith("%"):
+            bar.write(message)
+
+    run_reproduction(args.out, "quick" if args.quick else "full", data_root=args.data, seed=args.seed,
+                     progress=progress)
+    bar.close()
+    print(f"wrote {args.out}/report.md, results.json and figures")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpdcompress", description="Matrix permutation decomposition for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_train)
+
+    rp = sub.add_parser("reproduce", help="run the paper's experiments on real data and write a report")
+    rp.add_argument("--quick", action="store_true", help="fewer epochs and masks (minutes instead of hours)")
+    rp.add_argument("--out", default="results/reproduction")
+    rp.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=_cmd_reproduce)
 
     pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")
     pk.add_argument("checkpoint", help="masked model file written by mpdcompress (save or train)")

@@ -1,0 +1,31 @@
+import json
+
+from mpdcompress.experiments import run_reproduction
+
+from .test_data_train import write_fake_mnist
+
+
+def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path / "data" / "mnist", n_train=300, n_test=100, gz=True)
+    write_fake_mnist(tmp_path / "data" / "fashion-mnist", n_train=300, n_test=100, gz=True, seed=1)
+    monkeypatch.setattr("mpdcompress.data.FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    messages = []
+    results = run_reproduction(
+        tmp_path / "out", "quick", data_root=str(tmp_path / "data"), progress=messages.append,
+        overrides={"lenet_epochs": 1, "deep_epochs": 1, "deep_train_limit": 100, "mask_study_masks": 2,
+                   "mask_study_epochs": 1, "ablation_epochs": 1},
+    )
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    saved = json.loads((out / "results.json").read_text())
+    statuses = {(r["model"], r["dataset"]): r["status"] for r in saved["table"]}
+    assert statuses[("lenet300", "mnist")] == "measured" and statuses[("lenet300", "fashion-mnist")] == "measured"
+    assert statuses[("tf-cifar10", "cifar10")] == "data not available here"
+    assert "mpdcompress train --model tf-cifar10 --dataset cifar10" in report
+    lenet = next(r for r in saved["table"] if r["model"] == "lenet300" and r["dataset"] == "mnist")
+    assert lenet["mpd"]["fc_weights"] == 27_520 and lenet["dense"]["fc_weights"] == 266_200
+    assert len(saved["mask_study"]["accuracies"]) == 2 and abs(saved["mask_study"]["mask_sum_mean"] - 0.2) < 1e-6
+    assert {(a["compression"], a["permuted"]) for a in saved["ablation"]} == {(10, True), (10, False), (5, True), (5, False)}
+    for name in ("mask_study_accuracy.png", "mask_study_sum.png", "fig1_masks.png", "fig1_trained_layer.png"):
+        assert (out / name).stat().st_size > 1000
+    assert any(m.endswith("%") for m in messages) and results["profile"] == "quick"
