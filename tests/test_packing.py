@@ -210,3 +210,14 @@ def test_packed_to_float64():
     x = torch.randn(2, 784, dtype=torch.float64)
     with torch.no_grad():
         assert_close_to_scale(packed(x), model(x), rel=1e-12)
+
+
+def test_packed_model_through_torch_export_and_jit_trace():
+    packed = pack(mpdify(lenet(), 10)).eval()
+    x = torch.randn(5, 784)
+    with torch.no_grad():
+        ref = packed(x)
+        exported = torch.export.export(packed, (x,))
+        assert_close_to_scale(exported.module()(x), ref)
+        traced = torch.jit.trace(packed, (x,))
+        assert_close_to_scale(traced(torch.randn(5, 784) * 0 + x), ref)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..nn.masked import MPDLinear
 from ..nn.packed import BlockDiagonalLinear
-from ..timing import median_seconds
+from ..timing import interleaved_medians
 
 __all__ = ["LAYER_SHAPES", "LayerResult", "layer_candidates", "run_layer_bench"]
 
@@ -121,12 +121,11 @@ def run_layer_bench(
             fns, notes = layer_candidates(d_out, d_in, c, dtype=dtype, device=device)
             for batch in batches:
                 x = torch.randn(batch, d_in, device=device, dtype=dtype)
-                seconds: dict[str, float | None] = {}
                 with torch.no_grad():
-                    for key, fn in fns.items():
-                        seconds[key] = median_seconds(
-                            lambda: fn(x), repeats=repeats, min_time=min_time, device=device
-                        )
+                    seconds: dict[str, float | None] = dict(interleaved_medians(
+                        {key: (lambda fn=fn: fn(x)) for key, fn in fns.items()},
+                        repeats=repeats, min_time=min_time, device=device,
+                    ))
                 for key in notes:
                     seconds.setdefault(key, None)
                 dense = seconds["dense"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Callable, Iterable
 
 import torch
@@ -9,10 +11,22 @@ from torch import nn
 
 from ..convert import mpdify, pack
 from ..models import INPUT_SHAPES, PAPER_SETUPS, build_model, fc_stack, paper_filter
-from ..timing import median_seconds
+from ..timing import interleaved_medians
 from .memory import model_weight_bytes
 
-__all__ = ["MODEL_STACKS", "build_stack", "run_model_bench"]
+__all__ = ["MODEL_STACKS", "build_stack", "file_bytes", "run_model_bench"]
+
+
+def file_bytes(dense: nn.Module, packed: nn.Module) -> dict[str, int]:
+    """Bytes on disk: the dense model as plain safetensors vs the packed model as an mpdcompress file."""
+    from safetensors.torch import save_file
+
+    from ..io import save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, f"{tmp}/dense.safetensors")
+        save(packed, f"{tmp}/packed.safetensors")
+        return {"dense": os.path.getsize(f"{tmp}/dense.safetensors"), "packed": os.path.getsize(f"{tmp}/packed.safetensors")}
 
 # name → (builder, input shape, compression, FC-only?)
 MODEL_STACKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, bool]] = {
@@ -64,21 +78,21 @@ def run_model_bench(
         forms = {form: build_stack(name, form) for form in ("dense", "masked", "packed")}
         forms = {k: (m.to(device), s) for k, (m, s) in forms.items()}
         sizes = {k: model_weight_bytes(m) for k, (m, _) in forms.items()}
+        files = file_bytes(forms["dense"][0], forms["packed"][0])
         runners = {
             form: (torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model)
             for form, (model, _) in forms.items()
         }
         for batch in batches[fc_only]:
             x = torch.randn(batch, *forms["dense"][1], device=device)
-            seconds = {}
             with torch.no_grad():
-                for form, run in runners.items():
-                    seconds[form] = median_seconds(lambda: run(x), repeats=repeats, min_time=min_time, device=device)
+                seconds = interleaved_medians({form: (lambda run=run: run(x)) for form, run in runners.items()},
+                                              repeats=repeats, min_time=min_time, device=device)
             rows.append({
                 "model": name, "fc_only": fc_only, "compression": MODEL_STACKS[name][2], "batch": batch,
                 "device": device, "compile_mode": compile_mode, "seconds": seconds,
                 "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
-                "state_dict_bytes": sizes,
+                "state_dict_bytes": sizes, "file_bytes": files,
             })
             if progress is not None:
                 progress(f"{name} batch={batch}: packed {seconds['dense'] / seconds['packed']:.2f}x dense")

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..export import export_onnx
-from ..timing import median_seconds
+from ..timing import interleaved_medians
 from .model import build_stack
 
 __all__ = ["run_onnx_bench"]
@@ -32,21 +32,21 @@ def run_onnx_bench(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            sessions, errors = {}, {}
+            sessions = {}
             for form in ("dense", "packed"):
                 model, shape = build_stack(name, form)
                 path = export_onnx(model, torch.randn(2, *shape), Path(tmp) / f"{name}-{form}.onnx")
                 sessions[form] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                reference = model
+            packed_torch = model
             for batch in batches:
                 x = torch.randn(batch, *shape)
                 feed = {"input": x.numpy()}
                 with torch.no_grad():
-                    errors = float(abs(sessions["packed"].run(None, feed)[0] - reference(x).numpy()).max())
-                seconds = {form: median_seconds(lambda: s.run(None, feed), repeats=repeats, min_time=min_time)
-                           for form, s in sessions.items()}
+                    error = float(abs(sessions["packed"].run(None, feed)[0] - packed_torch(x).numpy()).max())
+                seconds = interleaved_medians({form: (lambda s=s: s.run(None, feed)) for form, s in sessions.items()},
+                                              repeats=repeats, min_time=min_time)
                 rows.append({"model": name, "batch": batch, "seconds": seconds,
-                             "speedup": seconds["dense"] / seconds["packed"], "max_abs_error_vs_torch": errors,
+                             "speedup": seconds["dense"] / seconds["packed"], "max_abs_error_vs_torch": error,
                              "onnxruntime": ort.__version__})
                 if progress is not None:
                     progress(f"onnx {name} batch={batch}: packed {rows[-1]['speedup']:.2f}x dense")

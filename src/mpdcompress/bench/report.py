@@ -33,8 +33,8 @@ def _layer_table(rows: list[dict]) -> list[str]:
 
 def _model_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| model | c | batch | dense ms | masked × | packed × | weights+indices dense → packed (bytes) | size ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | c | batch | dense ms | masked × | packed × | weights+indices dense → packed (bytes) | size ratio | file ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = r["state_dict_bytes"]
@@ -42,7 +42,8 @@ def _model_table(rows: list[dict]) -> list[str]:
             f"| {r['model']}{'' if r['fc_only'] else ' (with convs)'} | {r['compression']} | {r['batch']} | "
             f"{1e3 * r['seconds']['dense']:.3f} | {r['speedup_vs_dense']['masked']:.2f} | "
             f"{r['speedup_vs_dense']['packed']:.2f} | {b['dense']['total']:,} → {b['packed']['total']:,} | "
-            f"{b['packed']['total'] / b['dense']['total']:.4f} |"
+            f"{b['packed']['total'] / b['dense']['total']:.4f} | "
+            + (f"{r['file_bytes']['packed'] / r['file_bytes']['dense']:.4f} |" if "file_bytes" in r else "n/a |")
         )
     return lines
 
@@ -108,8 +109,9 @@ def write_bench_report(result: dict, out_dir: str | Path) -> list[Path]:
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
         "",
-        "Ratios are dense time / candidate time, measured side by side in one process (median of "
-        f"{result['repeats']} repeats after warm-up). Absolute milliseconds are for this machine only.",
+        "Ratios are dense time / candidate time, measured side by side in one process: candidates are "
+        f"sampled round-robin, {result['repeats']} samples each after warm-up, and the medians compared. "
+        "Absolute milliseconds are for this machine only.",
         "",
     ]
     files = []
