@@ -29,3 +29,21 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     for name in ("mask_study_accuracy.png", "mask_study_sum.png", "fig1_masks.png", "fig1_trained_layer.png"):
         assert (out / name).stat().st_size > 1000
     assert any(m.endswith("%") for m in messages) and results["profile"] == "quick"
+
+
+def test_stacked_mask_study_matches_separate_training_runs(tmp_path):
+    """The stacked trainer is a faster way to run the same experiments, not a different one."""
+    import torch
+
+    from mpdcompress.data import load_mnist
+    from mpdcompress.experiments.mask_study import train_mask_study
+    from mpdcompress.train import TrainConfig, train
+
+    write_fake_mnist(tmp_path / "mnist", n_train=400, n_test=200, gz=True)
+    tr, te = load_mnist("train", root=tmp_path, fetch=False), load_mnist("test", root=tmp_path, fetch=False)
+    study = train_mask_study([7, 8], tr, te, epochs=2, seed=3)
+    for k, mask_seed in enumerate([7, 8]):
+        single = train(TrainConfig(model="lenet300", compression=10, epochs=2, seed=3, mask_seed=mask_seed),
+                       train_split=tr, test_split=te)
+        assert abs(single.test_accuracy - study["accuracies"][k]) <= 1 / 200  # at most one test image flips
+        assert torch.equal(study["fc2_masks"][k], single.model[3].mask)
