@@ -63,3 +63,15 @@ def test_unknown_stack_and_form():
         build_stack("nope", "dense")
     with pytest.raises(ValueError, match="form must be"):
         build_stack("lenet300", "sparse")
+
+
+def test_training_bench_rows():
+    from mpdcompress.bench.training import run_training_bench
+
+    rows = run_training_bench(["transformer-mlp"], [8], {"transformer-mlp": 4}, repeats=1)
+    (row,) = rows
+    assert set(row["seconds"]) == {"dense", "masked", "compact"}
+    compact = row["state_bytes"]["compact"]
+    # Adam keeps two moments per parameter plus a 4-byte step counter for each of the 4 tensors.
+    assert compact["optimizer"] == 2 * compact["weights"] + 4 * 4
+    assert row["compact_state_fraction_of_masked"] <= 1 / 8 + 0.05

@@ -13,7 +13,7 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     results = run_reproduction(
         tmp_path / "out", "quick", data_root=str(tmp_path / "data"), progress=messages.append,
         overrides={"lenet_epochs": 1, "deep_epochs": 1, "deep_train_limit": 100, "mask_study_masks": 2,
-                   "mask_study_epochs": 1, "ablation_epochs": 1},
+                   "mask_study_epochs": 1, "ablation_epochs": 1, "init_seeds": 1},
     )
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
@@ -29,6 +29,9 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     for name in ("mask_study_accuracy.png", "mask_study_sum.png", "fig1_masks.png", "fig1_trained_layer.png"):
         assert (out / name).stat().st_size > 1000
     assert any(m.endswith("%") for m in messages) and results["profile"] == "quick"
+    assert {(row["mode"], row["init"]) for row in saved["compact"]} == {("compact", "block"), ("masked", "block"),
+                                                                        ("compact", "dense")}
+    assert "Compact vs masked training" in report
 
 
 def test_stacked_mask_study_matches_separate_training_runs(tmp_path):

@@ -155,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         model=args.model, dataset=args.dataset, compression=None if args.compression == 0 else args.compression,
-        permute=not args.no_permute, seed=args.seed, mask_seed=args.mask_seed, epochs=args.epochs,
+        permute=not args.no_permute, mode=args.mode, init=args.init, seed=args.seed, mask_seed=args.mask_seed, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         train_limit=args.train_limit, device=args.device, data_root=args.data,
     )
@@ -186,7 +186,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     (out / "result.json").write_text(json.dumps({k: v for k, v in vars(result).items() if k != "model"}, indent=1))
     print(f"final test accuracy {100 * result.test_accuracy:.2f} % with {result.fc_weights:,} FC weights; "
           f"checkpoint in {out / 'checkpoint.pt'}")
-    if resolved.compression:
+    if resolved.compression and resolved.mode == "compact":
+        path = save(result.model, out / "packed.safetensors", input_shape=INPUT_SHAPES[resolved.model])
+        print(f"packed model: {path}")
+    elif resolved.compression:
         path = save(result.model, out / "masked.safetensors", input_shape=INPUT_SHAPES[resolved.model])
         print(f"masked model: {path} (pack it with: mpdcompress pack {path} -o packed.safetensors)")
     return 0
@@ -243,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     tr.add_argument("--compression", "-c", type=int, default=10, help="0 trains the dense baseline")
     tr.add_argument("--no-permute", action="store_true", help="plain block-diagonal masks (the paper's ablation)")
+    tr.add_argument("--mode", choices=["masked", "compact"], default="masked",
+                    help="compact trains the packed block-diagonal form directly (~1/c of the cost)")
+    tr.add_argument("--init", choices=["block", "dense"], default="block",
+                    help="block: fan-in = block width (default); dense: nn.Linear's initialization")
     tr.add_argument("--seed", type=int, default=0, help="initialization and data order")
     tr.add_argument("--mask-seed", type=int, help="masks (default: --seed)")
     tr.add_argument("--epochs", type=int)
@@ -253,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=int, help="use only the first N training images")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
-    tr.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, result.json, masked.safetensors")
+    tr.add_argument("--out", default="runs/train",
+                    help="folder for checkpoint.pt, result.json and masked.safetensors (packed.safetensors in compact mode)")
     tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_train)

@@ -21,6 +21,7 @@ from torch import nn
 from .convert import mpdify
 from .data import Split, load_dataset
 from .models import INPUT_SHAPES, build_model, paper_filter
+from .nn.masked import MPDLinear
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "prepare", "RECIPES", "CheckpointError"]
 
@@ -52,6 +53,8 @@ class TrainConfig:
     dataset: str = "mnist"
     compression: int | None = 10  # None: the dense baseline
     permute: bool = True
+    mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
+    init: str = "block"  # or "dense": keep nn.Linear's initialization (see mpdify)
     seed: int = 0  # initialization and data order
     mask_seed: int | None = None  # masks; defaults to seed
     epochs: int | None = None
@@ -137,12 +140,22 @@ def evaluate(model: nn.Module, split: Split, dataset: str, model_name: str, *, b
     return correct / len(split)
 
 
+def fc_weights_kept(model: nn.Module) -> int:
+    """Weights of all fully connected layers that the compression keeps (padding not counted)."""
+    from .nn.packed import BlockDiagonalLinear
+
+    return sum(
+        m.mpd_mask.layout.nnz if isinstance(m, (MPDLinear, BlockDiagonalLinear)) else m.weight.numel()
+        for m in model.modules() if isinstance(m, (nn.Linear, BlockDiagonalLinear))
+    )
+
+
 def build_for(config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     model = build_model(config.model)
     if config.compression:
-        mpdify(model, config.compression, filter=paper_filter(model, config.model), seed=config.mask_seed,
-               permute=config.permute)
+        model = mpdify(model, config.compression, filter=paper_filter(model, config.model), seed=config.mask_seed,
+                       permute=config.permute, mode=config.mode, init=config.init)
     return model
 
 
@@ -255,9 +268,6 @@ def train(
         if progress is not None:
             progress({"event": "epoch", **result.history[-1]})
     result.test_accuracy = result.history[-1]["test_accuracy"] if result.history else float("nan")
-    result.fc_weights = sum(
-        (m.mpd_mask.layout.nnz if hasattr(m, "mpd_mask") else m.weight.numel())
-        for m in model.modules() if isinstance(m, nn.Linear)
-    )
+    result.fc_weights = fc_weights_kept(model)
     result.model = model
     return result

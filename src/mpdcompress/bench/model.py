@@ -39,13 +39,17 @@ MODEL_STACKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, boo
 }
 
 
-def build_stack(name: str, form: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
-    """``form`` is ``dense``, ``masked`` or ``packed``; paper models compress the paper's layers."""
+def build_stack(name: str, form: str, seed: int = 0, compression: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """``form`` is ``dense``, ``masked`` or ``packed``; paper models compress the paper's layers.
+
+    ``compression`` overrides the stack's usual factor. Returned in eval mode.
+    """
     if name not in MODEL_STACKS:
         raise KeyError(f"unknown stack {name!r}; choose from {sorted(MODEL_STACKS)}")
     if form not in ("dense", "masked", "packed"):
         raise ValueError(f"form must be dense, masked or packed, got {form!r}")
     builder, shape, c, _ = MODEL_STACKS[name]
+    c = compression or c
     torch.manual_seed(seed)
     model = builder()
     if form != "dense":

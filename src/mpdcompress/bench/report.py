@@ -130,6 +130,16 @@ def write_bench_report(result: dict, out_dir: str | Path) -> list[Path]:
         for r in result["peak_rss"]:
             md.append(f"| {r['model']} | {r['form']} | {r['bytes'] / 2**20:.1f} | {r['over_baseline'] / 2**20:.1f} |")
         md.append("")
+    if result.get("training"):
+        md += ["## Training step (Adam, forward + backward + update): masked vs compact vs dense", "",
+               "| model | c | batch | dense ms | masked ms | compact ms | compact vs masked × | compact vs dense × | "
+               "weights + Adam state, compact / masked |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["training"]:
+            t = r["seconds"]
+            md.append(f"| {r['model']} | {r['compression']} | {r['batch']} | {1e3 * t['dense']:.2f} | "
+                      f"{1e3 * t['masked']:.2f} | {1e3 * t['compact']:.2f} | {r['compact_vs_masked']:.2f} | "
+                      f"{r['compact_vs_dense']:.2f} | {r['compact_state_fraction_of_masked']:.4f} |")
+        md.append("")
     if result.get("onnx"):
         md += ["## ONNX Runtime (CPU): dense export vs packed export", "",
                "| model | batch | dense ms | packed ms | packed × | max abs error vs torch |", "|---|---|---|---|---|---|"]

@@ -10,6 +10,7 @@ from .layer import LAYER_SHAPES, run_layer_bench
 from .machine import describe_machine
 from .memory import peak_rss_bytes
 from .model import MODEL_STACKS, run_model_bench
+from .training import run_training_bench
 
 __all__ = ["run_suite", "QUICK", "FULL"]
 
@@ -22,6 +23,9 @@ FULL = {
     "rss_models": ("lenet300", "alexnet-fc", "alexnet-bn"),
     "onnx_models": ("lenet300", "alexnet-fc", "transformer-mlp"),
     "onnx_batches": (1, 64),
+    "training_models": ("lenet300", "alexnet-fc", "transformer-mlp"),
+    "training_factors": (4, 8, 16),
+    "training_batches": {"lenet300": 50, "alexnet-fc": 512, "transformer-mlp": 512},
     "repeats": 7,
 }
 QUICK = {
@@ -33,6 +37,9 @@ QUICK = {
     "rss_models": (),
     "onnx_models": ("lenet300",),
     "onnx_batches": (16,),
+    "training_models": ("lenet300",),
+    "training_factors": (8,),
+    "training_batches": {"lenet300": 50},
     "repeats": 5,
 }
 
@@ -65,6 +72,10 @@ def run_suite(
                 if progress is not None:
                     progress(f"peak RSS {name}/{form}: {peak / 2**20:.0f} MiB")
     result["peak_rss"] = rss
+    result["training"] = run_training_bench(
+        config["training_models"], config["training_factors"], config["training_batches"],
+        repeats=max(3, config["repeats"] // 2), device=device, progress=progress,
+    ) if config.get("training_models") and dtype == torch.float32 else []
     result["onnx"] = []
     if config.get("onnx_models") and device == "cpu" and dtype == torch.float32:
         try:

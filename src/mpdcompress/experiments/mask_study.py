@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from ..data import Split
-from ..masks import layer_seed, make_mask
-from ..models import build_model
-from ..train import prepare
+from ..train import TrainConfig, build_for, prepare
 
 __all__ = ["train_mask_study"]
 
@@ -38,23 +36,24 @@ def train_mask_study(
     batch_size: int = 50,
     lr: float = 1e-3,
     dataset: str = "mnist",
+    init: str = "block",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
     """Train one LeNet-300-100 per mask seed; returns per-model test accuracies and the masks of fc2."""
-    torch.manual_seed(seed)
-    base = build_model("lenet300")
-    m = len(mask_seeds)
+    # Build every model exactly as train() would (same init, its own masks), then stack them.
+    models = [build_for(TrainConfig(model="lenet300", compression=compression, seed=seed, mask_seed=s, init=init))
+              for s in mask_seeds]
+    m = len(models)
     masks, weights, biases = [], [], []
     for name in (*_MASKED, *_DENSE):
-        layer = base.get_submodule(name)
+        layers = [model.get_submodule(name) for model in models]
         if name in _MASKED:
-            stack = torch.stack([make_mask(layer.out_features, layer.in_features, compression,
-                                           seed=layer_seed(s, name)).dense() for s in mask_seeds])
+            stack = torch.stack([layer.mask for layer in layers])
         else:
-            stack = torch.ones(m, layer.out_features, layer.in_features, dtype=torch.bool)
+            stack = torch.ones(m, layers[0].out_features, layers[0].in_features, dtype=torch.bool)
         masks.append(stack)
-        weights.append(nn.Parameter(layer.weight.detach().expand(m, -1, -1) * stack))
-        biases.append(nn.Parameter(layer.bias.detach().expand(m, -1).clone()))
+        weights.append(nn.Parameter(torch.stack([layer.weight.detach() for layer in layers])))
+        biases.append(nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])))
     params = [*weights, *biases]
     opt = torch.optim.Adam(params, lr=lr)
 
