@@ -15,7 +15,6 @@ import mpdcompress as mc
 from mpdcompress.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from mpdcompress.models import build_model, fc_stack, paper_filter
 
-from .conftest import assert_close_to_scale
 
 
 def packed_lenet(seed=0):
@@ -162,7 +161,7 @@ def save_with_tensor(tmp_path, key, value):
 def test_index_that_is_not_a_permutation_is_refused(tmp_path):
     key = "1.layers.0.col_order"
     bad = torch.zeros(784, dtype=torch.int64)
-    with pytest.raises(ModelFileError, match=rf"not a permutation"):
+    with pytest.raises(ModelFileError, match="not a permutation"):
         load(save_with_tensor(tmp_path, key, bad))
 
 

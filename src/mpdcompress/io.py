@@ -25,8 +25,7 @@ from .architecture import UnsupportedArchitectureError, build, describe
 from .convert import compressed_layers, mpdify, pack
 from .layout import BlockLayout
 from .masks import check_permutation
-from .nn.masked import MPDLinear
-from .nn.packed import BlockDiagonalLinear, PackedChain
+from .nn.packed import PackedChain
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
 
@@ -138,11 +137,10 @@ def save(
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The validated manifest of a model file (no tensors are read)."""
-    header, _ = _read_header(Path(path))
-    return _parse_manifest(header, Path(path))
+    return _parse_manifest(_read_header(Path(path)), Path(path))
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+def _read_header(path: Path) -> dict[str, Any]:
     """Parse the safetensors header by hand, so a damaged file gives a precise error."""
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
@@ -172,7 +170,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         end = max(end, offsets[1])
     if end != data_len:
         raise ModelFileError(f"{path}: tensor data should be {end} bytes but the file holds {data_len} (truncated or padded)")
-    return header, n
+    return header
 
 
 def _parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -284,8 +282,7 @@ def load(
     if on_nonfinite not in ("error", "warn", "ignore"):
         raise ValueError(f"on_nonfinite must be 'error', 'warn' or 'ignore', got {on_nonfinite!r}")
     path = Path(path)
-    header, _ = _read_header(path)
-    manifest = _parse_manifest(header, path)
+    manifest = _parse_manifest(_read_header(path), path)
     skeleton = _skeleton(manifest, model, path)
     if _compressed_manifest(skeleton) != manifest["layers"]:
         raise ModelFileError(f"{path}: the compressed layers in the file do not match the model's")
@@ -297,13 +294,5 @@ def load(
     expected = skeleton.state_dict()
     state = _check_tensors(tensors, manifest, expected, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
-    _set_block_counts(skeleton, manifest)
     skeleton.load_state_dict(state, strict=True, assign=True)
     return skeleton.to(device)
-
-
-def _set_block_counts(model: nn.Module, manifest: dict[str, Any]) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, (MPDLinear, BlockDiagonalLinear)) and name in manifest["layers"]:
-            module.num_blocks.fill_(manifest["layers"][name]["compression"])
-

@@ -13,6 +13,7 @@ Candidates (all computing the same masked layer, except ``dense``, which is the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -67,7 +68,9 @@ def layer_candidates(
     def sparse_candidate(key: str, build: Callable[[], torch.Tensor]) -> None:
         # Sparse kernels cover only some layouts/dtypes/devices: probe once and record why not.
         try:
-            sparse = build()
+            with warnings.catch_warnings():  # torch flags sparse layouts as beta on every conversion
+                warnings.simplefilter("ignore", UserWarning)
+                sparse = build()
             torch.addmm(bias[:, None], sparse, torch.zeros(d_in, 1, device=device, dtype=dtype))
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             notes[key] = f"not supported by this torch build: {str(exc).splitlines()[0][:120]}"

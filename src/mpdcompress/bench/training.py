@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..timing import interleaved_medians
-from .model import MODEL_STACKS, build_stack
+from .model import build_stack
 
 __all__ = ["run_training_bench", "training_state_bytes"]
 

@@ -191,7 +191,7 @@ def _observations(r: dict[str, Any]) -> list[str]:
                      f"{_pct(pair['masked']['accuracy'])} %, in {pair['compact']['seconds']:.0f} s vs "
                      f"{pair['masked']['seconds']:.0f} s.")
         notes.append(f"Initialization: block fan-in averages {_pct(mean['block'])} %, dense fan-in "
-                     f"{_pct(mean['dense'])} % over {len(rows) // 2} seeds (compact training).")
+                     f"{_pct(mean['dense'])} % over {sum(x['init'] == 'dense' for x in rows)} seeds (compact training).")
     return notes
 
 
