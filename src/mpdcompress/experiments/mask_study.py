@@ -1,11 +1,13 @@
-"""The 100-mask study, trained as one stacked model.
+"""The 100-mask study, trained as one stacked compact model.
 
-Training ``M`` masked LeNet-300-100 models one after another costs ``M`` full runs. Here the
-``M`` models share one forward: each layer's weights are stacked ``(M, d_out, d_in)`` and
-multiplied with ``bmm``. The models start from the same initialization (as ``train`` with the
-same seed gives), see the same mini-batches, and the loss is the sum of their losses, so every
-model receives exactly its own gradient; Adam updates element-wise, so each model follows the
-same trajectory as its own separate ``train`` run (up to float summation order).
+Training ``M`` LeNet-300-100 models one after another costs ``M`` full runs. Here each model is
+built exactly as ``train`` builds it in compact mode (same seed, its own mask seed), and the
+``M`` packed models are laid side by side as ONE packed chain: ``M * c`` blocks per layer, with
+gathers that send every model its own permutation of the shared input, and the dense
+classifiers as ``M`` more blocks. All models see the same mini-batches and the loss is the sum
+of their losses, so each receives exactly its own gradient, and Adam updates element-wise: each
+model follows the trajectory of its own ``train`` run (up to float summation order), at the
+cost of a handful of large batched GEMMs per step instead of ``M`` small forwards.
 """
 
 from __future__ import annotations
@@ -16,13 +18,48 @@ import torch
 from torch import nn
 
 from ..data import Split
+from ..kernels import ChainWeights, run_chain
+from ..nn.packed import PackedChain
 from ..train import TrainConfig, build_for, prepare
 
 __all__ = ["train_mask_study"]
 
-# Qualified names of LeNet-300-100's layers inside its Sequential (as mpdify sees them).
-_MASKED = ("1", "3")
-_DENSE = ("5",)
+
+class _StackedLeNets(nn.Module):
+    """``M`` compact LeNet-300-100 models (fc1, fc2 packed; classifier dense) as one chain."""
+
+    def __init__(self, models: list[nn.Sequential]) -> None:
+        super().__init__()
+        chains: list[PackedChain] = [model.get_submodule("1") for model in models]
+        classifiers: list[nn.Linear] = [model.get_submodule("5") for model in models]
+        fc1, fc2 = [c.layers[0] for c in chains], [c.layers[1] for c in chains]
+        self.m = len(models)
+        width1 = fc1[0].weight_blocks.shape[0] * fc1[0].weight_blocks.shape[1]  # padded outputs per model
+        width2 = fc2[0].weight_blocks.shape[0] * fc2[0].weight_blocks.shape[1]
+        self.blocks = nn.ParameterList([
+            nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc1])),
+            nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc2])),
+            nn.Parameter(torch.stack([lin.weight.detach() for lin in classifiers])),
+        ])
+        self.biases = nn.ParameterList([
+            nn.Parameter(torch.cat([layer.bias.detach() for layer in fc1])),
+            nn.Parameter(torch.cat([layer.bias.detach() for layer in fc2])),
+            nn.Parameter(torch.cat([lin.bias.detach() for lin in classifiers])),
+        ])
+        pads = [fc1[0].padding_mask, fc2[0].padding_mask]
+        self.pads = [None if p is None else p.repeat(self.m, 1, 1) for p in pads] + [None]
+        self.gathers = [
+            torch.cat([layer.in_gather for layer in fc1]),
+            torch.cat([k * width1 + chain.fused_gather_1 for k, chain in enumerate(chains)]),
+            torch.cat([k * width2 + layer.out_gather for k, layer in enumerate(fc2)]),
+            torch.arange(self.m * classifiers[0].out_features),
+        ]
+        self.fc2_masks = torch.stack([layer.mpd_mask.dense() for layer in fc2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = [b if pad is None else b * pad for b, pad in zip(self.blocks, self.pads)]
+        out = run_chain(x.flatten(1), ChainWeights(self.gathers, blocks, list(self.biases), [torch.relu, torch.relu]))
+        return out.view(x.shape[0], self.m, -1)  # (batch, models, classes)
 
 
 def train_mask_study(
@@ -40,59 +77,37 @@ def train_mask_study(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
     """Train one LeNet-300-100 per mask seed; returns per-model test accuracies and the masks of fc2."""
-    # Build every model exactly as train() would (same init, its own masks), then stack them.
-    models = [build_for(TrainConfig(model="lenet300", compression=compression, seed=seed, mask_seed=s, init=init))
-              for s in mask_seeds]
-    m = len(models)
-    masks, weights, biases = [], [], []
-    for name in (*_MASKED, *_DENSE):
-        layers = [model.get_submodule(name) for model in models]
-        if name in _MASKED:
-            stack = torch.stack([layer.mask for layer in layers])
-        else:
-            stack = torch.ones(m, layers[0].out_features, layers[0].in_features, dtype=torch.bool)
-        masks.append(stack)
-        weights.append(nn.Parameter(torch.stack([layer.weight.detach() for layer in layers])))
-        biases.append(nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])))
-    params = [*weights, *biases]
-    opt = torch.optim.Adam(params, lr=lr)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        h = x.reshape(1, x.shape[0], -1).expand(m, -1, -1)
-        for i, (w, b, mask) in enumerate(zip(weights, biases, masks)):
-            h = torch.baddbmm(b.unsqueeze(1), h, (w * mask).transpose(1, 2))
-            if i < len(weights) - 1:
-                h = torch.relu(h)
-        return h  # (M, batch, classes)
-
-    x_all = prepare(train_split.images, dataset).flatten(1)
+    models = [build_for(TrainConfig(model="lenet300", compression=compression, seed=seed, mask_seed=s,
+                                    init=init, mode="compact")) for s in mask_seeds]
+    stacked = _StackedLeNets(models)
+    opt = torch.optim.Adam(stacked.parameters(), lr=lr)
+    x_all = prepare(train_split.images, dataset)
     y_all = train_split.labels
-    n = len(train_split)
+    n, m = len(train_split), len(mask_seeds)
     history = []
     for epoch in range(epochs):
         # The same order train() uses for this seed and epoch.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
-            logits = forward(x_all[idx])
-            y = y_all[idx].repeat(m)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum") / batch_size
+            logits = stacked(x_all[idx])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_all[idx].repeat_interleave(m),
+                                               reduction="sum") / batch_size
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        accuracies = _evaluate(forward, test_split, dataset)
+        accuracies = _evaluate(stacked, test_split, dataset)
         history.append(accuracies)
         if progress is not None:
             progress(f"mask study epoch {epoch + 1}/{epochs}: min {100 * min(accuracies):.2f} %, "
                      f"max {100 * max(accuracies):.2f} %")
-    return {"accuracies": history[-1], "history": history, "fc2_masks": masks[1]}
+    return {"accuracies": history[-1], "history": history, "fc2_masks": stacked.fc2_masks}
 
 
 @torch.no_grad()
-def _evaluate(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, dataset: str) -> list[float]:
-    correct = None
+def _evaluate(model: _StackedLeNets, split: Split, dataset: str) -> list[float]:
+    correct = torch.zeros(model.m, dtype=torch.int64)
     for start in range(0, len(split), 1000):
-        x = prepare(split.images[start:start + 1000], dataset).flatten(1)
-        hits = (forward(x).argmax(-1) == split.labels[start:start + 1000]).sum(1)
-        correct = hits if correct is None else correct + hits
+        logits = model(prepare(split.images[start:start + 1000], dataset))
+        correct += (logits.argmax(-1) == split.labels[start:start + 1000, None]).sum(0)
     return (correct.double() / len(split)).tolist()
