@@ -221,3 +221,14 @@ def test_packed_model_through_torch_export_and_jit_trace():
         assert_close_to_scale(exported.module()(x), ref)
         traced = torch.jit.trace(packed, (x,))
         assert_close_to_scale(traced(x), ref)
+
+
+def test_pack_and_unpack_do_not_copy_the_layers_they_replace():
+    model = mpdify(lenet(), 10)
+    packed = pack(model)
+    assert isinstance(model[1], MPDLinear) and model[1].weight.requires_grad  # original untouched
+    assert packed[0] is not model[0]  # other modules are copies
+    chain = packed[1]
+    restored = unpack(packed)
+    assert isinstance(packed[1], PackedChain) and packed[1] is chain  # packed model untouched
+    assert restored[1] is not model[1] and torch.equal(restored[1].weight, model[1].weight)

@@ -108,7 +108,7 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     computes the same function as the masked model. Unless ``inplace``, ``model`` is untouched.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy_except(model, MPDLinear)
     with torch.no_grad():
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             _fuse_sequential(seq)
@@ -120,7 +120,7 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Inverse of :func:`pack`: packed layers back to :class:`MPDLinear` (masked dense form)."""
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy_except(model, (BlockDiagonalLinear, PackedChain))
     with torch.no_grad():
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             items: list[tuple[str, nn.Module]] = []
@@ -136,6 +136,13 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             return None
 
         return _replace_modules(model, _unpack_one)
+
+
+def _copy_except(model: nn.Module, kinds: type | tuple[type, ...]) -> nn.Module:
+    """Deep-copy ``model`` but share the modules of ``kinds``: they are replaced, never modified,
+    so copying their (large) weights would only double peak memory."""
+    memo = {id(m): m for m in model.modules() if isinstance(m, kinds) and m is not model}
+    return copy.deepcopy(model, memo)
 
 
 def apply_masks_(model: nn.Module) -> None:

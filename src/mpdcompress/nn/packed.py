@@ -70,29 +70,34 @@ class BlockDiagonalLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_masked(cls, layer: MPDLinear) -> "BlockDiagonalLinear":
-        return cls.from_dense(layer.weight * layer.mask, layer.bias, layer.mpd_mask)
+        return cls.from_dense(layer.weight, layer.bias, layer.mpd_mask)
 
     @classmethod
     @torch.no_grad()
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, mask: MPDMask) -> "BlockDiagonalLinear":
-        """Pack the entries of ``weight`` that lie on ``mask`` (entries off the mask are dropped)."""
+        """Pack the entries of ``weight`` that lie on ``mask`` (entries off the mask are dropped).
+
+        Only the blocks are gathered, so packing needs ~1/c of the dense weight's memory.
+        """
         layout = mask.layout
         if tuple(weight.shape) != mask.shape:
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match mask shape {mask.shape}")
         device = weight.device
-        rows = mask.row_order.to(device)
-        cols = mask.col_order.to(device)
         c, br, bc = layout.compression, layout.max_rows, layout.max_cols
         pr = layout.padded_row_positions().to(device)
         pc = layout.padded_col_positions().to(device)
-        padded = weight.new_zeros(c * br, c * bc)
-        padded[pr[:, None], pc[None, :]] = weight[rows][:, cols]
-        blocks = torch.diagonal(padded.view(c, br, c, bc), dim1=0, dim2=2).permute(2, 0, 1)
-        blocks = blocks * layout.padding_mask().to(device)
+        # Original row/column behind every padded position (padding reads index 0, then is zeroed).
+        rows = torch.zeros(c * br, dtype=torch.int64, device=device)
+        rows[pr] = mask.row_order.to(device)
+        cols = torch.zeros(c * bc, dtype=torch.int64, device=device)
+        cols[pc] = mask.col_order.to(device)
+        blocks = weight[rows.view(c, br, 1), cols.view(c, 1, bc)]
+        if not layout.is_even:
+            blocks = blocks * layout.padding_mask().to(device)
         packed_bias = None
         if bias is not None:
             packed_bias = bias.new_zeros(c * br)
-            packed_bias[pr] = bias[rows]
+            packed_bias[pr] = bias[mask.row_order.to(device)]
         return cls(mask, blocks.contiguous(), packed_bias)
 
     # -- views of the layer ---------------------------------------------------------------------
