@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import write_atomic
 from .architecture import UnsupportedArchitectureError, build, describe
 from .convert import compressed_layers, mpdify, pack
 from .layout import BlockLayout
@@ -121,18 +121,7 @@ def save(
         "user": dict(metadata or {}),
     }
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: f.write(payload))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,7 +9,6 @@ resumed from epoch ``k`` continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .atomic import write_atomic
 from .convert import mpdify
 from .data import Split, load_dataset
 from .models import INPUT_SHAPES, build_model, paper_filter
@@ -168,19 +168,6 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'sgd'")
 
 
-def _write_atomic(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     # Fields that may differ between the interrupted run and the resumed one.
     return {k: v for k, v in config.items() if k not in ("epochs", "device", "data_root")}
@@ -262,9 +249,10 @@ def train(
         result.seconds += time.perf_counter() - began
         result.history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "test_accuracy": accuracy})
         if ckpt_path is not None:
-            _write_atomic({"config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
-                           "epoch": epoch + 1, "history": result.history, "seconds": result.seconds}, ckpt_path)
+            state = {"config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
+                     "epoch": epoch + 1, "history": result.history, "seconds": result.seconds}
+            write_atomic(ckpt_path, lambda f, state=state: torch.save(state, f))
         if progress is not None:
             progress({"event": "epoch", **result.history[-1]})
     result.test_accuracy = result.history[-1]["test_accuracy"] if result.history else float("nan")
