@@ -88,10 +88,9 @@ def mpdify(
 @torch.no_grad()
 def _block_fan_in_(layer: MPDLinear) -> None:
     """Rescale weights and bias as if ``nn.Linear`` had been built with the block width as fan-in."""
-    layout = layer.mpd_mask.layout
-    group = torch.empty(layout.d_out, dtype=torch.int64)
-    group[layer.row_order.cpu()] = layout.row_groups()
-    widths = torch.tensor(layout.col_sizes, dtype=torch.float64)[group]
+    mask = layer.mpd_mask
+    layout = mask.layout
+    widths = torch.tensor(layout.col_sizes, dtype=torch.float64)[mask.row_groups()]
     scale = (layout.d_in / widths).sqrt().to(layer.weight.dtype).to(layer.weight.device)
     layer.weight.mul_(scale[:, None])
     if layer.bias is not None:

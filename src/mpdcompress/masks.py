@@ -85,13 +85,21 @@ class MPDMask:
     def inverse_col_order(self) -> torch.Tensor:
         return inverse_permutation(self.col_order)
 
+    def row_groups(self) -> torch.Tensor:
+        """Block index of each original row."""
+        group = torch.empty(self.layout.d_out, dtype=torch.int64)
+        group[self.row_order] = self.layout.row_groups()
+        return group
+
+    def col_groups(self) -> torch.Tensor:
+        """Block index of each original column."""
+        group = torch.empty(self.layout.d_in, dtype=torch.int64)
+        group[self.col_order] = self.layout.col_groups()
+        return group
+
     def dense(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """The ``d_out x d_in`` 0/1 mask."""
-        row_group = torch.empty(self.layout.d_out, dtype=torch.int64)
-        row_group[self.row_order] = self.layout.row_groups()
-        col_group = torch.empty(self.layout.d_in, dtype=torch.int64)
-        col_group[self.col_order] = self.layout.col_groups()
-        return (row_group[:, None] == col_group[None, :]).to(dtype)
+        return (self.row_groups()[:, None] == self.col_groups()[None, :]).to(dtype)
 
 
 def make_mask(

@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["MODELS", "INPUT_SHAPES", "PAPER_SETUPS", "paper_filter", "classifier_name", "build_model", "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
+__all__ = ["MODELS", "INPUT_SHAPES", "PAPER_SETUPS", "paper_filter", "classifier_name", "build_model", "fc_weights_kept", "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
 
 
 def _mlp(dims: list[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -104,6 +104,17 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
 def fc_weight_count(model: nn.Module) -> int:
     """Weights (not biases) of all linear layers: the quantity the paper's Table 1 reports."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def fc_weights_kept(model: nn.Module) -> int:
+    """Weights of all fully connected layers that the compression keeps (padding not counted),
+    whether they are dense, masked or packed."""
+    from .nn import BlockDiagonalLinear, MPDLinear
+
+    return sum(
+        m.mpd_mask.layout.nnz if isinstance(m, (MPDLinear, BlockDiagonalLinear)) else m.weight.numel()
+        for m in model.modules() if isinstance(m, (nn.Linear, BlockDiagonalLinear))
+    )
 
 
 # How the paper compresses each model: the factor and whether the final classifier stays dense.

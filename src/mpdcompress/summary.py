@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 
 from .io import read_manifest
 from .layout import BlockLayout
-from .models import PAPER_SETUPS, build_model, fc_weight_count, paper_filter
+from .models import PAPER_SETUPS, build_model, fc_weight_count, fc_weights_kept, paper_filter
 
 __all__ = ["file_summary", "paper_model_summary", "PAPER_FC_WEIGHTS"]
 
@@ -50,11 +49,7 @@ def paper_model_summary(name: str, compression: int | None = None) -> dict[str, 
     model = build_model(name)
     c = compression or int(PAPER_SETUPS[name]["compression"])
     dense = fc_weight_count(model)
-    mpdify(model, c, filter=paper_filter(model, name))
-    kept = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            kept += module.mpd_mask.layout.nnz if hasattr(module, "mpd_mask") else module.weight.numel()
+    kept = fc_weights_kept(mpdify(model, c, filter=paper_filter(model, name)))
     paper_dense, paper_mpd = PAPER_FC_WEIGHTS[name]
     return {"model": name, "compression": c, "fc_weights_dense": dense, "fc_weights_mpd": kept,
             "paper_fc_weights_dense": paper_dense, "paper_fc_weights_mpd": paper_mpd}

@@ -20,8 +20,7 @@ from torch import nn
 from .atomic import write_atomic
 from .convert import mpdify
 from .data import Split, load_dataset
-from .models import INPUT_SHAPES, build_model, paper_filter
-from .nn.masked import MPDLinear
+from .models import INPUT_SHAPES, build_model, fc_weights_kept, paper_filter
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "prepare", "RECIPES", "CheckpointError"]
 
@@ -138,16 +137,6 @@ def evaluate(model: nn.Module, split: Split, dataset: str, model_name: str, *, b
         correct += int((model(x).argmax(1).cpu() == split.labels[start:start + batch_size]).sum())
     model.train(was_training)
     return correct / len(split)
-
-
-def fc_weights_kept(model: nn.Module) -> int:
-    """Weights of all fully connected layers that the compression keeps (padding not counted)."""
-    from .nn.packed import BlockDiagonalLinear
-
-    return sum(
-        m.mpd_mask.layout.nnz if isinstance(m, (MPDLinear, BlockDiagonalLinear)) else m.weight.numel()
-        for m in model.modules() if isinstance(m, (nn.Linear, BlockDiagonalLinear))
-    )
 
 
 def build_for(config: TrainConfig) -> nn.Module:

@@ -32,6 +32,18 @@ def is_elementwise(module: nn.Module) -> bool:
     return type(module) in ELEMENTWISE_MODULES
 
 
+def _padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    """The original index behind every padded packed position.
+
+    Packed position ``i`` holds original index ``order[i]`` and sits at padded position
+    ``positions[i]``. Padding positions read index 0: their weights are zero, so any valid
+    index is exact.
+    """
+    sources = torch.zeros(length, dtype=torch.int64, device=order.device)
+    sources[positions] = order
+    return sources
+
+
 class BlockDiagonalLinear(nn.Module):
     """A compressed linear layer stored as ``c`` padded blocks ``(c, max_rows, max_cols)``.
 
@@ -86,11 +98,8 @@ class BlockDiagonalLinear(nn.Module):
         c, br, bc = layout.compression, layout.max_rows, layout.max_cols
         pr = layout.padded_row_positions().to(device)
         pc = layout.padded_col_positions().to(device)
-        # Original row/column behind every padded position (padding reads index 0, then is zeroed).
-        rows = torch.zeros(c * br, dtype=torch.int64, device=device)
-        rows[pr] = mask.row_order.to(device)
-        cols = torch.zeros(c * bc, dtype=torch.int64, device=device)
-        cols[pc] = mask.col_order.to(device)
+        rows = _padded_sources(mask.row_order.to(device), pr, c * br)
+        cols = _padded_sources(mask.col_order.to(device), pc, c * bc)
         blocks = weight[rows.view(c, br, 1), cols.view(c, 1, bc)]
         if not layout.is_even:
             blocks = blocks * layout.padding_mask().to(device)
@@ -154,9 +163,7 @@ class BlockDiagonalLinear(nn.Module):
         device = self.row_order.device
         pr = layout.padded_row_positions()
         pc = layout.padded_col_positions()
-        # Padding inputs read feature 0; their weights are zero, so any valid index is exact.
-        in_gather = torch.zeros(layout.compression * layout.max_cols, dtype=torch.int64)
-        in_gather[pc] = mask.col_order
+        in_gather = _padded_sources(mask.col_order, pc, layout.compression * layout.max_cols)
         out_gather = torch.empty(layout.d_out, dtype=torch.int64)
         out_gather[mask.row_order] = pr
         self.register_buffer("in_gather", in_gather.to(device), persistent=False)
