@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_train import add_train_parser
+
 __all__ = ["main"]
 
 
@@ -143,58 +145,6 @@ def _input_shape(model) -> tuple[int, ...]:
     raise ValueError("the file does not record its input shape; pass --input-shape")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from .io import save
-    from .models import INPUT_SHAPES
-    from .train import TrainConfig, train
-
-    config = TrainConfig(
-        model=args.model, dataset=args.dataset, compression=None if args.compression == 0 else args.compression,
-        permute=not args.no_permute, mode=args.mode, init=args.init, seed=args.seed, mask_seed=args.mask_seed, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        train_limit=args.train_limit, device=args.device, data_root=args.data,
-    )
-    resolved = config.resolved()
-    print(f"training {resolved.model} on {resolved.dataset}: "
-          + (f"MPD c={resolved.compression}{'' if resolved.permute else ' (non-permuted)'}" if resolved.compression else "dense")
-          + f", {resolved.optimizer} lr {resolved.lr}, batch {resolved.batch_size}, {resolved.epochs} epochs, seed {resolved.seed}")
-    bar = None
-
-    def progress(event: dict) -> None:
-        nonlocal bar
-        if event["event"] == "step":
-            if bar is None:
-                bar = tqdm(total=event["steps_per_epoch"], desc=f"epoch {event['epoch'] + 1}/{resolved.epochs}",
-                           unit="step", disable=args.quiet, leave=False)
-            bar.update(1)
-            if event["step"] % 50 == 0:
-                bar.set_postfix(loss=f"{event['loss']:.4f}")
-        else:
-            if bar is not None:
-                bar.close()
-                bar = None
-            print(f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, test accuracy "
-                  f"{100 * event['test_accuracy']:.2f} %", flush=True)
-
-    out = Path(args.out)
-    result = train(config, checkpoint_dir=out, resume=args.resume, progress=progress)
-    (out / "result.json").write_text(json.dumps({k: v for k, v in vars(result).items() if k != "model"}, indent=1))
-    print(f"final test accuracy {100 * result.test_accuracy:.2f} % with {result.fc_weights:,} FC weights; "
-          f"checkpoint in {out / 'checkpoint.pt'}")
-    if resolved.compression and resolved.mode == "compact":
-        path = save(result.model, out / "packed.safetensors", input_shape=INPUT_SHAPES[resolved.model])
-        print(f"packed model: {path}")
-    elif resolved.compression:
-        path = save(result.model, out / "masked.safetensors", input_shape=INPUT_SHAPES[resolved.model])
-        print(f"masked model: {path} (pack it with: mpdcompress pack {path} -o packed.safetensors)")
-    return 0
-
-
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -241,30 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=_cmd_bench)
 
-    tr = sub.add_parser("train", help="train a paper model (dense or MPD-masked) with checkpoints and resume")
-    tr.add_argument("--model", default="lenet300", choices=["lenet300", "deep-mnist", "tf-cifar10", "alexnet-bn"])
-    tr.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
-    tr.add_argument("--compression", "-c", type=int, default=10, help="0 trains the dense baseline")
-    tr.add_argument("--no-permute", action="store_true", help="plain block-diagonal masks (the paper's ablation)")
-    tr.add_argument("--mode", choices=["masked", "compact"], default="masked",
-                    help="compact trains the packed block-diagonal form directly (~1/c of the cost)")
-    tr.add_argument("--init", choices=["block", "dense"], default="block",
-                    help="block: fan-in = block width (default); dense: nn.Linear's initialization")
-    tr.add_argument("--seed", type=int, default=0, help="initialization and data order")
-    tr.add_argument("--mask-seed", type=int, help="masks (default: --seed)")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--optimizer", choices=["adam", "sgd"])
-    tr.add_argument("--weight-decay", type=float)
-    tr.add_argument("--train-limit", type=int, help="use only the first N training images")
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
-    tr.add_argument("--out", default="runs/train",
-                    help="folder for checkpoint.pt, result.json and masked.safetensors (packed.safetensors in compact mode)")
-    tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    tr.add_argument("--quiet", action="store_true")
-    tr.set_defaults(func=_cmd_train)
+    add_train_parser(sub)
 
     rp = sub.add_parser("reproduce", help="run the paper's experiments on real data and write a report")
     rp.add_argument("--quick", action="store_true", help="fewer epochs and masks (minutes instead of hours)")

@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["MODELS", "INPUT_SHAPES", "PAPER_SETUPS", "paper_filter", "classifier_name", "build_model", "fc_weights_kept", "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
+__all__ = ["MODELS", "INPUT_SHAPES", "MODEL_CLASSES", "PAPER_SETUPS", "paper_filter", "classifier_name", "build_model", "fc_weights_kept", "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
 
 
 def _mlp(dims: list[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -85,6 +85,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deep-mnist": deep_mnist,
     "tf-cifar10": tf_cifar10,
     "alexnet-bn": alexnet_bn,
+    # AlexNet's FC layers alone on 16384-d inputs: throughput runs on fake data.
+    "alexnet-fc": lambda num_classes=1000: fc_stack([16384, 4096, 4096, num_classes]),
 }
 
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -92,7 +94,9 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "deep-mnist": (1, 28, 28),
     "tf-cifar10": (3, 24, 24),
     "alexnet-bn": (3, 224, 224),
+    "alexnet-fc": (16384,),
 }
+MODEL_CLASSES = {"lenet300": 10, "deep-mnist": 10, "tf-cifar10": 10, "alexnet-bn": 1000, "alexnet-fc": 1000}
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
@@ -126,6 +130,7 @@ PAPER_SETUPS: dict[str, dict[str, object]] = {
     "deep-mnist": {"compression": 10, "keep_classifier_dense": False},
     "tf-cifar10": {"compression": 10, "keep_classifier_dense": True},
     "alexnet-bn": {"compression": 8, "keep_classifier_dense": False},
+    "alexnet-fc": {"compression": 8, "keep_classifier_dense": False},
 }
 
 
