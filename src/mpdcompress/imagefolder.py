@@ -12,6 +12,7 @@ processes sees the same augmented images as one process.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -139,8 +140,6 @@ def load_imagenet(split: str, root: str | os.PathLike | None = None, *, seed: in
         raise DataUnavailableError(
             f"ImageNet not found: put ILSVRC-2012 in the ImageFolder layout at {folder}/<wnid>/<image>.JPEG "
             "(validation images sorted into the same class folders), or set MPDCOMPRESS_DATA / --data")
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        raise DataUnavailableError("reading image folders needs Pillow: pip install 'mpdcompress[imagenet]'") from None
+    if importlib.util.find_spec("PIL") is None:
+        raise DataUnavailableError("reading image folders needs Pillow: pip install 'mpdcompress[imagenet]'")
     return ImageFolderImages(folder, train=split == "train", seed=seed, classes=classes)
