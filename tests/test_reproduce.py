@@ -21,7 +21,13 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     statuses = {(r["model"], r["dataset"]): r["status"] for r in saved["table"]}
     assert statuses[("lenet300", "mnist")] == "measured" and statuses[("lenet300", "fashion-mnist")] == "measured"
     assert statuses[("tf-cifar10", "cifar10")] == "data not available here"
-    assert "mpdcompress train --model tf-cifar10 --dataset cifar10" in report
+    assert "mpdcompress train --recipe tf-cifar10" in report
+    assert "torchrun --standalone --nproc_per_node=8 -m mpdcompress train --recipe alexnet-bn-imagenet" in report
+    (out / "report.md").unlink()
+    from mpdcompress.cli import main
+
+    assert main(["reproduce", "--render-only", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
     lenet = next(r for r in saved["table"] if r["model"] == "lenet300" and r["dataset"] == "mnist")
     assert lenet["mpd"]["fc_weights"] == 27_520 and lenet["dense"]["fc_weights"] == 266_200
     assert len(saved["mask_study"]["accuracies"]) == 2 and abs(saved["mask_study"]["mask_sum_mean"] - 0.2) < 1e-6

@@ -148,8 +148,11 @@ def _input_shape(model) -> tuple[int, ...]:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .experiments import run_reproduction
+    from .experiments import rerender_report, run_reproduction
 
+    if args.render_only:
+        print(f"wrote {rerender_report(args.out)}")
+        return 0
     bar = tqdm(desc="reproducing", unit="step", disable=args.quiet)
 
     def progress(message: str) -> None:
@@ -199,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--quiet", action="store_true")
+    rp.add_argument("--render-only", action="store_true",
+                    help="only rewrite report.md from the results.json in --out (no training)")
     rp.set_defaults(func=_cmd_reproduce)
 
     pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")
