@@ -237,3 +237,12 @@ def test_stop_request_mid_epoch_resumes_exactly_with_dropout(tmp_path):
     resumed = train(config, checkpoint_dir=tmp_path, resume=True)
     assert max_relative_difference(reference, resumed.model.state_dict()) == 0.0
     assert len(resumed.history) == 2
+
+
+def test_compiled_bf16_compact_training_runs_under_ddp(data_dir, tmp_path):
+    args = [*CLI, "--compression", "4", "--epochs", "1", "--batch-size", "100", "--mode", "compact", "--compile",
+            "--precision", "bf16", "--out", str(tmp_path / "run"), "--quiet"]
+    code, out = finish(torchrun(args, {**os.environ, "MPDCOMPRESS_DATA": str(data_dir)}))
+    assert code == 0, out
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values() if v.is_floating_point())
+    assert (tmp_path / "run" / "packed.safetensors").is_file()
