@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"mpdcompress {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mpdcompress {args.command}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
