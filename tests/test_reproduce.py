@@ -38,6 +38,7 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     assert {(row["mode"], row["init"]) for row in saved["compact"]} == {("compact", "block"), ("masked", "block"),
                                                                         ("compact", "dense")}
     assert "Compact vs masked training" in report
+    assert "Wall time of the whole run" in report
 
 
 def test_stacked_mask_study_matches_separate_training_runs(tmp_path):
