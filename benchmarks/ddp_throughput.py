@@ -27,7 +27,7 @@ from mpdcompress.bench.machine import describe_machine
 
 def worker(args: argparse.Namespace) -> None:
     from mpdcompress.train import TrainConfig, init_from_env
-    from mpdcompress.train.distributed import shutdown
+    from mpdcompress.train.distributed import barrier, shutdown
     from mpdcompress.train.plan import estimate_step_seconds
 
     ctx = init_from_env("cpu")
@@ -37,6 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     if ctx.is_main:
         Path(args.result).write_text(json.dumps({"step_seconds": seconds, "world_size": ctx.world_size,
                                                  "threads": torch.get_num_threads()}))
+    barrier(ctx)
     shutdown()
 
 

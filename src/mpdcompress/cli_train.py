@@ -121,7 +121,7 @@ class _StopOnSignal:
 
 def run_train(args: argparse.Namespace) -> int:
     from .train import TrainingInterrupted, init_from_env, make_plan
-    from .train.distributed import shutdown
+    from .train.distributed import barrier, shutdown
 
     config = _config(args)
     if args.dry_run:
@@ -131,9 +131,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     ctx = init_from_env(config.device)
     try:
-        if args.estimate:
-            return _estimate(config, args, ctx)
-        return _train(config, args, ctx)
+        code = _estimate(config, args, ctx) if args.estimate else _train(config, args, ctx)
+        barrier(ctx)  # a rank that tore its process group down while others still work would abort the job
+        return code
     except TrainingInterrupted as exc:
         if ctx.is_main:
             print(f"interrupted: {exc}", file=sys.stderr)

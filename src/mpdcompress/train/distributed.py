@@ -28,7 +28,7 @@ from torch import nn
 from ..nn import BlockDiagonalLinear, MPDLinear
 
 __all__ = ["DistContext", "init_from_env", "shutdown", "verify_identical_masks", "mask_fingerprints",
-           "MaskMismatchError", "DistributedFailure", "any_rank", "sum_over_ranks", "gather_over_ranks",
+           "MaskMismatchError", "DistributedFailure", "any_rank", "barrier", "sum_over_ranks", "gather_over_ranks",
            "broadcast_from_main", "collective"]
 
 
@@ -113,6 +113,13 @@ def collective(what: str) -> Iterator[None]:
         raise DistributedFailure(
             f"rank {dist.get_rank()} could not {what}: another rank died, was killed or lost its connection "
             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (e.g. before the job ends, so no rank tears down early)."""
+    if ctx.distributed:
+        with collective("wait for the other ranks"):
+            dist.barrier()
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,7 +28,7 @@ from ..data import Split
 from ..models import build_model, fc_weights_kept, paper_filter
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
-from .distributed import DistContext, any_rank, collective, gather_over_ranks, sum_over_ranks, verify_identical_masks
+from .distributed import DistContext, any_rank, barrier, collective, gather_over_ranks, sum_over_ranks, verify_identical_masks
 from .inputs import batch_loader, open_datasets, prepare, rank_micro_batches, step_plan
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train", "evaluate", "build_for"]
@@ -234,8 +233,7 @@ def train(
                         if ckpt_path is not None:
                             save(epoch, step, (loss_acc.item(), micro_count),
                                  result.seconds + time.perf_counter() - began)
-                        if ctx.distributed:
-                            dist.barrier()  # nobody exits (and gets the job torn down) before rank 0 wrote
+                        barrier(ctx)  # nobody exits (and gets the job torn down) before rank 0 wrote
                         raise TrainingInterrupted(epoch, step, ckpt_path)
                 if (ckpt_path is not None and config.checkpoint_every and step % config.checkpoint_every == 0
                         and step < plan.steps_per_epoch):
