@@ -218,6 +218,8 @@ def test_fake_dataset_has_the_model_input_shape():
     assert len(train_data) == 64
     with pytest.raises(ValueError, match="train it on --dataset fake"):
         open_datasets(TrainConfig(model="alexnet-fc", dataset="mnist").resolved())
+    with pytest.raises(ValueError, match="lenet300 takes 1-channel 28x28 images; imagenet has 3-channel"):
+        open_datasets(TrainConfig(model="lenet300", dataset="imagenet").resolved())
 
 
 def test_stop_request_mid_epoch_resumes_exactly_with_dropout(tmp_path):

@@ -130,6 +130,7 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
         return (FakeImages(shape, MODEL_CLASSES[config.model], limit, seed=config.seed),
                 FakeImages(shape, MODEL_CLASSES[config.model], FAKE_SIZES["test"], seed=config.seed + 1))
     if config.dataset == "imagenet":
+        _check_fits(config, channels=3, side=224)
         train = load_imagenet("train", config.data_root, seed=config.seed)
         if config.train_limit:
             train.samples = train.samples[: config.train_limit]
@@ -139,8 +140,16 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
     if config.train_limit:
         train_split = Split(train_split.images[: config.train_limit], train_split.labels[: config.train_limit],
                             train_split.name, train_split.source)
+    _check_fits(config, channels=train_split.images.shape[1], side=train_split.images.shape[-1])
     return (InMemoryImages(train_split, size, train=True, seed=config.seed),
             InMemoryImages(test_split, size, train=False, seed=config.seed))
+
+
+def _check_fits(config, channels: int, side: int) -> None:
+    want = INPUT_SHAPES[config.model]
+    if want[0] != channels or want[-1] > side:
+        raise ValueError(f"{config.model} takes {want[0]}-channel {want[-1]}x{want[-1]} images; {config.dataset} has "
+                         f"{channels}-channel {side}x{side} ones")
 
 
 @dataclass(frozen=True)
