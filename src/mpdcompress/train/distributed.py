@@ -29,7 +29,7 @@ from ..nn import BlockDiagonalLinear, MPDLinear
 
 __all__ = ["DistContext", "init_from_env", "shutdown", "verify_identical_masks", "mask_fingerprints",
            "MaskMismatchError", "DistributedFailure", "any_rank", "barrier", "sum_over_ranks", "gather_over_ranks",
-           "broadcast_from_main", "collective"]
+           "collective"]
 
 
 class MaskMismatchError(RuntimeError):
@@ -151,17 +151,6 @@ def gather_over_ranks(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tens
     with collective("gather state from every rank"):
         dist.all_gather(out, local)
     return [t.cpu() for t in out]
-
-
-def broadcast_from_main(tensors: list[torch.Tensor], ctx: DistContext) -> None:
-    """Overwrite ``tensors`` in place with rank 0's values."""
-    if not ctx.distributed:
-        return
-    with collective("receive rank 0's state"):
-        for t in tensors:
-            staged = t.detach().to(ctx.comm_device)
-            dist.broadcast(staged, src=0)
-            t.data.copy_(staged)
 
 
 def mask_fingerprints(model: nn.Module) -> dict[str, int]:

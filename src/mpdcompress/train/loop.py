@@ -228,16 +228,16 @@ def train(
                 if max_steps is not None and steps_run >= max_steps:
                     result.model = net
                     return result
-                if should_stop is not None and (not ctx.distributed or step % STOP_CHECK_EVERY == 0):
-                    if any_rank(should_stop(), ctx):
-                        if ckpt_path is not None:
-                            save(epoch, step, (loss_acc.item(), micro_count),
-                                 result.seconds + time.perf_counter() - began)
-                        barrier(ctx)  # nobody exits (and gets the job torn down) before rank 0 wrote
-                        raise TrainingInterrupted(epoch, step, ckpt_path)
-                if (ckpt_path is not None and config.checkpoint_every and step % config.checkpoint_every == 0
-                        and step < plan.steps_per_epoch):
+                # Both conditions are the same on every rank, so all ranks join the same collectives.
+                stop = (should_stop is not None and (not ctx.distributed or step % STOP_CHECK_EVERY == 0)
+                        and any_rank(should_stop(), ctx))
+                due = (bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                       and step < plan.steps_per_epoch)
+                if ckpt_path is not None and (stop or due):
                     save(epoch, step, (loss_acc.item(), micro_count), result.seconds + time.perf_counter() - began)
+                if stop:
+                    barrier(ctx)  # nobody exits (and gets the job torn down) before rank 0 wrote
+                    raise TrainingInterrupted(epoch, step, ckpt_path)
             if sched is not None:
                 sched.step()
             loss_total, micro_total = sum_over_ranks([loss_acc.item(), micro_count], ctx)
