@@ -61,7 +61,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace):
     from .models import INPUT_SHAPES
-    from .train import TrainConfig, recipe_for_model
+    from .train import TrainConfig
+    from .train.config import MODEL_RECIPES
 
     given = dict(
         model=args.model, dataset=args.dataset, compression=args.compression, permute=not args.no_permute,
@@ -69,17 +70,14 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, precision=args.precision, compile=args.compile, train_limit=args.train_limit,
         checkpoint_every=args.checkpoint_every, workers=args.workers, device=args.device, data_root=args.data)
-    if args.recipe:
-        return TrainConfig.from_recipe(args.recipe, **given)
-    model = args.model or "lenet300"
-    recipe = recipe_for_model(model)
-    # A model on bare features (the AlexNet FC stack) has no image dataset: it trains on fake data.
-    base = {"model": model, "compression": recipe.compression,
-            "dataset": "fake" if len(INPUT_SHAPES[model]) == 1 else recipe.dataset}
-    base.update({k: v for k, v in given.items() if v is not None})
-    if base["compression"] == 0:
-        base["compression"] = None
-    return TrainConfig(**base)
+    if args.recipe is None:
+        # Without --recipe, the model's own; a model on bare features (the AlexNet FC stack) has
+        # no image dataset and trains on fake data.
+        model = args.model or "lenet300"
+        given["model"] = model
+        if args.dataset is None and len(INPUT_SHAPES[model]) == 1:
+            given["dataset"] = "fake"
+    return TrainConfig.from_recipe(args.recipe or MODEL_RECIPES[given["model"]], **given)
 
 
 def _print_plan(plan, recipe: str | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["TrainConfig", "Recipe", "RECIPES", "recipe_for_model", "CheckpointError"]
+__all__ = ["TrainConfig", "Recipe", "RECIPES", "MODEL_RECIPES", "recipe_for_model", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -54,12 +54,12 @@ RECIPES: dict[str, Recipe] = {
 
 # Which recipe a model trains with when no --recipe is named. "alexnet-fc" (the FC stack alone,
 # for throughput runs on fake data) borrows AlexNet's.
-_MODEL_RECIPES = {"lenet300": "lenet300-mnist", "deep-mnist": "deep-mnist", "tf-cifar10": "tf-cifar10",
+MODEL_RECIPES = {"lenet300": "lenet300-mnist", "deep-mnist": "deep-mnist", "tf-cifar10": "tf-cifar10",
                   "alexnet-bn": "alexnet-bn-imagenet", "alexnet-fc": "alexnet-bn-imagenet"}
 
 
 def recipe_for_model(model: str) -> Recipe | None:
-    name = _MODEL_RECIPES.get(model)
+    name = MODEL_RECIPES.get(model)
     return RECIPES[name] if name else None
 
 
