@@ -47,6 +47,22 @@ def write_fake_mnist(folder: Path, n_train=600, n_test=200, gz=False, seed=0) ->
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
 
 
+def cifar_arrays(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def write_cifar_binary(root: Path, per_batch: int) -> Path:
+    """CIFAR-10's binary release layout: five training batches and a test batch of 3073-byte records."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+        data, labels = cifar_arrays(per_batch, i)
+        records = np.concatenate([labels[:, None].astype(np.uint8), data], axis=1)
+        (folder / f"{name}.bin").write_bytes(records.tobytes())
+    return folder
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     # Gzipped, so the loader validates the format but does not expect the real release's digests.

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from mpdcompress.data import (DataCorruptError, DataUnavailableError, load_cifar
                               load_fashion_mnist, load_mnist, read_idx)
 from mpdcompress.train import CheckpointError, train
 
-from .conftest import small_config, write_fake_mnist
+from .conftest import cifar_arrays, small_config, write_cifar_binary, write_fake_mnist
 
 
 def test_idx_reader_and_mnist_loader(data_dir):
@@ -67,18 +66,8 @@ def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
         load_mnist("valid", root=tmp_path)
 
 
-def cifar_arrays(n, seed):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n)
-
-
 def test_cifar10_binary_release(tmp_path):
-    folder = tmp_path / "cifar-10-batches-bin"
-    folder.mkdir()
-    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
-        data, labels = cifar_arrays(4, i)
-        records = np.concatenate([labels[:, None].astype(np.uint8), data], axis=1)
-        (folder / f"{name}.bin").write_bytes(records.tobytes())
+    folder = write_cifar_binary(tmp_path, per_batch=4)
     train_split = load_cifar10("train", root=tmp_path)
     assert train_split.images.shape == (20, 3, 32, 32)
     data, labels = cifar_arrays(4, 0)

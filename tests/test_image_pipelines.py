@@ -15,6 +15,8 @@ from mpdcompress.data import DataCorruptError, DataUnavailableError, Split
 from mpdcompress.imagefolder import load_imagenet, random_resized_crop_box
 from mpdcompress.train.inputs import InMemoryImages
 
+from .conftest import write_cifar_binary
+
 PIL = pytest.importorskip("PIL.Image")
 
 
@@ -103,13 +105,7 @@ def test_alexnet_trains_on_an_image_folder_with_loader_workers(tmp_path):
 
 def test_tf_cifar10_recipe_trains_two_processes_on_the_binary_release(tmp_path):
     """The CIFAR-10 pipeline end to end: binary release files, random 24x24 crops, 2 gloo ranks."""
-    folder = tmp_path / "cifar-10-batches-bin"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]:
-        labels = rng.integers(0, 10, 16).astype(np.uint8)
-        records = np.concatenate([labels[:, None], rng.integers(0, 256, (16, 3072), dtype=np.uint8)], axis=1)
-        (folder / f"{name}.bin").write_bytes(records.tobytes())
+    write_cifar_binary(tmp_path, per_batch=16)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mpdcompress",
            "train", "--recipe", "tf-cifar10", "--epochs", "2", "--batch-size", "16", "--data", str(tmp_path),
            "--out", str(tmp_path / "run"), "--quiet"]
