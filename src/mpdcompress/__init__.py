@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .convert import apply_masks_, compressed_layers, mpdify, pack, unpack  # noqa: E402
 from .export import ExportError, export_onnx  # noqa: E402
+from .kernels import EngineUnavailableError, use_engine, set_engine  # noqa: E402
 from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save  # noqa: E402
 from .layout import BlockLayout, validate_compression  # noqa: E402
 from .masks import MPDMask, layer_seed, make_mask  # noqa: E402
@@ -19,5 +20,5 @@ __all__ = [
     "make_mask", "layer_seed", "validate_compression",
     "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers",
     "save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning",
-    "export_onnx", "ExportError",
+    "export_onnx", "ExportError", "use_engine", "set_engine", "EngineUnavailableError",
 ]

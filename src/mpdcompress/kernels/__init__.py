@@ -1,5 +1,12 @@
-"""Forward paths of packed block-diagonal chains (see :mod:`.reference` for the semantics)."""
+"""Engines behind the packed forward: PyTorch (every device, the reference) and Triton (CUDA).
 
-from .chain import ChainWeights, run_chain
+:func:`run_chain` is the single dispatch point; :func:`use_engine` overrides its choice.
+"""
 
-__all__ = ["ChainWeights", "run_chain"]
+from .dispatch import ENGINES, EngineUnavailableError, engine_for, get_engine, run_chain, set_engine, use_engine
+from .torch_engine import ChainWeights, run_chain_torch
+
+__all__ = [
+    "ChainWeights", "ENGINES", "EngineUnavailableError", "engine_for", "get_engine", "run_chain",
+    "run_chain_torch", "set_engine", "use_engine",
+]

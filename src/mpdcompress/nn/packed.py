@@ -32,14 +32,15 @@ def is_elementwise(module: nn.Module) -> bool:
     return type(module) in ELEMENTWISE_MODULES
 
 
-def _padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+def _padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int, fill: int = 0) -> torch.Tensor:
     """The original index behind every padded packed position.
 
     Packed position ``i`` holds original index ``order[i]`` and sits at padded position
-    ``positions[i]``. Padding positions read index 0: their weights are zero, so any valid
-    index is exact.
+    ``positions[i]``. Padding positions read ``fill``: 0 for the gathers of the PyTorch engine
+    (padding weights are zero, so any valid index is exact), -1 for the Triton kernels, which
+    skip it.
     """
-    sources = torch.zeros(length, dtype=torch.int64, device=order.device)
+    sources = torch.full((length,), fill, dtype=torch.int64, device=order.device)
     sources[positions] = order
     return sources
 
@@ -168,11 +169,18 @@ class BlockDiagonalLinear(nn.Module):
         out_gather[mask.row_order] = pr
         self.register_buffer("in_gather", in_gather.to(device), persistent=False)
         self.register_buffer("out_gather", out_gather.to(device), persistent=False)
+        kernel_in = _padded_sources(mask.col_order, pc, layout.compression * layout.max_cols, fill=-1)
+        kernel_out = _padded_sources(mask.row_order, pr, layout.compression * layout.max_rows, fill=-1)
+        self.register_buffer("kernel_in_index", kernel_in.to(torch.int32).to(device), persistent=False)
+        self.register_buffer("kernel_out_index", kernel_out.to(torch.int32).to(device), persistent=False)
         padding = None if layout.is_even else layout.padding_mask().to(device)
         self.register_buffer("padding_mask", padding, persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weights = ChainWeights([self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [])
+        weights = ChainWeights(
+            [self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [],
+            [self.kernel_in_index], [self.kernel_out_index], [self.out_features],
+        )
         return run_chain(input, weights)
 
     def extra_repr(self) -> str:
@@ -244,6 +252,9 @@ class PackedChain(nn.Module):
             [layer.effective_blocks() for layer in self.layers],
             [layer.bias for layer in self.layers],
             list(self.activations),
+            [layer.kernel_in_index for layer in self.layers],
+            [layer.kernel_out_index for layer in self.layers],
+            [layer.out_features for layer in self.layers],
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

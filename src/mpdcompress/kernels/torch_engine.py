@@ -1,7 +1,8 @@
-"""The packed forward: gather → ``c`` block GEMMs (+bias) → element-wise op → gather → ... → gather.
+"""The PyTorch engine: gather → ``c`` block GEMMs (+bias) → element-wise op → gather → ... → gather.
 
-A chain of ``n`` compressed layers runs with ``n + 1`` gathers. Layouts were chosen by
-measurement on a 2-core CPU (``benchmarks/``, DESIGN.md §1):
+It runs on every device and is the reference the Triton engine is tested against. A chain of
+``n`` compressed layers runs with ``n + 1`` gathers. Layouts were chosen by measurement on a
+2-core CPU (the design notes' section on fusion):
 
 * between layers, activations are feature-major ``(features, batch)``: the fused gather then
   copies whole contiguous rows, ~10x faster than gathering columns of a ``(batch, features)``
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["ChainWeights", "run_chain"]
+__all__ = ["ChainWeights", "run_chain_torch"]
 
 
 @dataclass
@@ -36,6 +37,12 @@ class ChainWeights:
     blocks: Sequence[torch.Tensor]  # (c, max_rows, max_cols) each
     biases: Sequence[torch.Tensor | None]  # (c * max_rows,) each, or None
     activations: Sequence[Callable[[torch.Tensor], torch.Tensor]]  # n - 1 element-wise ops
+    # Per layer, for engines that gather inside the GEMM (Triton): the position in the layer's own
+    # input of each padded block column and in its own output of each padded block row, -1 for
+    # padding (int32, ``c * max_cols`` and ``c * max_rows`` long), and the layer's output width.
+    in_index: Sequence[torch.Tensor] | None = None
+    out_index: Sequence[torch.Tensor] | None = None
+    out_features: Sequence[int] | None = None
 
 
 def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
@@ -75,7 +82,7 @@ def _block_gemm_to_feature_major(a: torch.Tensor, blocks: torch.Tensor, bias: to
     return y.view(c * rows, a.shape[-1])
 
 
-def run_chain(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
+def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     """Apply the packed chain to ``x`` of shape ``(..., d_in)``; returns ``(..., d_out)``."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])

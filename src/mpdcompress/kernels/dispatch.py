@@ -1,0 +1,99 @@
+"""The one place that picks the engine for a packed forward.
+
+``auto`` (the default) runs the Triton engine on CUDA tensors of fp32, bf16 or fp16 when Triton
+is installed (``pip install "mpdcompress[gpu]"``) and the PyTorch engine everywhere else.
+``use_engine("torch")`` / ``use_engine("triton")`` (or ``MPDCOMPRESS_ENGINE``) override it, for
+users and for benchmarks that compare the two. Forcing ``triton`` on CPU tensors works only under
+Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .torch_engine import ChainWeights, run_chain_torch
+from .tuning import interpreting
+
+__all__ = ["ENGINES", "EngineUnavailableError", "run_chain", "set_engine", "get_engine", "use_engine", "engine_for"]
+
+ENGINES = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine that was asked for cannot run this call (not installed, wrong device or dtype)."""
+
+
+def _checked(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    return name
+
+
+# A plain global rather than a ContextVar: torch.compile traces through globals (and guards on
+# them) but not through ContextVar lookups.
+_engine = _checked(os.environ.get("MPDCOMPRESS_ENGINE", "auto"))
+_triton_installed: bool | None = None
+
+
+def set_engine(name: str) -> None:
+    """Choose the engine for every packed forward from now on: ``auto``, ``torch`` or ``triton``."""
+    global _engine
+    _engine = _checked(name)
+
+
+def get_engine() -> str:
+    return _engine
+
+
+@contextmanager
+def use_engine(name: str) -> Iterator[None]:
+    """``with use_engine("torch"): ...`` runs packed forwards on that engine inside the block."""
+    global _engine
+    previous, _engine = _engine, _checked(name)
+    try:
+        yield
+    finally:
+        _engine = previous
+
+
+def _has_triton() -> bool:
+    global _triton_installed
+    if _triton_installed is None:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    return _triton_installed
+
+
+def engine_for(x: torch.Tensor, weights: ChainWeights) -> str:
+    """``torch`` or ``triton``: the engine that runs this call."""
+    if _engine == "torch" or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "torch"
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    reason = None
+    if not _has_triton():
+        reason = 'Triton is not installed (pip install "mpdcompress[gpu]")'
+    elif weights.in_index is None:
+        reason = "these weights carry no kernel indices"
+    elif not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+        reason = f"Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {x.device}"
+    elif dtype not in _TRITON_DTYPES:
+        reason = f"the Triton kernels take float32, bfloat16 or float16, not {dtype}"
+    if reason is None:
+        return "triton"
+    if _engine == "triton":
+        raise EngineUnavailableError(f"the Triton engine cannot run this packed layer: {reason}")
+    return "torch"
+
+
+def run_chain(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
+    """Apply a packed chain to ``x`` (..., d_in) on the engine :func:`engine_for` picks."""
+    if engine_for(x, weights) == "triton":
+        from .triton_engine import run_chain_triton
+
+        return run_chain_triton(x, weights)
+    return run_chain_torch(x, weights)

@@ -1,0 +1,226 @@
+"""The Triton engine: packed layers as torch custom ops backed by :mod:`.triton_kernels`.
+
+One packed layer is one kernel launch (input gather, every block's GEMM, bias, element-wise op
+and output scatter). Ops are registered with ``torch.library`` (fake tensors for tracing,
+autograd formulas), so ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export`` see
+them as single opaque ops. The PyTorch engine (:mod:`.torch_engine`) is the reference every
+kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor, nn
+
+from . import triton_kernels as tk
+from .torch_engine import ChainWeights
+from .tuning import TileConfig, choose, interpreting
+
+__all__ = ["run_chain_triton", "epilogue_code", "block_linear", "FEATURE_MAJOR_INPUT_MIN_BATCH"]
+
+# From this batch size on, a batch-major input is transposed once before the first layer so the
+# gathered loads read contiguous rows; smaller inputs are read in place (they are few bytes and
+# the launch is weight-bound). The last layer likewise writes feature-major and transposes.
+FEATURE_MAJOR_INPUT_MIN_BATCH = 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 runs as TF32 only when the user allowed TF32 matmuls in torch (the default is not to).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _feature_major(t: Tensor) -> bool:
+    return t.shape[0] > 1 and t.stride(0) == 1
+
+
+def _new_activation(batch: int, features: int, like: Tensor, feature_major: bool) -> Tensor:
+    if feature_major:
+        return like.new_empty((features, batch)).t()
+    return like.new_empty((batch, features))
+
+
+def _launch_linear(x: Tensor, in_index: Tensor, weight: Tensor, weight_strides: tuple[int, int, int],
+                   rows: int, cols: int, bias: Optional[Tensor], out_index: Tensor, out: Tensor,
+                   activation: int) -> None:
+    batch = x.shape[0]
+    if batch == 0:
+        return
+    c = weight.shape[0]
+
+    def run(cfg: TileConfig) -> None:
+        grid = (triton.cdiv(batch, cfg.block_b) * triton.cdiv(rows, cfg.block_r), c)
+        tk._block_linear[grid](
+            x, in_index, weight, bias if bias is not None else weight, out_index, out,
+            batch, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1), *weight_strides,
+            HAS_BIAS=bias is not None, ACT=activation, PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+            BLOCK_B=cfg.block_b, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = ("linear", rows, cols, c, x.dtype, _feature_major(x), _feature_major(out), activation)
+    run(choose("linear", batch, key, x.device, run))
+
+
+def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
+    if x.dtype != blocks.dtype or (bias is not None and bias.dtype != blocks.dtype):
+        raise RuntimeError(
+            f"packed layer: input dtype {x.dtype} does not match weight dtype {blocks.dtype}"
+            + ("" if bias is None else f" / bias dtype {bias.dtype}")
+        )
+
+
+@torch.library.custom_op("mpdcompress::block_linear", mutates_args=())
+def block_linear(x: Tensor, in_index: Tensor, blocks: Tensor, bias: Optional[Tensor], out_index: Tensor,
+                 out_features: int, activation: int, feature_major: bool) -> Tensor:
+    """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features)."""
+    _check(x, blocks, bias)
+    c, rows, cols = blocks.shape
+    out = _new_activation(x.shape[0], out_features, x, feature_major)
+    _launch_linear(x, in_index, blocks, (blocks.stride(0), blocks.stride(1), blocks.stride(2)), rows, cols,
+                   bias, out_index, out, activation)
+    return out
+
+
+@block_linear.register_fake
+def _(x, in_index, blocks, bias, out_index, out_features, activation, feature_major):
+    return _new_activation(x.shape[0], out_features, x, feature_major)
+
+
+@torch.library.custom_op("mpdcompress::block_linear_input_grad", mutates_args=())
+def block_linear_input_grad(dz: Tensor, out_index: Tensor, blocks: Tensor, in_index: Tensor,
+                            in_features: int, feature_major: bool) -> Tensor:
+    """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped."""
+    c, rows, cols = blocks.shape
+    dx = _new_activation(dz.shape[0], in_features, dz, feature_major)
+    if (in_index < 0).any():  # padding columns are never written: they must read as zero
+        dx.zero_()
+    _launch_linear(dz, out_index, blocks, (blocks.stride(0), blocks.stride(2), blocks.stride(1)), cols, rows,
+                   None, in_index, dx, tk.ACT_NONE)
+    return dx
+
+
+@block_linear_input_grad.register_fake
+def _(dz, out_index, blocks, in_index, in_features, feature_major):
+    return _new_activation(dz.shape[0], in_features, dz, feature_major)
+
+
+@torch.library.custom_op("mpdcompress::block_weight_grad", mutates_args=())
+def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor, rows: int, cols: int) -> Tensor:
+    """``dW_k = dz[:, rows_k]ᵀ · x[:, cols_k]`` for every block, padding entries zero."""
+    c = in_index.shape[0] // cols
+    dw = dz.new_empty((c, rows, cols))
+    batch = x.shape[0]
+
+    def run(cfg: TileConfig) -> None:
+        grid = (triton.cdiv(rows, cfg.block_r) * triton.cdiv(cols, cfg.block_k), c)
+        tk._block_weight_grad[grid](
+            dz, out_index, x, in_index, dw, batch, rows, cols,
+            dz.stride(0), dz.stride(1), x.stride(0), x.stride(1),
+            PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+            BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_B=cfg.block_b,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = ("weight_grad", rows, cols, c, x.dtype, _feature_major(x), _feature_major(dz))
+    run(choose("weight_grad", batch, key, x.device, run))
+    return dw
+
+
+@block_weight_grad.register_fake
+def _(dz, out_index, x, in_index, rows, cols):
+    return dz.new_empty((in_index.shape[0] // cols, rows, cols))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, in_index, blocks, bias, out_index, out_features, activation, feature_major = inputs
+    if activation not in (tk.ACT_NONE, tk.ACT_RELU):
+        raise RuntimeError("mpdcompress::block_linear is differentiable only without an epilogue or with ReLU")
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, in_index, blocks, out_index, output if activation == tk.ACT_RELU else None)
+
+
+def _backward(ctx, grad):
+    x, in_index, blocks, out_index, output = ctx.saved_tensors
+    dz = grad if output is None else grad * (output > 0)
+    c, rows, cols = blocks.shape
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _feature_major(x))
+    if ctx.needs_input_grad[2]:
+        dw = block_weight_grad(dz, out_index, x, in_index, rows, cols)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        valid = out_index >= 0
+        db = dz.sum(0).index_select(0, out_index.clamp(min=0).long()) * valid
+    return dx, None, dw, db, None, None, None, None
+
+
+block_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- chains -----------------------------------------------------------------------------------------
+_EPILOGUES: dict[type[nn.Module], int] = {nn.ReLU: tk.ACT_RELU, nn.SiLU: tk.ACT_SILU}
+
+
+def epilogue_code(module: nn.Module | None) -> int | None:
+    """The kernel epilogue equal to ``module`` (an element-wise module or a Sequential of them),
+    or None when it cannot be fused (the chain then applies the module between two launches)."""
+    if module is None:
+        return tk.ACT_NONE
+    ops = list(module) if isinstance(module, nn.Sequential) else [module]
+    code = tk.ACT_NONE
+    for op in ops:
+        if isinstance(op, (nn.Identity, nn.Dropout)) and (type(op) is nn.Identity or not op.training or op.p == 0):
+            continue
+        if type(op) is nn.GELU:
+            this = tk.ACT_GELU if op.approximate == "none" else tk.ACT_GELU_TANH
+        else:
+            this = _EPILOGUES.get(type(op))
+        if this is None or code != tk.ACT_NONE:
+            return None
+        code = this
+    return code
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
+    """The packed chain, one custom op per layer; same contract as the PyTorch engine."""
+    lead = x.shape[:-1]
+    h = x.reshape(-1, x.shape[-1])
+    batch = h.shape[0]
+    cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    h = _autocast(h, cast)
+    if batch >= FEATURE_MAJOR_INPUT_MIN_BATCH:
+        h = h.t().contiguous().t()
+    n = len(weights.blocks)
+    for i in range(n):
+        blocks, bias = _autocast(weights.blocks[i], cast), _autocast(weights.biases[i], cast)
+        last = i == n - 1
+        act = None if last else weights.activations[i]
+        # Plain callables (not modules) are applied as they are, between two launches.
+        code = epilogue_code(act) if act is None or isinstance(act, nn.Module) else None
+        trains = torch.is_grad_enabled() and (blocks.requires_grad or h.requires_grad)
+        if code is None or (trains and code not in (tk.ACT_NONE, tk.ACT_RELU)):
+            code = tk.ACT_NONE
+        else:
+            act = None
+        feature_major = not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
+        h = block_linear(h, weights.in_index[i], blocks, bias, weights.out_index[i], weights.out_features[i],
+                         code, feature_major)
+        if act is not None:
+            h = act(h)
+    if _feature_major(h):
+        h = h.contiguous()
+    return h.reshape(*lead, h.shape[-1])
