@@ -42,14 +42,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .bench.report import write_bench_report
-    from .bench.suite import FULL, QUICK, run_suite
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    command = ("mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
+    bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
+
+    def progress(msg: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(msg)
+
+    if args.device.startswith("cuda"):
+        paths = _bench_gpu(args, command, progress)
+    else:
+        paths = _bench_cpu(args, command, progress)
+    bar.close()
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
+    import torch
+
+    from .bench.report import write_bench_report
+    from .bench.suite import FULL, QUICK, run_suite
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or "fp32"]
     config = dict(QUICK if args.quick else FULL)
     if args.shapes:
         known = {s[0]: s for s in FULL["shapes"]}
@@ -64,18 +84,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         config["compile_mode"] = args.compile
     if args.no_rss:
         config["rss_models"] = ()
-    command = "mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
+    result = run_suite(config, device=args.device, dtype=dtype, command=command, progress=progress)
+    return write_bench_report(result, args.out)
 
-    def progress(msg: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(msg)
 
-    result = run_suite(config, device=args.device, dtype=dtype, command=command.strip(), progress=progress)
-    bar.close()
-    for path in write_bench_report(result, args.out):
-        print(f"wrote {path}")
-    return 0
+def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
+    import dataclasses
+
+    from .bench.gpu import GPU_FULL, GPU_QUICK, GPU_SHAPES, run_gpu_suite
+    from .bench.gpu_report import write_gpu_report
+
+    if args.compile:
+        raise ValueError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
+    profile = GPU_QUICK if args.quick else GPU_FULL
+    changes: dict = {}
+    if args.shapes:
+        known = {s[0]: s for s in GPU_SHAPES}
+        unknown = sorted(set(args.shapes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown GPU layer shapes {unknown}; choose from {sorted(known)}")
+        changes["shapes"] = tuple(known[name] for name in args.shapes)
+    for key in ("factors", "batches", "models"):
+        if getattr(args, key):
+            changes[key] = tuple(getattr(args, key))
+    if args.dtype:
+        changes["dtypes"] = (args.dtype,)
+    result = run_gpu_suite(dataclasses.replace(profile, **changes), device=args.device, command=command,
+                           progress=progress)
+    return write_gpu_report(result, args.out)
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -178,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
-    bench = sub.add_parser("bench", help="time packed layers and models against dense, masked, CSR and BSR")
+    bench = sub.add_parser("bench", help="time packed layers and models against dense, masked, CSR and BSR "
+                           "(--device cuda: the GPU suite, eager and CUDA graphs, against Monarch and 2:4 too)")
     bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                       help="default: fp32 on the CPU; fp32 and bf16 on a GPU")
     bench.add_argument("--shapes", nargs="+", help="layer shapes by name (default: all)")
     bench.add_argument("--factors", nargs="+", type=int, help="compression factors")
     bench.add_argument("--batches", nargs="+", type=int, help="layer batch sizes")

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels import use_engine
+
 __all__ = ["export_onnx", "ExportError"]
 
 
@@ -30,7 +32,8 @@ def export_onnx(
     """Export ``model`` (packed or not) to ONNX with a dynamic batch dimension; returns the path.
 
     The packed forward traces to ``Gather`` (permutations), ``MatMul`` on ``(c, ., .)`` tensors
-    (the block GEMMs) and ``Add``, which every ONNX runtime executes natively.
+    (the block GEMMs) and ``Add``, which every ONNX runtime executes natively: the export always
+    traces the PyTorch engine, whatever engine runs the model in this process.
     """
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if opset < 17:
@@ -42,7 +45,7 @@ def export_onnx(
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
     # The exporter reports progress on stdout and warns about optional packages; a library stays quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

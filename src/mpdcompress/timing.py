@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["median_seconds", "interleaved_medians", "synchronize"]
+__all__ = ["median_seconds", "interleaved_medians", "synchronize", "cuda_medians"]
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
@@ -81,3 +81,60 @@ def interleaved_medians(
             synchronize(device)
             samples[key].append((time.perf_counter() - start) / inner[key])
     return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def cuda_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    graph: bool,
+    repeats: int = 10,
+    warmup: int = 3,
+    target_seconds: float = 2e-3,
+    max_inner: int = 50,
+) -> dict[str, float | None]:
+    """Median GPU time per call of each function, by CUDA events, sampled round-robin.
+
+    ``graph=False`` times eager calls (host launch overhead included: a GPU that waits for the
+    host shows it). ``graph=True`` captures ``inner`` calls in one CUDA graph and times its
+    replay, which removes host overhead. A function that cannot be captured gets ``None``.
+    """
+    runners: dict[str, Callable[[], object]] = {}
+    inner: dict[str, int] = {}
+    for key, fn in fns.items():
+        for _ in range(warmup):  # also triggers lazy work: autotuning, workspace allocation
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        one = max(time.perf_counter() - start, 1e-6)
+        inner[key] = max(1, min(max_inner, int(target_seconds / one)))
+        if not graph:
+            runners[key] = lambda fn=fn, n=inner[key]: [fn() for _ in range(n)]
+            continue
+        try:
+            g = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # warm-up on the capture stream, as torch.cuda.graphs advises
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(g):
+                for _ in range(inner[key]):
+                    fn()
+            runners[key] = g.replay
+        except RuntimeError:
+            torch.cuda.synchronize()
+            runners[key] = None
+    samples: dict[str, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, run in runners.items():
+            if run is None:
+                continue
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples[key].append(begin.elapsed_time(end) / 1e3 / inner[key])
+    return {key: (statistics.median(v) if v else None) for key, v in samples.items()}

@@ -79,7 +79,8 @@ def engine_for(x: torch.Tensor, weights: ChainWeights) -> str:
         reason = 'Triton is not installed (pip install "mpdcompress[gpu]")'
     elif weights.in_index is None:
         reason = "these weights carry no kernel indices"
-    elif not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+    elif not (x.is_cuda or (_engine == "triton" and x.device.type == "cpu" and interpreting())):
+        # On the CPU the interpreter is for testing the kernels, never an automatic choice.
         reason = f"Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {x.device}"
     elif dtype not in _TRITON_DTYPES:
         reason = f"the Triton kernels take float32, bfloat16 or float16, not {dtype}"

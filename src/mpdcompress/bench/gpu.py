@@ -1,0 +1,219 @@
+"""The GPU benchmark behind ``mpdcompress bench --device cuda``.
+
+For each layer shape, batch and dtype, every candidate is timed eagerly and as CUDA-graph replay
+(CUDA events, candidates sampled round-robin in one process); ratios are dense time / candidate
+time in the same mode. Candidates: ``dense`` (``nn.Linear``), ``packed`` (Triton engine),
+``packed_torch`` (PyTorch engine), ``bmm_only`` (the block GEMM on already gathered inputs: the
+ceiling), ``monarch`` (same parameter count), ``semi_structured`` (2:4) and ``bsr`` (the
+unpermuted block-diagonal weight as torch BSR). Then whole FC stacks and a training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..kernels import use_engine
+from ..nn.masked import MPDLinear
+from ..nn.packed import BlockDiagonalLinear
+from ..timing import cuda_medians, interleaved_medians
+from .alternatives import MonarchLinear, semi_structured_linear
+from .machine import describe_machine
+from .model import build_stack
+
+__all__ = ["GPU_SHAPES", "GpuProfile", "GPU_FULL", "GPU_QUICK", "run_gpu_suite", "DTYPES"]
+
+# (name, d_out, d_in): AlexNet's weight-heavy FC layers, an LLM MLP up-projection (4096 → 14336,
+# Llama/Mistral 7B) and BERT-base's MLP up-projection.
+GPU_SHAPES: list[tuple[str, int, int]] = [
+    ("alexnet-fc6", 4096, 16384),
+    ("alexnet-fc7", 4096, 4096),
+    ("llm-mlp-up", 14336, 4096),
+    ("bert-mlp-up", 3072, 768),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    shapes: tuple[tuple[str, int, int], ...] = tuple(GPU_SHAPES)
+    factors: tuple[int, ...] = (8,)
+    batches: tuple[int, ...] = (1, 16, 128, 2048)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    models: tuple[str, ...] = ("alexnet-fc", "transformer-mlp")
+    training_models: tuple[str, ...] = ("alexnet-fc",)
+    training_batch: int = 512
+    repeats: int = 10
+    candidates: tuple[str, ...] = field(default=("dense", "packed", "packed_torch", "bmm_only", "monarch",
+                                                 "semi_structured", "bsr"))
+
+
+GPU_FULL = GpuProfile()
+GPU_QUICK = GpuProfile(shapes=tuple(GPU_SHAPES[:2]), batches=(1, 128), dtypes=("bf16",), models=("alexnet-fc",),
+                       repeats=5)
+
+
+def _engine(module: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with use_engine(engine):
+            return module(x)
+    return run
+
+
+def layer_candidates(d_out: int, d_in: int, c: int, dtype: torch.dtype, device: str, wanted: tuple[str, ...],
+                     seed: int = 0) -> tuple[dict[str, Callable], dict[str, str]]:
+    torch.manual_seed(seed)
+    kw = dict(device=device, dtype=dtype)
+    dense = nn.Linear(d_in, d_out, **kw).eval()
+    masked = MPDLinear(d_in, d_out, compression=c, seed=seed).to(**kw).eval()
+    packed = BlockDiagonalLinear.from_masked(masked).eval()
+    blocks = packed.weight_blocks.detach()
+    fns: dict[str, Callable] = {"dense": dense, "packed": _engine(packed, "triton"), "packed_torch": _engine(packed, "torch")}
+    notes: dict[str, str] = {}
+    staged: dict[int, torch.Tensor] = {}
+
+    def bmm_only(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] not in staged:
+            staged[x.shape[0]] = torch.randn(blocks.shape[0], x.shape[0], blocks.shape[2], **kw)
+        return torch.bmm(staged[x.shape[0]], blocks.transpose(1, 2))
+
+    fns["bmm_only"] = bmm_only
+    builders = {
+        "monarch": lambda: MonarchLinear(d_in, d_out, c, **kw).eval(),
+        "semi_structured": lambda: semi_structured_linear(dense.weight, dense.bias),
+        "bsr": lambda: _bsr(blocks, packed.bias.detach() if packed.bias is not None else None, packed.layout.is_even),
+    }
+    for key, build in builders.items():
+        if key not in wanted:
+            continue
+        try:
+            fn = build()
+            fn(torch.randn(16, d_in, **kw))  # probe: unsupported dtypes/shapes fail here
+            fns[key] = fn
+        except (RuntimeError, ValueError, NotImplementedError, ImportError, AssertionError) as exc:
+            notes[key] = f"not run: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+    return {k: v for k, v in fns.items() if k in wanted}, notes
+
+
+def _bsr(blocks: torch.Tensor, bias: torch.Tensor | None, even: bool) -> Callable:
+    # Structured sparsity without MPD's gathers; 64x64 tiles of the block-diagonal weight (whole
+    # 512x2048 blocks made torch's Triton BSR kernel tune for minutes on an H100).
+    if not even:
+        raise ValueError("uneven blocks: BSR needs equal block sizes")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.block_diag(*blocks.unbind(0)).to_sparse_bsr((64, 64))
+    bias_col = None if bias is None else bias[:, None]
+    return lambda x: (torch.sparse.mm(sparse, x.t()) if bias_col is None else torch.addmm(bias_col, sparse, x.t())).t()
+
+
+def _time(fns: dict[str, Callable[[], object]], device: str, graph: bool, repeats: int) -> dict[str, float | None]:
+    if torch.device(device).type == "cuda":
+        return cuda_medians(fns, graph=graph, repeats=repeats)
+    # CPU (tests of this module): wall time, and no graphs.
+    return dict(interleaved_medians(fns, repeats=repeats, warmup=1)) if not graph else {k: None for k in fns}
+
+
+def _ratios(seconds: dict[str, float | None]) -> dict[str, float | None]:
+    dense = seconds.get("dense")
+    return {k: (None if v is None or dense is None else dense / v) for k, v in seconds.items()}
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
+    rows = []
+    for dtype_name in profile.dtypes:
+        dtype = DTYPES[dtype_name]
+        for name, d_out, d_in in profile.shapes:
+            for c in profile.factors:
+                fns, notes = layer_candidates(d_out, d_in, c, dtype, device, profile.candidates)
+                for batch in profile.batches:
+                    x = torch.randn(batch, d_in, device=device, dtype=dtype)
+                    with torch.no_grad():
+                        error = _rel_error(fns["packed"](x), fns["packed_torch"](x))
+                        calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
+                        eager = _time(calls, device, False, profile.repeats)
+                        graph = _time(calls, device, True, profile.repeats)
+                    rows.append({
+                        "shape": name, "d_out": d_out, "d_in": d_in, "compression": c, "batch": batch,
+                        "dtype": dtype_name, "seconds": {"eager": eager, "graph": graph},
+                        "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
+                        "packed_vs_torch_engine_error": error, "notes": notes,
+                    })
+                    if progress is not None:
+                        s = rows[-1]["speedup_vs_dense"]
+                        progress(f"{name} {dtype_name} batch={batch}: packed {s['eager']['packed']:.2f}x eager")
+    return rows
+
+
+def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
+    rows = []
+    for dtype_name in profile.dtypes:
+        dtype = DTYPES[dtype_name]
+        for name in profile.models:
+            dense, shape = build_stack(name, "dense")
+            packed, _ = build_stack(name, "packed")
+            dense, packed = dense.to(device, dtype), packed.to(device, dtype)
+            fns = {"dense": dense, "packed": _engine(packed, "triton"), "packed_torch": _engine(packed, "torch")}
+            for batch in profile.batches:
+                x = torch.randn(batch, *shape, device=device, dtype=dtype)
+                with torch.no_grad():
+                    calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
+                    eager = _time(calls, device, False, profile.repeats)
+                    graph = _time(calls, device, True, profile.repeats)
+                rows.append({"model": name, "dtype": dtype_name, "batch": batch,
+                             "seconds": {"eager": eager, "graph": graph},
+                             "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)}})
+                if progress is not None:
+                    progress(f"{name} {dtype_name} batch={batch}: packed {rows[-1]['speedup_vs_dense']['eager']['packed']:.2f}x")
+    return rows
+
+
+def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One SGD step (forward, backward, update); bf16 runs under autocast with fp32 weights."""
+    rows = []
+    for dtype_name in profile.dtypes:
+        dtype = DTYPES[dtype_name]
+        for name in profile.training_models:
+            steps = {}
+            for form, built, engine in (("dense", "dense", "torch"), ("masked", "masked", "torch"),
+                                        ("compact", "packed", "triton"), ("compact_torch", "packed", "torch")):
+                model, shape = build_stack(name, built)
+                model = model.to(device).train()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                x = torch.randn(profile.training_batch, *shape, device=device)
+                y = torch.randint(0, model(x[:1]).shape[-1], (profile.training_batch,), device=device)
+
+                def step(model=model, opt=opt, x=x, y=y, engine=engine) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    with use_engine(engine), torch.autocast(torch.device(device).type, dtype=dtype,
+                                                            enabled=dtype != torch.float32):
+                        loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    opt.step()
+
+                steps[form] = step
+            seconds = _time(steps, device, False, max(3, profile.repeats // 2))
+            rows.append({"model": name, "dtype": dtype_name, "batch": profile.training_batch, "seconds": seconds,
+                         "speedup_vs_dense": _ratios(seconds)})
+            if progress is not None:
+                progress(f"training {name} {dtype_name}: compact {rows[-1]['speedup_vs_dense']['compact']:.2f}x dense")
+    return rows
+
+
+def run_gpu_suite(profile: GpuProfile, *, device: str = "cuda", command: str = "mpdcompress bench --device cuda",
+                  progress: Callable[[str], None] | None = None) -> dict:
+    return {
+        "suite": "gpu", "command": command, "machine": describe_machine(device), "profile": asdict(profile),
+        "layers": run_gpu_layers(profile, device, progress),
+        "models": run_gpu_models(profile, device, progress),
+        "training": run_gpu_training(profile, device, progress),
+    }

@@ -1,0 +1,207 @@
+"""The Triton engine against the PyTorch engine (the reference), on the CPU through Triton's
+interpreter (conftest sets TRITON_INTERPRET=1 where there is no GPU) or on a GPU where there is one.
+
+Interpreted kernels run every program in Python, so shapes stay small and example counts low.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+pytest.importorskip("triton")
+
+import mpdcompress as mpd  # noqa: E402
+from mpdcompress.kernels import ChainWeights, EngineUnavailableError, dispatch, engine_for, use_engine  # noqa: E402
+from mpdcompress.kernels.triton_engine import epilogue_code  # noqa: E402
+from mpdcompress.kernels.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
+from mpdcompress.kernels.tuning import batch_bucket, candidates  # noqa: E402
+
+from .conftest import assert_close_to_scale  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative to the output scale: fp32 kernels accumulate in another order than bmm; 16-bit types
+# round every layer's output (the reference rounds inside its GEMM too).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+ACTIVATIONS = [nn.ReLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.Identity, nn.Tanh,
+               lambda: nn.Sequential(nn.ReLU(), nn.Dropout(0.5))]
+
+
+def chain(dims, act, c_for, seed=0, bias=True):
+    torch.manual_seed(seed)
+    mods = []
+    for i in range(len(dims) - 1):
+        mods += [nn.Linear(dims[i], dims[i + 1], bias=bias), act()]
+    model = nn.Sequential(*mods[:-1])
+    return mpd.mpdify(model, {str(2 * i): c_for(i) for i in range(len(dims) - 1)}, seed=seed)
+
+
+def both_engines(model, x):
+    outs = {}
+    for engine in ("torch", "triton"):
+        with use_engine(engine):
+            outs[engine] = model(x)
+    return outs["torch"], outs["triton"]
+
+
+@settings(max_examples=12)
+@given(
+    st.lists(st.integers(1, 48), min_size=2, max_size=4),
+    st.integers(0, 1000),
+    st.sampled_from([1, 3, 17, 70]),
+    st.sampled_from(range(len(ACTIVATIONS))),
+    st.booleans(),
+)
+def test_forward_matches_reference_engine(dims, seed, batch, act, bias):
+    masked = chain(dims, ACTIVATIONS[act], lambda i: 1 + (seed + i) % min(dims[i], dims[i + 1]), seed, bias).eval()
+    packed = mpd.pack(masked).to(DEVICE)
+    x = torch.randn(batch, dims[0], device=DEVICE)
+    with torch.no_grad():
+        ref, out = both_engines(packed, x)
+        assert_close_to_scale(out, ref, rel=TOLERANCE[torch.float32])
+        assert_close_to_scale(out.cpu(), masked(x.cpu()), rel=TOLERANCE[torch.float32])
+    assert out.shape == (batch, dims[-1]) and out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 40)])
+def test_dtypes_and_leading_dimensions(dtype, lead):
+    masked = chain([45, 61, 30, 12], nn.GELU, lambda i: (3, 4, 5)[i]).eval()  # uneven blocks
+    packed = mpd.pack(masked).to(DEVICE, dtype)
+    x = torch.randn(*lead, 45, device=DEVICE)
+    with torch.no_grad():
+        with use_engine("triton"):
+            out = packed(x.to(dtype))
+        ref = masked(x.cpu())
+    assert out.dtype == dtype and out.shape == (*lead, 12)
+    assert_close_to_scale(out.float().cpu(), ref, rel=TOLERANCE[dtype])
+
+
+def test_single_layer_with_batch_zero_and_autocast():
+    layer = mpd.pack(mpd.mpdify(nn.Linear(40, 24), 4)).to(DEVICE).eval()
+    with use_engine("triton"), torch.no_grad():
+        assert layer(torch.randn(0, 40, device=DEVICE)).shape == (0, 24)
+        x = torch.randn(9, 40, device=DEVICE)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            low = layer(x)
+        ref = layer(x)
+    assert low.dtype == torch.bfloat16
+    assert_close_to_scale(low.float(), ref, rel=TOLERANCE[torch.bfloat16])
+
+
+def test_mixed_dtypes_are_refused_like_torch_does():
+    layer = mpd.pack(mpd.mpdify(nn.Linear(40, 24), 4)).to(DEVICE, torch.float16).eval()
+    with use_engine("triton"), pytest.raises(RuntimeError, match="dtype"):
+        layer(torch.randn(3, 40, device=DEVICE))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU, nn.Identity])
+@pytest.mark.parametrize("lead", [(6,), (3, 25)])
+def test_backward_matches_reference_engine(act, lead):
+    model = mpd.pack(chain([50, 37, 64, 10], act, lambda i: (3, 2, 5)[i])).to(DEVICE).train()
+    x = torch.randn(*lead, 50, device=DEVICE, requires_grad=True)
+    weight = torch.linspace(-1, 1, 10, device=DEVICE)
+    grads = {}
+    for engine in ("torch", "triton"):
+        model.zero_grad()
+        x.grad = None
+        with use_engine(engine):
+            (model(x) * weight).sum().backward()
+        grads[engine] = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    names = ["input"] + [name for name, _ in model.named_parameters()]
+    for name, ref, got in zip(names, grads["torch"], grads["triton"]):
+        assert got.shape == ref.shape, name
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+
+
+def test_compact_training_keeps_padding_zero_and_tracks_reference():
+    torch.manual_seed(0)
+    models = {e: mpd.mpdify(nn.Sequential(nn.Linear(30, 41), nn.ReLU(), nn.Linear(41, 7)), 4, mode="compact").to(DEVICE)
+              for e in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    x, y = torch.randn(64, 30, device=DEVICE), torch.randint(0, 7, (64,), device=DEVICE)
+    for engine, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with use_engine(engine):
+            for _ in range(5):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    for (name, ref), (_, got) in zip(models["torch"].named_parameters(), models["triton"].named_parameters()):
+        assert_close_to_scale(got, ref, rel=1e-4)
+    for layer in models["triton"][0].layers:
+        if layer.padding_mask is not None:
+            assert torch.all(layer.weight_blocks[layer.padding_mask == 0] == 0)
+
+
+def test_compile_fullgraph_export_and_onnx_keep_one_op_per_layer(tmp_path):
+    packed = mpd.pack(chain([40, 64, 20], nn.ReLU, lambda i: 4)).to(DEVICE).eval()
+    x = torch.randn(7, 40, device=DEVICE)
+    with use_engine("triton"), torch.no_grad():
+        ref = packed(x)
+        assert_close_to_scale(torch.compile(packed, fullgraph=True)(x), ref, rel=1e-6)
+        program = torch.export.export(packed, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("mpdcompress.block_linear.default") == 2
+    assert not any("index_select" in t or "gather" in t for t in targets)
+    assert_close_to_scale(program.module()(x), ref, rel=1e-6)
+    pytest.importorskip("onnxruntime")
+    with use_engine("triton"):  # ONNX keeps its portable Gather + MatMul graph whatever the engine
+        mpd.export_onnx(packed.cpu(), x.cpu(), tmp_path / "m.onnx")
+
+
+def test_compiled_training_step_matches_eager():
+    model = mpd.mpdify(nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 20)), 4, mode="compact").to(DEVICE)
+    x = torch.randn(16, 40, device=DEVICE)
+    with use_engine("triton"):
+        torch.compile(model, fullgraph=True)(x).square().sum().backward()
+        compiled = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+    for got, ref in zip(compiled, [p.grad for p in model.parameters()]):
+        assert_close_to_scale(got, ref, rel=1e-5)
+
+
+def test_dispatch_choices(monkeypatch):
+    layer = mpd.pack(mpd.mpdify(nn.Linear(20, 12), 3)).eval()
+    x = torch.randn(2, 20)
+    cw = ChainWeights([layer.in_gather, layer.out_gather], [layer.weight_blocks], [layer.bias], [],
+                      [layer.kernel_in_index], [layer.kernel_out_index], [12])
+    if not torch.cuda.is_available():
+        assert engine_for(x, cw) == "torch"  # auto: CPU tensors take the PyTorch engine
+    with use_engine("triton"):
+        assert engine_for(x, cw) == "triton"  # the interpreter (or a GPU) can run it
+        with pytest.raises(EngineUnavailableError, match="float64"):
+            engine_for(x.double(), cw)
+        monkeypatch.setattr(dispatch, "_triton_installed", False)
+        with pytest.raises(EngineUnavailableError, match="not installed"):
+            engine_for(x, cw)
+    monkeypatch.setattr(dispatch, "_triton_installed", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_engine("triton"), pytest.raises(EngineUnavailableError, match="CUDA"):
+        engine_for(x, cw)
+    with pytest.raises(ValueError, match="unknown engine 'cuda'"):
+        mpd.set_engine("cuda")
+    assert dispatch.get_engine() == "auto"
+
+
+def test_epilogue_codes():
+    assert epilogue_code(None) == ACT_NONE
+    assert epilogue_code(nn.ReLU()) == ACT_RELU
+    assert epilogue_code(nn.GELU()) == ACT_GELU
+    assert epilogue_code(nn.GELU(approximate="tanh")) == ACT_GELU_TANH
+    assert epilogue_code(nn.Sequential(nn.SiLU(), nn.Dropout(0.1).eval())) == ACT_SILU
+    assert epilogue_code(nn.Sequential(nn.Identity())) == ACT_NONE
+    assert epilogue_code(nn.Dropout(0.1)) is None  # training dropout is random: applied by torch
+    assert epilogue_code(nn.Sequential(nn.ReLU(), nn.ReLU())) is None
+    assert epilogue_code(nn.Tanh()) is None
+
+
+def test_tile_candidates_fit_the_kernels():
+    assert [batch_bucket(b) for b in (1, 2, 3, 16, 17, 2048, 10**6)] == [1, 2, 4, 16, 32, 2048, 4096]
+    for kernel in ("linear", "weight_grad"):
+        for bucket in (1, 16, 128, 4096):
+            for cfg in candidates(kernel, bucket):
+                for size in (cfg.block_b, cfg.block_r, cfg.block_k):
+                    assert size >= 16 and size & (size - 1) == 0  # tl.dot needs powers of two >= 16
