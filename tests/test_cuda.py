@@ -1,10 +1,13 @@
 """CUDA code paths: skipped where no GPU is present (CI); run on a GPU machine to check them."""
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
-from mpdcompress import mpdify, pack, unpack
+from mpdcompress import mpdify, pack, unpack, use_engine
+from mpdcompress.kernels import engine_for
 from mpdcompress.models import fc_stack
 
 from .conftest import assert_close_to_scale
@@ -54,3 +57,60 @@ def test_compile_and_training_on_cuda():
         opt.step()
     with torch.no_grad():
         assert_close_to_scale(unpack(packed)(x), packed(x), rel=1e-4)
+
+
+# -- the Triton engine on a real GPU (the CPU suite runs the same kernels through the interpreter) --
+triton_needed = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@triton_needed
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("batch", [1, 16, 100, 2048])
+def test_triton_engine_matches_torch_engine_on_gpu_shapes(dtype, rel, batch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = pack(mpdify(fc_stack([4096, 4096, 1000]), 8)).cuda().to(dtype).eval()
+    x = torch.randn(batch, 4096, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        with use_engine("torch"):
+            ref = model(x)
+        out = model(x)  # auto: Triton on CUDA
+    assert engine_for(x, model[0].chain_weights()) == "triton"
+    assert_close_to_scale(out.float(), ref.float(), rel=rel)
+
+
+@triton_needed
+def test_triton_engine_under_cuda_graphs_compile_and_export():
+    model = pack(mpdify(fc_stack([1024, 2048, 512]), 8)).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        graph = torch.cuda.CUDAGraph()
+        model(x)  # warm-up outside capture (tile choice)
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+        assert torch.equal(out, ref)
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            got = compiled(x)
+        assert_close_to_scale(got.float(), ref.float(), rel=1e-6)
+    program = torch.export.export(model, (x,))
+    assert sum(str(n.target) == "mpdcompress.block_linear.default" for n in program.graph.nodes) == 2
+
+
+@triton_needed
+def test_compact_training_with_triton_kernels_on_gpu():
+    torch.manual_seed(0)
+    models = {e: mpdify(fc_stack([512, 1024, 10]), 8, mode="compact").cuda() for e in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    x, y = torch.randn(256, 512, device="cuda"), torch.randint(0, 10, (256,), device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for engine, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with use_engine(engine):
+            for _ in range(10):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    for ref, got in zip(models["torch"].parameters(), models["triton"].parameters()):
+        assert_close_to_scale(got, ref, rel=1e-4)

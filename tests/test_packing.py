@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -82,11 +82,47 @@ def test_pack_leaves_original_and_unpack_restores_structure():
     model = mpdify(lenet(), 10, filter=lambda n, m: m.out_features != 10)
     packed = pack(model)
     assert isinstance(model[1], MPDLinear)  # not in place by default
-    assert [type(m).__name__ for m in packed] == ["Flatten", "PackedChain", "ReLU", "Linear"]
+    # the dense classifier (after a ReLU) is folded into the chain as its tail
+    assert [type(m).__name__ for m in packed] == ["Flatten", "PackedChain"]
+    assert packed[1].tail is not None and isinstance(packed[1].tail_gap, nn.ReLU)
+    unfolded = pack(model, fold_dense=False)
+    assert [type(m).__name__ for m in unfolded] == ["Flatten", "PackedChain", "ReLU", "Linear"]
+    for form in (packed, unfolded):
+        restored = unpack(form)
+        assert [type(m).__name__ for m in restored] == [type(m).__name__ for m in model]
+        for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2)
+
+
+@given(
+    st.lists(st.sampled_from(["mpd", "dense", "relu", "gelu", "dropout"]), min_size=1, max_size=7),
+    st.integers(0, 10_000),
+    st.integers(1, 5),
+)
+def test_folding_dense_neighbours_is_exact_and_unpacks_exactly(kinds, seed, batch):
+    torch.manual_seed(seed)
+    dims = [int(d) for d in torch.randint(3, 30, (len(kinds) + 1,))]
+    mods, width, factors = [], dims[0], {}
+    for i, kind in enumerate(kinds):
+        if kind in ("mpd", "dense"):
+            out = dims[i + 1]
+            mods.append(nn.Linear(width, out))
+            if kind == "mpd":
+                factors[str(i)] = 1 + (seed + i) % min(width, out)
+            width = out
+        else:
+            mods.append({"relu": nn.ReLU, "gelu": nn.GELU, "dropout": lambda: nn.Dropout(0.3)}[kind]())
+    assume(factors)
+    model = mpdify(nn.Sequential(*mods).eval(), factors, seed=seed)
+    packed = pack(model)
+    x = torch.randn(batch, dims[0])
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x))
     restored = unpack(packed)
-    assert [type(m).__name__ for m in restored] == [type(m).__name__ for m in model]
-    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+    assert list(restored.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert [type(m) for m in restored] == [type(m) for m in model]
 
 
 def test_chain_with_dropout_and_multiple_elementwise_ops_between():

@@ -46,4 +46,12 @@ def test_estimate_times_real_steps_and_projects_the_run(capsys):
     out = capsys.readouterr().out
     assert "plan: alexnet-fc on fake" in out
     assert "ms per optimizer step (median of 5" in out and "images/s" in out
-    assert "for 96 steps on this hardware" in out
+    # alexnet-fc borrows AlexNet's recipe: fake images stand in for ImageNet, limited to 2,048 here
+    assert "for 96 steps over imagenet's 2,048 training images (fake images timed)" in out
+
+
+def test_estimate_on_fake_data_projects_the_recipes_real_dataset(capsys):
+    assert main(["train", "--recipe", "alexnet-bn-imagenet", "--model", "alexnet-fc", "--dataset", "fake",
+                 "--mode", "compact", "--batch-size", "64", "--epochs", "1", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "for 20,018 steps over imagenet's 1,281,167 training images (fake images timed)" in out

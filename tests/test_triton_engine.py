@@ -64,6 +64,29 @@ def test_forward_matches_reference_engine(dims, seed, batch, act, bias):
     assert out.shape == (batch, dims[-1]) and out.is_contiguous()
 
 
+@pytest.mark.parametrize("batch", [3, 70])
+def test_folded_dense_neighbours_forward_and_backward(batch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 45), nn.ReLU(), nn.Linear(45, 33), nn.GELU(), nn.Linear(33, 26), nn.Tanh(),
+                          nn.Linear(26, 7))
+    mpd.mpdify(model, 4, filter=lambda name, module: name in ("2", "4"))
+    packed = mpd.pack(model).to(DEVICE)
+    chain = packed[0]
+    assert chain.head is not None and chain.tail is not None and len(packed) == 1
+    x = torch.randn(batch, 20, device=DEVICE, requires_grad=True)
+    grads = {}
+    for engine in ("torch", "triton"):
+        packed.zero_grad()
+        x.grad = None
+        with use_engine(engine):
+            out = packed(x)
+            out.square().sum().backward()
+        grads[engine] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in packed.parameters()]
+    assert_close_to_scale(grads["torch"][0], model.to(DEVICE)(x).detach(), rel=TOLERANCE[torch.float32])
+    for ref, got in zip(grads["torch"], grads["triton"]):
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 40)])
 def test_dtypes_and_leading_dimensions(dtype, lead):

@@ -66,6 +66,10 @@ def _layer_args(module: nn.Module) -> dict[str, Any]:
     return args
 
 
+# Optional parts of a PackedChain: folded dense neighbours and the element-wise modules beside them.
+_CHAIN_PARTS = ("head", "head_gap", "tail_gap", "tail")
+
+
 def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
     """JSON description of ``module``'s tree (types and constructor arguments, no tensors)."""
     kind = type(module).__name__
@@ -73,10 +77,14 @@ def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
         return {"type": kind, "children": [[key, describe(child, f"{name}.{key}".strip("."))]
                                             for key, child in module._modules.items()]}
     if isinstance(module, PackedChain):
-        return {"type": "PackedChain",
+        spec = {"type": "PackedChain",
                 "layers": [describe(layer, f"{name}.layers.{i}") for i, layer in enumerate(module.layers)],
                 "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
                 "source_keys": list(module.source_keys)}
+        for part in _CHAIN_PARTS:
+            if getattr(module, part) is not None:
+                spec[part] = describe(getattr(module, part), f"{name}.{part}")
+        return spec
     if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
         return {"type": kind, "args": {"d_out": module.out_features, "d_in": module.in_features,
                                        "compression": module.compression, "bias": module.bias is not None}}
@@ -107,8 +115,9 @@ def build(spec: dict[str, Any]) -> nn.Module:
             container.add_module(str(key), build(child))
         return container
     if kind == "PackedChain":
+        parts = {part: build(spec[part]) for part in _CHAIN_PARTS if spec.get(part) is not None}
         return PackedChain([build(s) for s in spec["layers"]], [build(s) for s in spec["activations"]],
-                           source_keys=spec.get("source_keys"))
+                           source_keys=spec.get("source_keys"), **parts)
     if kind in ("BlockDiagonalLinear", "MPDLinear"):
         a = spec["args"]
         layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])

@@ -141,18 +141,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _estimate(config, args, ctx) -> int:
-    from .train import make_plan
+    import dataclasses
+
+    from .train import RECIPES, make_plan
+    from .train.config import recipe_for_model
     from .train.plan import estimate_step_seconds
 
     plan = make_plan(config, ctx.world_size)
+    projected, stand_in = plan, ""
+    recipe = RECIPES[args.recipe] if args.recipe else recipe_for_model(config.model)
+    if config.dataset == "fake" and recipe is not None and recipe.dataset != "fake":
+        # Fake images time the steps; the run they stand for is over the recipe's real dataset.
+        projected = make_plan(dataclasses.replace(config, dataset=recipe.dataset), ctx.world_size)
+        stand_in = f" over {recipe.dataset}'s {projected.train_images:,} training images (fake images timed)"
     seconds = estimate_step_seconds(config)
     if ctx.is_main:
         _print_plan(plan, args.recipe)
         step = statistics.median(seconds)
-        total = step * plan.total_steps
+        total = step * projected.total_steps
         print(f"measured: {step * 1e3:.1f} ms per optimizer step (median of {len(seconds)}, data loading included) "
               f"on {ctx.world_size} process(es), {plan.global_batch / step:,.0f} images/s")
-        print(f"projected: {total / 3600:.1f} h for {plan.total_steps:,} steps on this hardware "
+        print(f"projected: {total / 3600:.1f} h for {projected.total_steps:,} steps{stand_in} on this hardware "
               "(evaluation passes not included)")
     return 0
 

@@ -82,7 +82,9 @@ def mpdify(
         if init == "block":
             _block_fan_in_(replacements[id(linear)])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
-    return pack(model, inplace=True) if mode == "compact" else model
+    # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the mask
+    # study address them by their Sequential keys.
+    return pack(model, inplace=True, fold_dense=False) if mode == "compact" else model
 
 
 @torch.no_grad()
@@ -97,20 +99,23 @@ def _block_fan_in_(layer: MPDLinear) -> None:
         layer.bias.mul_(scale)
 
 
-def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) -> nn.Module:
     """Turn every :class:`MPDLinear` into packed block-diagonal form.
 
     Inside each ``nn.Sequential``, runs ``MPDLinear → element-wise modules → MPDLinear ...``
     become one :class:`PackedChain` (one gather between consecutive layers) under the key of the
     run's first module, so the Sequential gets shorter while every other module keeps its key;
-    other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. The result
-    computes the same function as the masked model. Unless ``inplace``, ``model`` is untouched.
+    other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. With ``fold_dense`` (the
+    default), a plain ``nn.Linear`` just before or after such a run (element-wise modules between
+    allowed) joins it, its weight reordered so that the run's input or output permutation costs
+    nothing at run time. The result computes the same function as the masked model. Unless
+    ``inplace``, ``model`` is untouched.
     """
     if not inplace:
         model = _copy_except(model, MPDLinear)
     with torch.no_grad():
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-            _fuse_sequential(seq)
+            _fuse_sequential(seq, fold_dense)
         return _replace_modules(
             model, lambda m: BlockDiagonalLinear.from_masked(m) if isinstance(m, MPDLinear) else None
         )
@@ -161,7 +166,22 @@ def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _fuse_sequential(seq: nn.Sequential) -> None:
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _skip_elementwise(items: list[tuple[str, nn.Module]], k: int, step: int) -> int:
+    while 0 <= k < len(items) and is_elementwise(items[k][1]):
+        k += step
+    return k
+
+
+def _gap(modules: list[nn.Module]) -> nn.Module | None:
+    # An empty gap becomes an empty Sequential, which is the identity.
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+
+def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
     items = list(seq._modules.items())
     out: list[tuple[str, nn.Module]] = []
     i = 0
@@ -173,23 +193,40 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
         layers, acts = [items[i][1]], []
         j = i + 1
         while True:
-            k = j
-            while k < len(items) and is_elementwise(items[k][1]):
-                k += 1
+            k = _skip_elementwise(items, j, 1)
             if k >= len(items) or not isinstance(items[k][1], MPDLinear):
                 break
-            gap = [m for _, m in items[j:k]]
-            # An empty gap becomes an empty Sequential, which is the identity.
-            acts.append(gap[0] if len(gap) == 1 else nn.Sequential(*gap))
+            acts.append(_gap([m for _, m in items[j:k]]))
             layers.append(items[k][1])
             j = k + 1
-        if len(layers) == 1:
+        start, stop = i, j
+        head = tail = head_gap = tail_gap = None
+        if fold_dense:
+            h = _skip_elementwise(items, i - 1, -1)
+            # The dense layer before the run (and the gap after it) must still be the last modules
+            # emitted, not folded into the previous run as its tail.
+            emitted = out[len(out) - (i - h):] if 0 <= h and len(out) >= i - h else []
+            if emitted and _is_plain_linear(items[h][1]) and all(a[1] is b[1] for a, b in zip(emitted, items[h:i])):
+                head, start = items[h][1], h
+                gap = [m for _, m in items[h + 1:i]]
+                head_gap = _gap(gap) if gap else None
+                out = out[:len(out) - (i - h)]
+            t = _skip_elementwise(items, j, 1)
+            if t < len(items) and _is_plain_linear(items[t][1]):
+                tail, stop = items[t][1], t + 1
+                gap = [m for _, m in items[j:t]]
+                tail_gap = _gap(gap) if gap else None
+        if len(layers) == 1 and head is None and tail is None:
             out.append(items[i])
         else:
-            source_keys = [key for key, _ in items[i:j]]
-            chain = PackedChain([BlockDiagonalLinear.from_masked(m) for m in layers], acts, source_keys=source_keys)
-            out.append((items[i][0], chain))
-        i = j
+            packed = [BlockDiagonalLinear.from_masked(m) for m in layers]
+            chain = PackedChain(
+                packed, acts, source_keys=[key for key, _ in items[start:stop]],
+                head=None if head is None else PackedChain.fold_head(head, packed[0]), head_gap=head_gap,
+                tail_gap=tail_gap, tail=None if tail is None else PackedChain.fold_tail(tail, packed[-1]),
+            )
+            out.append((items[start][0], chain))
+        i = stop
     _reset_sequential(seq, out)
 
 

@@ -31,9 +31,12 @@ class ChainWeights:
     ``gathers[0]`` picks the padded block inputs of layer 0 from the original input features;
     ``gathers[i]`` (0 < i < n) picks layer i's padded inputs from layer i-1's padded outputs;
     ``gathers[n]`` picks the original output features from the last layer's padded outputs.
+    ``gathers[0]`` / ``gathers[n]`` are None where a folded dense neighbour reads or writes the
+    padded order directly (the input is then already ``(..., c * max_cols)``, the output stays
+    ``(..., c * max_rows)``).
     """
 
-    gathers: Sequence[torch.Tensor]
+    gathers: Sequence[torch.Tensor | None]
     blocks: Sequence[torch.Tensor]  # (c, max_rows, max_cols) each
     biases: Sequence[torch.Tensor | None]  # (c * max_rows,) each, or None
     activations: Sequence[Callable[[torch.Tensor], torch.Tensor]]  # n - 1 element-wise ops
@@ -90,7 +93,9 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     functional = _functional_only(x, weights)
     n = len(weights.blocks)
     first = weights.blocks[0]
-    xg = x2d.index_select(1, weights.gathers[0]).view(batch, first.shape[0], first.shape[2])
+    if weights.gathers[0] is not None:
+        x2d = x2d.index_select(1, weights.gathers[0])
+    xg = x2d.reshape(batch, first.shape[0], first.shape[2])
     if n == 1:
         y = _block_gemm_to_batch_major(xg.transpose(0, 1), first, weights.biases[0], functional)
     else:
@@ -103,5 +108,5 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
                 h = _block_gemm_to_feature_major(h, blocks, weights.biases[i])
             else:
                 y = _block_gemm_to_batch_major(h.transpose(1, 2), blocks, weights.biases[i], functional)
-    out = y.index_select(1, weights.gathers[-1])
+    out = y if weights.gathers[-1] is None else y.index_select(1, weights.gathers[-1])
     return out.reshape(*lead, out.shape[-1])

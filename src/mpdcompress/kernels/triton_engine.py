@@ -78,9 +78,8 @@ def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
         )
 
 
-@torch.library.custom_op("mpdcompress::block_linear", mutates_args=())
-def block_linear(x: Tensor, in_index: Tensor, blocks: Tensor, bias: Optional[Tensor], out_index: Tensor,
-                 out_features: int, activation: int, feature_major: bool) -> Tensor:
+def _block_linear(x: Tensor, in_index: Tensor, blocks: Tensor, bias: Optional[Tensor], out_index: Tensor,
+                  out_features: int, activation: int, feature_major: bool) -> Tensor:
     """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features)."""
     _check(x, blocks, bias)
     c, rows, cols = blocks.shape
@@ -88,6 +87,9 @@ def block_linear(x: Tensor, in_index: Tensor, blocks: Tensor, bias: Optional[Ten
     _launch_linear(x, in_index, blocks, (blocks.stride(0), blocks.stride(1), blocks.stride(2)), rows, cols,
                    bias, out_index, out, activation)
     return out
+
+
+block_linear = torch.library.custom_op("mpdcompress::block_linear", _block_linear, mutates_args=())
 
 
 @block_linear.register_fake
@@ -195,6 +197,12 @@ def _autocast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
+def _plain_eager(x: Tensor) -> bool:
+    # Outside tracing (no compile, no export, no dispatch mode), inference calls the launcher
+    # directly: the custom-op dispatcher adds host time per layer that a small batch cannot hide.
+    return type(x) is Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
     """The packed chain, one custom op per layer; same contract as the PyTorch engine."""
     lead = x.shape[:-1]
@@ -217,8 +225,8 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
         else:
             act = None
         feature_major = not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
-        h = block_linear(h, weights.in_index[i], blocks, bias, weights.out_index[i], weights.out_features[i],
-                         code, feature_major)
+        op = block_linear if trains or not _plain_eager(h) else _block_linear
+        h = op(h, weights.in_index[i], blocks, bias, weights.out_index[i], weights.out_features[i], code, feature_major)
         if act is not None:
             h = act(h)
     if _feature_major(h):

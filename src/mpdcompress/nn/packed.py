@@ -45,6 +45,11 @@ def _padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int, f
     return sources
 
 
+def _rebuild_layer_indices(module: "BlockDiagonalLinear", _keys) -> None:
+    # A module-level function, not a lambda, so packed models pickle.
+    module._build_indices()
+
+
 class BlockDiagonalLinear(nn.Module):
     """A compressed linear layer stored as ``c`` padded blocks ``(c, max_rows, max_cols)``.
 
@@ -77,7 +82,7 @@ class BlockDiagonalLinear(nn.Module):
         self.register_buffer("col_order", mask.col_order.to(device))
         self.register_buffer("num_blocks", torch.tensor(layout.compression, device=device))
         self._build_indices()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_indices())
+        self.register_load_state_dict_post_hook(_rebuild_layer_indices)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -192,91 +197,212 @@ class BlockDiagonalLinear(nn.Module):
         )
 
 
+def _ops(gap: nn.Module | None) -> list[nn.Module]:
+    if gap is None:
+        return []
+    return list(gap) if isinstance(gap, nn.Sequential) else [gap]
+
+
 class PackedChain(nn.Module):
-    """``layers[0] → activations[0] → layers[1] → ... → layers[-1]`` with fused permutations."""
+    """``layers[0] → activations[0] → layers[1] → ... → layers[-1]`` with fused permutations.
+
+    A dense ``nn.Linear`` right before the chain (``head``, then the element-wise ``head_gap``)
+    or right after it (``tail_gap``, then ``tail``) can be folded in: the head's output rows are
+    stored in the order the first packed layer reads, the tail's input columns in the order the
+    last packed layer writes, so those two permutations cost nothing at run time. The folded
+    weights are the dense ones with rows / columns reordered and zero rows / columns at padding
+    positions; :meth:`unfused` restores the originals exactly.
+    """
 
     def __init__(
         self,
         layers: list[BlockDiagonalLinear],
         activations: list[nn.Module],
         source_keys: list[str] | None = None,
+        *,
+        head: nn.Linear | None = None,
+        head_gap: nn.Module | None = None,
+        tail_gap: nn.Module | None = None,
+        tail: nn.Linear | None = None,
     ) -> None:
         """``source_keys``: the keys the fused modules had in their ``nn.Sequential`` (one per
-        layer and per element-wise module, in order), so :meth:`unfused` can restore them."""
+        module, in order: head, head gap, layers and activations, tail gap, tail), so
+        :meth:`unfused` can restore them. ``head`` and ``tail`` are given already folded (see
+        :meth:`fold_head` / :meth:`fold_tail`)."""
         super().__init__()
         if not layers:
             raise ValueError("a PackedChain needs at least one layer")
         if len(activations) != len(layers) - 1:
             raise ValueError(f"{len(layers)} layers need {len(layers) - 1} activations, got {len(activations)}")
-        for i, act in enumerate(activations):
-            ops = list(act) if isinstance(act, nn.Sequential) else [act]
-            if not all(is_elementwise(op) for op in ops):
+        for i, act in enumerate([*activations, head_gap, tail_gap]):
+            if not all(is_elementwise(op) for op in _ops(act)):
                 raise ValueError(f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain")
+        if (head_gap is not None and head is None) or (tail_gap is not None and tail is None):
+            raise ValueError("head_gap / tail_gap need a head / tail")
         for i in range(len(layers) - 1):
             if layers[i].out_features != layers[i + 1].in_features:
                 raise ValueError(
                     f"layer {i} has {layers[i].out_features} outputs but layer {i + 1} "
                     f"expects {layers[i + 1].in_features} inputs"
                 )
+        first, last = layers[0].layout, layers[-1].layout
+        if head is not None and head.out_features != first.compression * first.max_cols:
+            raise ValueError(f"a folded head must have {first.compression * first.max_cols} outputs, got {head.out_features}")
+        if tail is not None and tail.in_features != last.compression * last.max_rows:
+            raise ValueError(f"a folded tail must have {last.compression * last.max_rows} inputs, got {tail.in_features}")
         self.layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activations)
-        n_modules = len(layers) + sum(len(a) if isinstance(a, nn.Sequential) else 1 for a in activations)
+        self.head, self.head_gap, self.tail_gap, self.tail = head, head_gap, tail_gap, tail
+        n_modules = len(self._unfused_slots())
         if source_keys is None:
             source_keys = [str(i) for i in range(n_modules)]
         if len(source_keys) != n_modules:
             raise ValueError(f"source_keys needs {n_modules} keys, got {len(source_keys)}")
         self.source_keys = list(source_keys)
         self._build_fused_gathers()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_fused_gathers())
+        self.register_load_state_dict_post_hook(_rebuild_chain_indices)
 
     @property
     def in_features(self) -> int:
-        return self.layers[0].in_features
+        return self.head.in_features if self.head is not None else self.layers[0].in_features
 
     @property
     def out_features(self) -> int:
-        return self.layers[-1].out_features
+        return self.tail.out_features if self.tail is not None else self.layers[-1].out_features
 
+    # -- folding dense neighbours ------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def fold_head(dense: nn.Linear, first: BlockDiagonalLinear) -> nn.Linear:
+        """``dense`` with its output rows in the padded order ``first`` reads (zero padding rows)."""
+        valid = (first.kernel_in_index >= 0).to(dense.weight.device)
+        rows = first.in_gather.to(dense.weight.device)
+        folded = nn.Linear(dense.in_features, rows.numel(), dense.bias is not None,
+                           device=dense.weight.device, dtype=dense.weight.dtype)
+        folded.weight.copy_(dense.weight[rows] * valid[:, None])
+        if dense.bias is not None:
+            folded.bias.copy_(dense.bias[rows] * valid)
+        return folded
+
+    @staticmethod
+    @torch.no_grad()
+    def fold_tail(dense: nn.Linear, last: BlockDiagonalLinear) -> nn.Linear:
+        """``dense`` with its input columns in the padded order ``last`` writes (zero padding columns)."""
+        layout = last.layout
+        folded = nn.Linear(layout.compression * layout.max_rows, dense.out_features, dense.bias is not None,
+                           device=dense.weight.device, dtype=dense.weight.dtype)
+        folded.weight.zero_()
+        folded.weight[:, last.out_gather.to(dense.weight.device)] = dense.weight
+        if dense.bias is not None:
+            folded.bias.copy_(dense.bias)
+        return folded
+
+    @torch.no_grad()
+    def _unfolded_head(self) -> nn.Linear:
+        first = self.layers[0]
+        positions = torch.empty(first.in_features, dtype=torch.int64, device=first.in_gather.device)
+        valid = first.kernel_in_index >= 0
+        positions[first.in_gather[valid]] = torch.nonzero(valid).flatten()
+        head = self.head
+        dense = nn.Linear(head.in_features, first.in_features, head.bias is not None,
+                          device=head.weight.device, dtype=head.weight.dtype)
+        dense.weight.copy_(head.weight[positions.to(head.weight.device)])
+        if head.bias is not None:
+            dense.bias.copy_(head.bias[positions.to(head.weight.device)])
+        return dense
+
+    @torch.no_grad()
+    def _unfolded_tail(self) -> nn.Linear:
+        last, tail = self.layers[-1], self.tail
+        dense = nn.Linear(last.out_features, tail.out_features, tail.bias is not None,
+                          device=tail.weight.device, dtype=tail.weight.dtype)
+        dense.weight.copy_(tail.weight[:, last.out_gather.to(tail.weight.device)])
+        if tail.bias is not None:
+            dense.bias.copy_(tail.bias)
+        return dense
+
+    # -- forward ----------------------------------------------------------------------------------
     def _build_fused_gathers(self) -> None:
         for i in range(1, len(self.layers)):
             fused = self.layers[i - 1].out_gather[self.layers[i].in_gather]
             self.register_buffer(f"fused_gather_{i}", fused, persistent=False)
+        # With a folded head the first layer reads its input in place (padding columns skipped);
+        # with a folded tail the last layer writes every padded row in place (the tail's padding
+        # columns are zero).
+        first, last = self.layers[0], self.layers[-1]
+        positions = torch.arange(first.kernel_in_index.numel(), dtype=torch.int32, device=first.kernel_in_index.device)
+        self.register_buffer("head_in_index", torch.where(first.kernel_in_index >= 0, positions, -1), persistent=False)
+        rows = last.kernel_out_index.numel()
+        self.register_buffer("tail_out_index", torch.arange(rows, dtype=torch.int32, device=last.kernel_out_index.device),
+                             persistent=False)
 
     def chain_weights(self) -> ChainWeights:
         n = len(self.layers)
-        gathers = [self.layers[0].in_gather]
+        gathers = [None if self.head is not None else self.layers[0].in_gather]
         gathers += [getattr(self, f"fused_gather_{i}") for i in range(1, n)]
-        gathers.append(self.layers[-1].out_gather)
+        gathers.append(None if self.tail is not None else self.layers[-1].out_gather)
+        in_index = [layer.kernel_in_index for layer in self.layers]
+        out_index = [layer.kernel_out_index for layer in self.layers]
+        out_features = [layer.out_features for layer in self.layers]
+        if self.head is not None:
+            in_index[0] = self.head_in_index
+        if self.tail is not None:
+            out_index[-1] = self.tail_out_index
+            out_features[-1] = self.tail_out_index.numel()
         return ChainWeights(
             gathers,
             [layer.effective_blocks() for layer in self.layers],
             [layer.bias for layer in self.layers],
             list(self.activations),
-            [layer.kernel_in_index for layer in self.layers],
-            [layer.kernel_out_index for layer in self.layers],
-            [layer.out_features for layer in self.layers],
+            in_index,
+            out_index,
+            out_features,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return run_chain(input, self.chain_weights())
+        h = input
+        if self.head is not None:
+            h = self.head(h)
+            if self.head_gap is not None:
+                h = self.head_gap(h)
+        h = run_chain(h, self.chain_weights())
+        if self.tail is not None:
+            if self.tail_gap is not None:
+                h = self.tail_gap(h)
+            h = self.tail(h)
+        return h
 
-    def _unfused_slots(self) -> list[nn.Module | int]:
-        """The fused run in order: activation modules, and layer indices where the layers sit."""
-        slots: list[nn.Module | int] = []
+    # -- back to the masked form ----------------------------------------------------------------------
+    def _unfused_slots(self) -> list[nn.Module | int | str]:
+        """The fused run in order: modules as they are, layer indices, and "head" / "tail"."""
+        slots: list[nn.Module | int | str] = []
+        if self.head is not None:
+            slots += ["head", *_ops(self.head_gap)]
         for i in range(len(self.layers)):
             if i:
-                act = self.activations[i - 1]
-                slots.extend(act if isinstance(act, nn.Sequential) else [act])
+                slots.extend(_ops(self.activations[i - 1]))
             slots.append(i)
+        if self.tail is not None:
+            slots += [*_ops(self.tail_gap), "tail"]
         return slots
 
     def layer_source_keys(self) -> list[str]:
-        """The Sequential key each layer had before fusion."""
+        """The Sequential key each compressed layer had before fusion."""
         return [key for key, slot in zip(self.source_keys, self._unfused_slots()) if isinstance(slot, int)]
 
     def unfused(self) -> list[tuple[str, nn.Module]]:
-        """The masked modules this chain computes, with their original keys: ``MPDLinear, act, ...``."""
-        return [
-            (key, self.layers[slot].to_masked() if isinstance(slot, int) else slot)
-            for key, slot in zip(self.source_keys, self._unfused_slots())
-        ]
+        """The modules this chain computes, with their original keys: ``MPDLinear, act, ...``
+        (and the head and tail as the dense layers they were)."""
+        def restore(slot: nn.Module | int | str) -> nn.Module:
+            if slot == "head":
+                return self._unfolded_head()
+            if slot == "tail":
+                return self._unfolded_tail()
+            return self.layers[slot].to_masked() if isinstance(slot, int) else slot
+
+        return [(key, restore(slot)) for key, slot in zip(self.source_keys, self._unfused_slots())]
+
+
+def _rebuild_chain_indices(module: PackedChain, _keys) -> None:
+    # A module-level function, not a lambda, so packed models pickle.
+    module._build_fused_gathers()
