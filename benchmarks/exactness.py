@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.models import INPUT_SHAPES, build_model
+from mpdcompress.models import build_model, model_spec
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,7 +31,7 @@ def main(n: int = 500) -> dict:
         torch.manual_seed(i)
         model = nn.Sequential(*mods[:-1])
         factors = {str(2 * k): rng.randint(1, min(a, b)) for k, (a, b) in enumerate(zip(dims[:-1], dims[1:]))}
-        mpd.mpdify(model, factors, seed=i)
+        mpd.mpdify_(model, factors, seed=i)
         for dtype in (torch.float32, torch.float64):
             m = model.to(dtype).eval()
             x = torch.randn(rng.randint(1, 64), dims[0], dtype=dtype)
@@ -40,8 +40,8 @@ def main(n: int = 500) -> dict:
     paper = {}
     for name in ("lenet300", "deep-mnist", "tf-cifar10", "alexnet-bn"):
         torch.manual_seed(0)
-        model = mpd.mpdify(build_model(name), 8).eval()
-        x = torch.randn(4, *INPUT_SHAPES[name])
+        model = mpd.mpdify_(build_model(name), 8).eval()
+        x = torch.randn(4, *model_spec(name).input_shape)
         with torch.no_grad():
             paper[name] = rel_error(mpd.pack(model)(x), model(x))
     result = {"random_chains": n, "max_rel_error": worst, "paper_models_fp32_c8": paper,

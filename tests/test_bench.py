@@ -59,7 +59,7 @@ def test_suite_runs_with_a_tiny_config():
 
 
 def test_unknown_stack_and_form():
-    with pytest.raises(KeyError, match="unknown stack"):
+    with pytest.raises(KeyError, match="unknown model"):
         build_stack("nope", "dense")
     with pytest.raises(ValueError, match="form must be"):
         build_stack("lenet300", "sparse")

@@ -1,7 +1,11 @@
 import subprocess
 import sys
 
+import pytest
+from torch import nn
+
 from mpdcompress.cli import main
+from mpdcompress.models import MODELS
 
 
 def test_demo_runs_end_to_end_and_checks_exactness(capsys):
@@ -17,3 +21,40 @@ def test_cli_reports_invalid_factor_without_traceback():
     assert proc.returncode == 2
     assert "valid range for a 300x784 weight is 1..300" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inspect_knows_every_registered_model(name, capsys):
+    assert main(["inspect", "--model", name]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{name} (") and "FC weights MPD" in out
+    assert ("paper:" in out) == (MODELS[name].paper is not None)
+
+
+def test_unknown_names_are_one_unquoted_line(capsys):
+    assert main(["bench", "--models", "bogus", "--shapes", "lenet-fc1", "--factors", "8", "--batches", "1",
+                 "--no-rss", "--quiet", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpdcompress bench: error: unknown model 'bogus'; choose from lenet300")
+    assert "\n" not in err and not err.endswith("'") and '"' not in err
+
+
+def test_a_bug_in_library_code_keeps_its_traceback(monkeypatch):
+    import mpdcompress.summary
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(mpdcompress.summary, "model_summary", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["inspect", "--model", "lenet300"])
+
+
+def test_file_system_errors_are_one_line(tmp_path, capsys):
+    from mpdcompress import mpdify_, save
+
+    save(mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2), tmp_path / "m.safetensors")
+    (tmp_path / "taken").mkdir()
+    assert main(["pack", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpdcompress pack: error: ") and "\n" not in err and "Errno" not in err

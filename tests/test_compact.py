@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, mpdify, unpack
+from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, mpdify_, unpack
 from mpdcompress.models import fc_stack
 
 from .conftest import small_config
@@ -12,9 +12,9 @@ from .conftest import small_config
 
 def test_compact_mode_builds_the_packed_form_of_the_same_masked_model():
     torch.manual_seed(0)
-    masked = mpdify(fc_stack([64, 48, 10]), 4, seed=3)
+    masked = mpdify_(fc_stack([64, 48, 10]), 4, seed=3)
     torch.manual_seed(0)
-    compact = mpdify(fc_stack([64, 48, 10]), 4, seed=3, mode="compact")
+    compact = mpdify_(fc_stack([64, 48, 10]), 4, seed=3, mode="compact")
     assert isinstance(compact[0], PackedChain)
     assert all(name.endswith(("weight_blocks", "bias")) for name, _ in compact.named_parameters())
     for (k1, v1), (k2, v2) in zip(masked.state_dict().items(), unpack(compact).state_dict().items()):
@@ -23,21 +23,33 @@ def test_compact_mode_builds_the_packed_form_of_the_same_masked_model():
 
 def test_block_init_uses_the_block_width_as_fan_in():
     torch.manual_seed(0)
-    layer = mpdify(nn.Linear(1000, 400), 10, seed=1)
+    layer = mpdify_(nn.Linear(1000, 400), 10, seed=1, init="block")
     kept = layer.weight.detach()[layer.mask]
     bound = 1 / math.sqrt(100)  # nn.Linear's bound for fan-in = block width 1000/10
     assert float(kept.abs().max()) <= bound + 1e-6
     assert float(kept.abs().max()) > 0.95 * bound
     torch.manual_seed(0)
-    dense_init = mpdify(nn.Linear(1000, 400), 10, seed=1, init="dense")
-    assert float(dense_init.weight.abs().max()) <= 1 / math.sqrt(1000) + 1e-6
+    dense_init = mpdify_(nn.Linear(1000, 400), 10, seed=1, init="dense")
+    assert float(dense_init.weight.detach().abs().max()) <= 1 / math.sqrt(1000) + 1e-6
+
+
+def test_default_keeps_every_kept_weight_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 10))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    mpdify_(model, 4)
+    for i in (0, 2):
+        layer = model[i]
+        assert torch.equal(layer.weight[layer.mask], before[f"{i}.weight"][layer.mask])
+        assert torch.equal(layer.bias, before[f"{i}.bias"])
+        assert not layer.weight[~layer.mask].any()
 
 
 def test_invalid_mode_and_init():
     with pytest.raises(ValueError, match="mode must be"):
-        mpdify(nn.Linear(8, 8), 2, mode="sparse")
+        mpdify_(nn.Linear(8, 8), 2, mode="sparse")
     with pytest.raises(ValueError, match="init must be"):
-        mpdify(nn.Linear(8, 8), 2, init="xavier")
+        mpdify_(nn.Linear(8, 8), 2, init="xavier")
 
 
 # Tolerance of the equivalence test: both forms compute the same sums in a different order
@@ -52,7 +64,7 @@ EQUIVALENCE_RTOL = 1e-5
 def test_masked_and_compact_training_reach_the_same_weights(dims, c):
     def run(mode):
         torch.manual_seed(0)
-        model = mpdify(fc_stack(dims), c, seed=5, mode=mode)
+        model = mpdify_(fc_stack(dims), c, seed=5, mode=mode)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         g = torch.Generator().manual_seed(1)
         for _ in range(300):
@@ -85,7 +97,7 @@ def test_compact_model_compiles_checkpoints_and_trains_with_the_trainer(data_dir
     assert any(isinstance(m, BlockDiagonalLinear) for m in full.model.modules())
     assert full.fc_weights == 784 * 300 // 4 + 300 * 100 // 4 + 100 * 10
 
-    model = mpdify(fc_stack([32, 24, 6]), 4, mode="compact")
+    model = mpdify_(fc_stack([32, 24, 6]), 4, mode="compact")
     compiled = torch.compile(model, backend="aot_eager")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.randn(16, 32), torch.randint(0, 6, (16,))

@@ -10,8 +10,15 @@ import time
 import pytest
 import torch
 
-from mpdcompress.data import (DataCorruptError, DataUnavailableError, load_cifar10, load_dataset,
-                              load_fashion_mnist, load_mnist, read_idx)
+from mpdcompress.data import (
+    DataCorruptError,
+    DataUnavailableError,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_mnist,
+    read_idx,
+)
 from mpdcompress.train import CheckpointError, train
 
 from .conftest import cifar_arrays, small_config, write_cifar_binary, write_fake_mnist

@@ -105,11 +105,11 @@ def test_ranks_with_different_masks_are_stopped_by_name(tmp_path):
     script.write_text(textwrap.dedent("""
         import sys
         from mpdcompress.models import lenet300
-        from mpdcompress import mpdify
+        from mpdcompress import mpdify_
         from mpdcompress.train import MaskMismatchError, init_from_env, verify_identical_masks
         ctx = init_from_env("cpu")
         # Rank 1 was given another --mask-seed: every compressed layer differs, the first is named.
-        model = mpdify(lenet300(), 4, filter=lambda name, m: name != "5", seed=ctx.rank)
+        model = mpdify_(lenet300(), 4, filter_fn=lambda m, name: name != "5", seed=ctx.rank)
         try:
             verify_identical_masks(model, ctx)
         except MaskMismatchError as exc:

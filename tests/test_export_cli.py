@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
                                              (lambda: fc_stack([96, 64, 40, 10]), (96,), 4)])
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(tmp_path, builder, shape, c):
     torch.manual_seed(0)
-    model = mc.pack(mc.mpdify(builder(), c)).eval()
+    model = mc.pack(mc.mpdify_(builder(), c)).eval()
     path = export_onnx(model, torch.randn(2, *shape), tmp_path / "m.onnx")
     graph = onnx.load(str(path))
     ops = {n.op_type for n in graph.graph.node}
@@ -33,12 +33,12 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(tmp_path, builder, s
 
 def test_export_rejects_old_opset(tmp_path):
     with pytest.raises(ValueError, match="opset must be >= 17"):
-        export_onnx(mc.pack(mc.mpdify(fc_stack([8, 8]), 2)), torch.randn(1, 8), tmp_path / "m.onnx", opset=13)
+        export_onnx(mc.pack(mc.mpdify_(fc_stack([8, 8]), 2)), torch.randn(1, 8), tmp_path / "m.onnx", opset=13)
 
 
 def test_cli_pack_inspect_export(tmp_path, capsys):
     torch.manual_seed(0)
-    masked = mc.mpdify(build_model("lenet300"), 10)
+    masked = mc.mpdify_(build_model("lenet300"), 10)
     save(masked, tmp_path / "masked.safetensors", input_shape=(1, 28, 28))
     assert main(["pack", str(tmp_path / "masked.safetensors"), "-o", str(tmp_path / "packed.safetensors")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -60,3 +60,17 @@ def test_cli_inspect_paper_model(capsys):
     out = capsys.readouterr().out
     assert "87,982,080" in out and "10,997,760" in out
     assert main(["inspect"]) == 2
+
+
+def test_export_leaves_the_callers_model_and_logging_as_they_were(tmp_path):
+    import logging
+
+    model = mc.pack(mc.mpdify_(fc_stack([16, 12, 4]), 2)).train()
+    model[0].layers[0].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in model.modules()]
+    logger = logging.getLogger("torch.onnx")
+    logger.setLevel(logging.INFO)
+    export_onnx(model, torch.randn(2, 16), tmp_path / "m.onnx")
+    assert [m.training for m in model.modules()] == modes
+    assert logger.level == logging.INFO
+    logger.setLevel(logging.NOTSET)

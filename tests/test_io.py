@@ -16,11 +16,10 @@ from mpdcompress.io import ModelFileError, NonFiniteWeightsWarning, load, read_m
 from mpdcompress.models import build_model, fc_stack, paper_filter
 
 
-
 def packed_lenet(seed=0):
     torch.manual_seed(seed)
     model = build_model("lenet300").eval()
-    mc.mpdify(model, 10, filter=paper_filter(model, "lenet300"), seed=seed)
+    mc.mpdify_(model, 10, filter_fn=paper_filter(model, "lenet300"), seed=seed)
     return mc.pack(model)
 
 
@@ -70,7 +69,7 @@ class Custom(nn.Module):
 
 
 def test_custom_modules_need_the_model_and_load_into_it(tmp_path):
-    model = mc.pack(mc.mpdify(Custom(), 3))
+    model = mc.pack(mc.mpdify_(Custom(), 3))
     save(model, tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match=r"pass the model: load\(path, model=MyNet\(\)\)"):
         load(tmp_path / "c.safetensors")
@@ -95,7 +94,7 @@ def test_packed_file_is_within_one_over_c_plus_two_percent_of_dense(tmp_path, na
     torch.manual_seed(0)
     dense = builder()
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp_path / "dense.safetensors")
-    packed = mc.pack(mc.mpdify(dense, c))
+    packed = mc.pack(mc.mpdify_(dense, c))
     save(packed, tmp_path / "packed.safetensors")
     ratio = os.path.getsize(tmp_path / "packed.safetensors") / os.path.getsize(tmp_path / "dense.safetensors")
     assert ratio <= 1 / c + 0.02, ratio
@@ -206,7 +205,7 @@ def test_truncated_and_garbage_files(tmp_path, lenet_file):
 def test_save_refuses_uncompressed_and_mixed_models(tmp_path):
     with pytest.raises(ValueError, match="no compressed layer"):
         save(nn.Linear(3, 3), tmp_path / "x.safetensors")
-    mixed = mc.mpdify(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)), 2)
+    mixed = mc.mpdify_(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)), 2)
     mixed[0] = mc.BlockDiagonalLinear.from_masked(mixed[0])
     with pytest.raises(ValueError, match="mixes packed and masked"):
         save(mixed, tmp_path / "x.safetensors")
@@ -225,7 +224,7 @@ real_fsync = os.fsync
 def die(fd):
     os._exit(9)          # the machine 'crashes' after writing the data, before the rename
 os.fsync = die
-save(mc.pack(mc.mpdify(fc_stack([512, 256, 10]), 4)), {str(path)!r})
+save(mc.pack(mc.mpdify_(fc_stack([512, 256, 10]), 4)), {str(path)!r})
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import mpdcompress as mc
-from mpdcompress import MPDLinear, mpdify
+from mpdcompress import MPDConfig, MPDLinear, mpdify, mpdify_, pack, save
+from mpdcompress.errors import CompressionError, CompressionTypeError, MPDCompressError
 
 
 def lenet(seed=0):
@@ -21,7 +22,7 @@ def off_mask_max(model):
 def test_mpdify_replaces_all_linears_and_keeps_parameters():
     model = lenet()
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
-    out = mpdify(model, compression=10)
+    out = mpdify_(model, 10)
     assert out is model
     layers = [m for m in model if isinstance(m, MPDLinear)]
     assert len(layers) == 3 and [m.weight for m in layers] == weights
@@ -30,37 +31,39 @@ def test_mpdify_replaces_all_linears_and_keeps_parameters():
 
 
 def test_filter_and_mapping_select_layers():
-    model = mpdify(lenet(), 10, filter=lambda name, m: m.out_features != 10)
+    model = mpdify_(lenet(), 10, filter_fn=lambda m, name: m.out_features != 10)
     assert [type(m).__name__ for m in model if isinstance(m, nn.Linear)] == ["MPDLinear", "MPDLinear", "Linear"]
-    model = mpdify(lenet(), {"3": 4})
+    model = mpdify_(lenet(), {"3": 4})
     assert [getattr(m, "compression", None) for m in model if isinstance(m, nn.Linear)] == [None, 4, None]
     with pytest.raises(KeyError, match="fc9"):
-        mpdify(lenet(), {"fc9": 4})
+        mpdify_(lenet(), {"fc9": 4})
     with pytest.raises(ValueError, match="no nn.Linear layer was selected"):
-        mpdify(lenet(), 4, filter=lambda name, m: False)
+        mpdify_(lenet(), 4, filter_fn=lambda m, name: False)
 
 
 def test_invalid_factor_names_the_layer():
     with pytest.raises(ValueError, match=r"layer '5'.*1\.\.10"):
-        mpdify(lenet(), 20)
+        mpdify_(lenet(), 20)
     with pytest.raises(TypeError, match=r"layer '1'"):
-        mpdify(lenet(), 2.5)
+        mpdify_(lenet(), {"1": 2.5})
+    with pytest.raises(TypeError, match="compression must be an int"):
+        mpdify_(lenet(), 2.5)
 
 
 def test_root_linear_and_shared_module():
-    layer = mpdify(nn.Linear(8, 6), 2)
+    layer = mpdify_(nn.Linear(8, 6), 2)
     assert isinstance(layer, MPDLinear)
     shared = nn.Linear(8, 8)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    mpdify(model, 2)
+    mpdify_(model, 2)
     assert model[0] is model[2] and isinstance(model[0], MPDLinear)
 
 
 def test_same_seed_same_masks_different_seed_differs():
-    a, b, c = mpdify(lenet(), 10, seed=1), mpdify(lenet(), 10, seed=1), mpdify(lenet(), 10, seed=2)
+    a, b, c = mpdify_(lenet(), 10, seed=1), mpdify_(lenet(), 10, seed=1), mpdify_(lenet(), 10, seed=2)
     assert torch.equal(a[1].mask, b[1].mask) and not torch.equal(a[1].mask, c[1].mask)
     # A layer's mask depends on its own name only, not on which other layers are compressed.
-    d = mpdify(lenet(), {"3": 10}, seed=1)
+    d = mpdify_(lenet(), {"3": 10}, seed=1)
     assert torch.equal(a[3].mask, d[3].mask)
 
 
@@ -78,7 +81,7 @@ def test_same_seed_same_masks_different_seed_differs():
 )
 def test_optimizers_keep_exact_zeros_off_mask(make_opt):
     torch.manual_seed(0)
-    model = mpdify(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), 4)
+    model = mpdify_(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), 4)
     opt = make_opt(model.parameters())
     x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
     first = model[0].weight.detach().clone()
@@ -92,7 +95,7 @@ def test_optimizers_keep_exact_zeros_off_mask(make_opt):
 
 def test_training_reduces_loss_with_adam_weight_decay():
     torch.manual_seed(0)
-    model = mpdify(lenet(), 10)
+    model = mpdify_(lenet(), 10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     teacher = nn.Linear(784, 10)
     x = torch.randn(512, 784)
@@ -110,7 +113,7 @@ def test_training_reduces_loss_with_adam_weight_decay():
 
 def test_state_dict_round_trip_continues_training_identically():
     torch.manual_seed(0)
-    model = mpdify(lenet(), 10, seed=5)
+    model = mpdify_(lenet(), 10, seed=5)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
 
@@ -127,7 +130,7 @@ def test_state_dict_round_trip_continues_training_identically():
     assert "1.mask" not in model.state_dict()  # derived from the orders, not stored
 
     # A fresh model with a *different* seed must take the masks from the checkpoint.
-    restored = mpdify(lenet(seed=1), 10, seed=99)
+    restored = mpdify_(lenet(seed=1), 10, seed=99)
     ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     restored.load_state_dict(ckpt["model"])
     opt2 = torch.optim.Adam(restored.parameters(), lr=1e-3)
@@ -142,18 +145,18 @@ def test_state_dict_round_trip_continues_training_identically():
 
 def test_loading_dense_weights_masks_them():
     dense = lenet()
-    model = mpdify(lenet(seed=3), 10)
+    model = mpdify_(lenet(seed=3), 10)
     state = {**model.state_dict(), **{k: v for k, v in dense.state_dict().items()}}
     model.load_state_dict(state)
     assert off_mask_max(model) == 0.0
 
 
 def test_loading_corrupt_orders_is_refused():
-    model = mpdify(lenet(), 10)
+    model = mpdify_(lenet(), 10)
     state = model.state_dict()
     state["1.row_order"] = torch.zeros_like(state["1.row_order"])
     with pytest.raises(ValueError, match="not a permutation"):
-        mpdify(lenet(), 10).load_state_dict(state)
+        mpdify_(lenet(), 10).load_state_dict(state)
 
 
 def test_mpdlinear_constructor_errors():
@@ -167,7 +170,7 @@ def test_mpdlinear_constructor_errors():
 
 
 def test_apply_masks_reverts_foreign_updates():
-    model = mpdify(lenet(), 10)
+    model = mpdify_(lenet(), 10)
     with torch.no_grad():
         model[1].weight.add_(1.0)
     mc.apply_masks_(model)
@@ -175,9 +178,9 @@ def test_apply_masks_reverts_foreign_updates():
 
 
 def test_to_dtype_and_autocast():
-    model = mpdify(lenet(), 10).to(torch.float64)
+    model = mpdify_(lenet(), 10).to(torch.float64)
     assert model[1].weight.dtype == torch.float64 and model[1].mask.dtype == torch.bool
-    model = mpdify(lenet(), 10)
+    model = mpdify_(lenet(), 10)
     x = torch.randn(4, 784)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -187,7 +190,7 @@ def test_to_dtype_and_autocast():
 
 def test_torch_compile_masked_model_trains():
     torch.manual_seed(0)
-    model = mpdify(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)), 4)
+    model = mpdify_(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)), 4)
     compiled = torch.compile(model, backend="aot_eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
@@ -198,3 +201,37 @@ def test_torch_compile_masked_model_trains():
         nn.functional.cross_entropy(compiled(x), y).backward()
         opt.step()
     assert off_mask_max(model) == 0.0
+
+
+def test_mpdify_is_a_deprecated_alias_with_the_old_filter_order():
+    with pytest.warns(DeprecationWarning, match="mpdify_"):
+        model = mpdify(lenet(), 10, filter=lambda name, m: m.out_features != 10)
+    assert isinstance(model[1], MPDLinear) and isinstance(model[3], MPDLinear)
+    assert not isinstance(model[5], MPDLinear)
+
+
+def test_compressing_twice_says_so():
+    model = mpdify_(lenet(), 10)
+    with pytest.raises(CompressionError, match="already compressed"):
+        mpdify_(model, 10)
+    with pytest.raises(CompressionError, match="already compressed"):
+        mpdify_(pack(model), 10)
+
+
+def test_config_object_is_checked_once_and_recorded(tmp_path):
+    config = MPDConfig(10, seed=3, init="block")
+    model = mpdify_(lenet(), config, filter_fn=lambda m, name: name != "5")
+    assert model.mpd_config == config
+    assert mpdify_(lenet(), config, seed=4).mpd_config.seed == 4  # keywords override the config's fields
+    from mpdcompress.io import read_manifest
+
+    save(pack(model), tmp_path / "m.safetensors")
+    assert read_manifest(tmp_path / "m.safetensors")["config"] == {
+        "compression": 10, "seed": 3, "permute": True, "mode": "masked", "init": "block"}
+    for bad in (dict(seed=1.5), dict(seed=True), dict(permute="yes")):
+        with pytest.raises(CompressionTypeError):
+            MPDConfig(4, **bad)
+    with pytest.raises(CompressionTypeError, match="compression must be an int"):
+        MPDConfig(2.5)
+    with pytest.raises(MPDCompressError, match="mode must be one of"):
+        MPDConfig(4, mode="sparse")

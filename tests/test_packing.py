@@ -4,7 +4,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
-from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, make_mask, mpdify, pack, unpack
+from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, make_mask, mpdify_, pack, unpack
 
 from .conftest import assert_close_to_scale
 from .test_layout_masks import shapes_and_factor
@@ -53,7 +53,7 @@ def test_pack_fused_chain_is_exact(dims, seed, batch, act):
         mods += [nn.Linear(dims[i], dims[i + 1]), act()]
     model = nn.Sequential(*mods[:-1])
     factors = {str(2 * i): 1 + (seed + i) % min(dims[i], dims[i + 1]) for i in range(len(dims) - 1)}
-    mpdify(model, factors, seed=seed)
+    mpdify_(model, factors, seed=seed)
     packed = pack(model)
     assert isinstance(packed[0], PackedChain) and len(packed) == 1
     x = torch.randn(batch, dims[0])
@@ -70,7 +70,7 @@ def lenet(seed=0):
 @pytest.mark.parametrize("c", [1, 2, 3, 7, 10])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_lenet_pack_exact_with_uneven_blocks(c, batch):
-    model = mpdify(lenet(), c)
+    model = mpdify_(lenet(), c)
     packed = pack(model)
     assert type(packed[1]) is PackedChain and len(packed[1].layers) == 3
     x = torch.randn(batch, 1, 28, 28)
@@ -79,7 +79,7 @@ def test_lenet_pack_exact_with_uneven_blocks(c, batch):
 
 
 def test_pack_leaves_original_and_unpack_restores_structure():
-    model = mpdify(lenet(), 10, filter=lambda n, m: m.out_features != 10)
+    model = mpdify_(lenet(), 10, filter_fn=lambda m, n: m.out_features != 10)
     packed = pack(model)
     assert isinstance(model[1], MPDLinear)  # not in place by default
     # the dense classifier (after a ReLU) is folded into the chain as its tail
@@ -113,7 +113,7 @@ def test_folding_dense_neighbours_is_exact_and_unpacks_exactly(kinds, seed, batc
         else:
             mods.append({"relu": nn.ReLU, "gelu": nn.GELU, "dropout": lambda: nn.Dropout(0.3)}[kind]())
     assume(factors)
-    model = mpdify(nn.Sequential(*mods).eval(), factors, seed=seed)
+    model = mpdify_(nn.Sequential(*mods).eval(), factors, seed=seed)
     packed = pack(model)
     x = torch.randn(batch, dims[0])
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_folding_dense_neighbours_is_exact_and_unpacks_exactly(kinds, seed, batc
 def test_chain_with_dropout_and_multiple_elementwise_ops_between():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Dropout(0.5), nn.Linear(30, 12), nn.Linear(12, 6))
-    mpdify(model, 3)
+    mpdify_(model, 3)
     model.eval()
     packed = pack(model)
     assert len(packed) == 1 and len(packed[0].layers) == 3
@@ -139,7 +139,7 @@ def test_chain_with_dropout_and_multiple_elementwise_ops_between():
 
 
 def test_non_elementwise_module_breaks_the_chain():
-    model = mpdify(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)), 2)
+    model = mpdify_(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)), 2)
     packed = pack(model)
     assert [type(m).__name__ for m in packed] == ["BlockDiagonalLinear", "LayerNorm", "BlockDiagonalLinear"]
     x = torch.randn(3, 8)
@@ -158,7 +158,7 @@ class CustomNet(nn.Module):
 
 def test_layers_outside_sequential_pack_individually_with_leading_dims():
     torch.manual_seed(1)
-    model = mpdify(CustomNet(), 3)
+    model = mpdify_(CustomNet(), 3)
     packed = pack(model)
     assert isinstance(packed.fc1, BlockDiagonalLinear)
     x = torch.randn(2, 3, 4, 12)
@@ -168,8 +168,8 @@ def test_layers_outside_sequential_pack_individually_with_leading_dims():
 
 
 def test_packed_state_dict_round_trip_and_validation():
-    packed = pack(mpdify(lenet(), 10, seed=4))
-    other = pack(mpdify(lenet(seed=9), 10, seed=11))
+    packed = pack(mpdify_(lenet(), 10, seed=4))
+    other = pack(mpdify_(lenet(seed=9), 10, seed=11))
     other.load_state_dict(packed.state_dict())
     x = torch.randn(3, 784)
     with torch.no_grad():
@@ -183,7 +183,7 @@ def test_packed_state_dict_round_trip_and_validation():
 
 
 def test_packed_layer_parameter_count_is_one_over_c():
-    packed = pack(mpdify(lenet(), 10))
+    packed = pack(mpdify_(lenet(), 10))
     chain = packed[1]
     nnz = sum(layer.mpd_mask.layout.nnz for layer in chain.layers)
     stored = sum(layer.weight_blocks.numel() for layer in chain.layers)
@@ -213,7 +213,7 @@ def test_chain_constructor_errors():
 
 def test_packed_model_is_trainable_and_keeps_padding_zero():
     torch.manual_seed(0)
-    packed = pack(mpdify(nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)), 3))
+    packed = pack(mpdify_(nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)), 3))
     opt = torch.optim.Adam(packed.parameters(), lr=1e-2, weight_decay=1e-3)
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
     for _ in range(20):
@@ -228,7 +228,7 @@ def test_packed_model_is_trainable_and_keeps_padding_zero():
 
 
 def test_packed_torch_compile_and_autocast():
-    packed = pack(mpdify(lenet(), 10)).eval()
+    packed = pack(mpdify_(lenet(), 10)).eval()
     x = torch.randn(8, 784)
     with torch.no_grad():
         ref = packed(x)
@@ -241,7 +241,7 @@ def test_packed_torch_compile_and_autocast():
 
 
 def test_packed_to_float64():
-    model = mpdify(lenet(), 10).double()
+    model = mpdify_(lenet(), 10).double()
     packed = pack(model)
     x = torch.randn(2, 784, dtype=torch.float64)
     with torch.no_grad():
@@ -249,7 +249,7 @@ def test_packed_to_float64():
 
 
 def test_packed_model_through_torch_export_and_jit_trace():
-    packed = pack(mpdify(lenet(), 10)).eval()
+    packed = pack(mpdify_(lenet(), 10)).eval()
     x = torch.randn(5, 784)
     with torch.no_grad():
         ref = packed(x)
@@ -260,7 +260,7 @@ def test_packed_model_through_torch_export_and_jit_trace():
 
 
 def test_pack_and_unpack_do_not_copy_the_layers_they_replace():
-    model = mpdify(lenet(), 10)
+    model = mpdify_(lenet(), 10)
     packed = pack(model)
     assert isinstance(model[1], MPDLinear) and model[1].weight.requires_grad  # original untouched
     assert packed[0] is not model[0]  # other modules are copies

@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 import mpdcompress as mpd  # noqa: E402
-from mpdcompress.kernels import ChainWeights, EngineUnavailableError, dispatch, engine_for, use_engine  # noqa: E402
+from mpdcompress.kernels import EngineUnavailableError, dispatch, engine_for, use_engine  # noqa: E402
 from mpdcompress.kernels.triton_engine import epilogue_code  # noqa: E402
 from mpdcompress.kernels.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
 from mpdcompress.kernels.tuning import batch_bucket, candidates  # noqa: E402
@@ -34,7 +34,7 @@ def chain(dims, act, c_for, seed=0, bias=True):
     for i in range(len(dims) - 1):
         mods += [nn.Linear(dims[i], dims[i + 1], bias=bias), act()]
     model = nn.Sequential(*mods[:-1])
-    return mpd.mpdify(model, {str(2 * i): c_for(i) for i in range(len(dims) - 1)}, seed=seed)
+    return mpd.mpdify_(model, {str(2 * i): c_for(i) for i in range(len(dims) - 1)}, seed=seed)
 
 
 def both_engines(model, x):
@@ -69,7 +69,7 @@ def test_folded_dense_neighbours_forward_and_backward(batch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 45), nn.ReLU(), nn.Linear(45, 33), nn.GELU(), nn.Linear(33, 26), nn.Tanh(),
                           nn.Linear(26, 7))
-    mpd.mpdify(model, 4, filter=lambda name, module: name in ("2", "4"))
+    mpd.mpdify_(model, 4, filter_fn=lambda module, name: name in ("2", "4"))
     packed = mpd.pack(model).to(DEVICE)
     chain = packed[0]
     assert chain.head is not None and chain.tail is not None and len(packed) == 1
@@ -102,7 +102,7 @@ def test_dtypes_and_leading_dimensions(dtype, lead):
 
 
 def test_single_layer_with_batch_zero_and_autocast():
-    layer = mpd.pack(mpd.mpdify(nn.Linear(40, 24), 4)).to(DEVICE).eval()
+    layer = mpd.pack(mpd.mpdify_(nn.Linear(40, 24), 4)).to(DEVICE).eval()
     with use_engine("triton"), torch.no_grad():
         assert layer(torch.randn(0, 40, device=DEVICE)).shape == (0, 24)
         x = torch.randn(9, 40, device=DEVICE)
@@ -114,7 +114,7 @@ def test_single_layer_with_batch_zero_and_autocast():
 
 
 def test_mixed_dtypes_are_refused_like_torch_does():
-    layer = mpd.pack(mpd.mpdify(nn.Linear(40, 24), 4)).to(DEVICE, torch.float16).eval()
+    layer = mpd.pack(mpd.mpdify_(nn.Linear(40, 24), 4)).to(DEVICE, torch.float16).eval()
     with use_engine("triton"), pytest.raises(RuntimeError, match="dtype"):
         layer(torch.randn(3, 40, device=DEVICE))
 
@@ -140,7 +140,7 @@ def test_backward_matches_reference_engine(act, lead):
 
 def test_compact_training_keeps_padding_zero_and_tracks_reference():
     torch.manual_seed(0)
-    models = {e: mpd.mpdify(nn.Sequential(nn.Linear(30, 41), nn.ReLU(), nn.Linear(41, 7)), 4, mode="compact").to(DEVICE)
+    models = {e: mpd.mpdify_(nn.Sequential(nn.Linear(30, 41), nn.ReLU(), nn.Linear(41, 7)), 4, mode="compact").to(DEVICE)
               for e in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
     x, y = torch.randn(64, 30, device=DEVICE), torch.randint(0, 7, (64,), device=DEVICE)
@@ -175,7 +175,7 @@ def test_compile_fullgraph_export_and_onnx_keep_one_op_per_layer(tmp_path):
 
 
 def test_compiled_training_step_matches_eager():
-    model = mpd.mpdify(nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 20)), 4, mode="compact").to(DEVICE)
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 20)), 4, mode="compact").to(DEVICE)
     x = torch.randn(16, 40, device=DEVICE)
     with use_engine("triton"):
         torch.compile(model, fullgraph=True)(x).square().sum().backward()
@@ -187,23 +187,24 @@ def test_compiled_training_step_matches_eager():
 
 
 def test_dispatch_choices(monkeypatch):
-    layer = mpd.pack(mpd.mpdify(nn.Linear(20, 12), 3)).eval()
     x = torch.randn(2, 20)
-    cw = ChainWeights([layer.in_gather, layer.out_gather], [layer.weight_blocks], [layer.bias], [],
-                      [layer.kernel_in_index], [layer.kernel_out_index], [12])
     if not torch.cuda.is_available():
-        assert engine_for(x, cw) == "torch"  # auto: CPU tensors take the PyTorch engine
+        assert engine_for(x) == "torch"  # auto: CPU tensors take the PyTorch engine
     with use_engine("triton"):
-        assert engine_for(x, cw) == "triton"  # the interpreter (or a GPU) can run it
+        assert engine_for(x) == "triton"  # the interpreter (or a GPU) can run it
         with pytest.raises(EngineUnavailableError, match="float64"):
-            engine_for(x.double(), cw)
+            engine_for(x.double())
+        with pytest.raises(EngineUnavailableError, match="no kernel indices"):
+            engine_for(x, has_kernel_indices=False)
         monkeypatch.setattr(dispatch, "_triton_installed", False)
         with pytest.raises(EngineUnavailableError, match="not installed"):
-            engine_for(x, cw)
+            engine_for(x)
     monkeypatch.setattr(dispatch, "_triton_installed", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_engine("triton"), pytest.raises(EngineUnavailableError, match="CUDA"):
-        engine_for(x, cw)
+        engine_for(x)
+    with use_engine("torch"):
+        assert engine_for(x) == "torch"
     with pytest.raises(ValueError, match="unknown engine 'cuda'"):
         mpd.set_engine("cuda")
     assert dispatch.get_engine() == "auto"

@@ -1,16 +1,17 @@
 """mpdcompress: matrix permutation decomposition (MPDCompress) for PyTorch models.
 
-Train with :func:`mpdify` (masked dense layers, or ``mode="compact"`` for the packed form),
+Compress in place with :func:`mpdify_` (masked dense layers, or ``mode="compact"`` for the packed form),
 deploy with :func:`pack` (block-diagonal layers that compute the same function with ~1/c of the
 weights and FLOPs), ship with :func:`save` / :func:`load` / :func:`export_onnx`.
 """
 
 __version__ = "0.1.0"
 
-from .convert import apply_masks_, compressed_layers, mpdify, pack, unpack  # noqa: E402
+from .config import MPDConfig  # noqa: E402
+from .convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack  # noqa: E402
 from .export import ExportError, export_onnx  # noqa: E402
-from .kernels import EngineUnavailableError, use_engine, set_engine  # noqa: E402
 from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save  # noqa: E402
+from .kernels import EngineUnavailableError, set_engine, use_engine  # noqa: E402
 from .layout import BlockLayout, validate_compression  # noqa: E402
 from .masks import MPDMask, layer_seed, make_mask  # noqa: E402
 from .nn import BlockDiagonalLinear, MPDLinear, PackedChain  # noqa: E402
@@ -18,7 +19,7 @@ from .nn import BlockDiagonalLinear, MPDLinear, PackedChain  # noqa: E402
 __all__ = [
     "BlockLayout", "MPDMask", "MPDLinear", "BlockDiagonalLinear", "PackedChain",
     "make_mask", "layer_seed", "validate_compression",
-    "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers",
+    "MPDConfig", "mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers",
     "save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning",
     "export_onnx", "ExportError", "use_engine", "set_engine", "EngineUnavailableError",
 ]

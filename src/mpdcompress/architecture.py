@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelFileError, UnsupportedArchitectureError
 from .layout import BlockLayout
 from .masks import MPDMask
 from .nn.masked import MPDLinear
@@ -37,10 +38,6 @@ SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
 _CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 # Constructor arguments that are not stored under their own name, or are not JSON values.
 _SKIP_ARGS = {"device", "dtype", "self", "args", "kwargs", "_weight", "_freeze", "init"}
-
-
-class UnsupportedArchitectureError(TypeError):
-    """The model contains a module type that cannot be described without user code."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -106,7 +103,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
     The caller loads the real tensors (and masks) afterwards; identity permutations stand in.
     """
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
+        raise ModelFileError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
     kind = spec["type"]
     if kind in _CONTAINERS:
         children = spec.get("children", [])
@@ -131,5 +128,5 @@ def build(spec: dict[str, Any]) -> nn.Module:
         try:
             return SUPPORTED_LAYERS[kind](**_tuple_args(spec.get("args", {})))
         except TypeError as exc:
-            raise ValueError(f"cannot build {kind} from {spec.get('args')}: {exc}") from None
-    raise ValueError(f"architecture names an unsupported module type {kind!r}")
+            raise ModelFileError(f"cannot build {kind} from {spec.get('args')}: {exc}") from None
+    raise ModelFileError(f"architecture names an unsupported module type {kind!r}")

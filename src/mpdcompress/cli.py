@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from .cli_train import add_train_parser
+from .errors import ConfigError, MPDCompressError, UnknownNameError
+from .models import MODELS
 
 __all__ = ["main"]
 
@@ -45,7 +47,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+        raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     command = ("mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
     bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
 
@@ -75,7 +77,7 @@ def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
         known = {s[0]: s for s in FULL["shapes"]}
         unknown = sorted(set(args.shapes) - set(known))
         if unknown:
-            raise ValueError(f"unknown layer shapes {unknown}; choose from {sorted(known)}")
+            raise UnknownNameError(f"unknown layer shapes {unknown}; choose from {sorted(known)}")
         config["shapes"] = [known[name] for name in args.shapes]
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
@@ -95,14 +97,14 @@ def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
     from .bench.gpu_report import write_gpu_report
 
     if args.compile:
-        raise ValueError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
+        raise ConfigError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
     profile = GPU_QUICK if args.quick else GPU_FULL
     changes: dict = {}
     if args.shapes:
         known = {s[0]: s for s in GPU_SHAPES}
         unknown = sorted(set(args.shapes) - set(known))
         if unknown:
-            raise ValueError(f"unknown GPU layer shapes {unknown}; choose from {sorted(known)}")
+            raise UnknownNameError(f"unknown GPU layer shapes {unknown}; choose from {sorted(known)}")
         changes["shapes"] = tuple(known[name] for name in args.shapes)
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
@@ -120,7 +122,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.checkpoint)
     if manifest["form"] == "packed":
-        raise ValueError(f"{args.checkpoint} is already packed")
+        raise ConfigError(f"{args.checkpoint} is already packed")
     model = load(args.checkpoint)
     out = save(pack(model), args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
     import os
@@ -131,16 +133,18 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .summary import file_summary, paper_model_summary
+    from .summary import file_summary, model_summary
 
     if args.model:
-        s = paper_model_summary(args.model, args.compression)
-        print(f"{s['model']} at c={s['compression']} (layers compressed as in the paper)")
-        print(f"  FC weights dense: {s['fc_weights_dense']:>12,}   paper: {s['paper_fc_weights_dense']:>12,}")
-        print(f"  FC weights MPD:   {s['fc_weights_mpd']:>12,}   paper: {s['paper_fc_weights_mpd']:>12,}")
+        s = model_summary(args.model, args.compression)
+        paper = s["paper_fc_weights_dense"] is not None
+        print(f"{s['model']} ({s['description']}) at c={s['compression']}"
+              + (" (layers compressed as in the paper)" if paper else ""))
+        for label, key in (("dense", "fc_weights_dense"), ("MPD  ", "fc_weights_mpd")):
+            print(f"  FC weights {label}: {s[key]:>12,}" + (f"   paper: {s['paper_' + key]:>12,}" if paper else ""))
         return 0
     if not args.file:
-        raise ValueError("give a model file, or --model NAME for a paper model")
+        raise ConfigError("give a model file, or --model NAME for a paper model")
     s = file_summary(args.file)
     print(f"{s['path']}: {s['form']} model, written by {s['writer']}, "
           f"architecture {'included' if s['has_architecture'] else 'NOT included (load needs model=)'}")
@@ -175,10 +179,10 @@ def _input_shape(model) -> tuple[int, ...]:
 
     first = next((m for m in model.modules() if not isinstance(m, (nn.Sequential, nn.ModuleList))), None)
     if isinstance(first, nn.Flatten) or first is None:
-        raise ValueError("the file does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28")
+        raise ConfigError("the file does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28")
     if hasattr(first, "in_features"):
         return (first.in_features,)
-    raise ValueError("the file does not record its input shape; pass --input-shape")
+    raise ConfigError("the file does not record its input shape; pass --input-shape")
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="layers, factors, parameter counts and size of a model file or paper model")
     ins.add_argument("file", nargs="?")
-    ins.add_argument("--model", help="a paper model instead of a file: lenet300, deep-mnist, tf-cifar10, alexnet-bn")
+    ins.add_argument("--model", choices=list(MODELS), help="a registered model instead of a file")
     ins.add_argument("--compression", "-c", type=int)
     ins.set_defaults(func=_cmd_inspect)
 
@@ -264,13 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, MPDCompressError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")  # not "[Errno 21] ..."
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        print(f"mpdcompress {args.command}: error: {exc}", file=sys.stderr)
+    except (MPDCompressError, OSError) as exc:
+        # Our own errors and the file system's (unwritable output, full disk) are the user's to
+        # fix: one line. Anything else is a bug in mpdcompress and keeps its traceback.
+        print(f"mpdcompress {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mpdcompress {args.command}: aborted", file=sys.stderr)

@@ -12,18 +12,18 @@ from pathlib import Path
 
 __all__ = ["add_train_parser"]
 
-MODEL_CHOICES = ["lenet300", "deep-mnist", "tf-cifar10", "alexnet-bn", "alexnet-fc"]
 DATASET_CHOICES = ["mnist", "fashion-mnist", "cifar10", "imagenet", "fake"]
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from .models import MODELS
     from .train import RECIPES
 
     tr = sub.add_parser(
         "train", help="train a paper model (dense, masked or compact), on one process or under torchrun",
         description="Runs unchanged under `torchrun --nproc_per_node=N` (DDP: NCCL on GPUs, gloo on CPU).")
     tr.add_argument("--recipe", choices=sorted(RECIPES), help="a named training setup; other flags override it")
-    tr.add_argument("--model", choices=MODEL_CHOICES, help="default: lenet300, or the recipe's")
+    tr.add_argument("--model", choices=list(MODELS), help="default: lenet300, or the recipe's")
     tr.add_argument("--dataset", choices=DATASET_CHOICES,
                     help="default: the model's; 'fake' = random images of the model's input shape")
     tr.add_argument("--compression", "-c", type=int, help="0 trains the dense baseline (default: the paper's factor)")
@@ -60,9 +60,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .models import INPUT_SHAPES
+    from .models import model_spec
     from .train import TrainConfig
-    from .train.config import MODEL_RECIPES
 
     given = dict(
         model=args.model, dataset=args.dataset, compression=args.compression, permute=not args.no_permute,
@@ -71,13 +70,13 @@ def _config(args: argparse.Namespace):
         weight_decay=args.weight_decay, precision=args.precision, compile=args.compile, train_limit=args.train_limit,
         checkpoint_every=args.checkpoint_every, workers=args.workers, device=args.device, data_root=args.data)
     if args.recipe is None:
-        # Without --recipe, the model's own; a model on bare features (the AlexNet FC stack) has
-        # no image dataset and trains on fake data.
-        model = args.model or "lenet300"
-        given["model"] = model
-        if args.dataset is None and len(INPUT_SHAPES[model]) == 1:
-            given["dataset"] = "fake"
-    return TrainConfig.from_recipe(args.recipe or MODEL_RECIPES[given["model"]], **given)
+        # Without --recipe, the model's own recipe and dataset (its registry entry).
+        spec = model_spec(args.model or "lenet300")
+        given["model"] = spec.name
+        given["dataset"] = args.dataset or spec.dataset
+        if spec.recipe is None:
+            return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    return TrainConfig.from_recipe(args.recipe or model_spec(given["model"]).recipe, **given)
 
 
 def _print_plan(plan, recipe: str | None) -> None:
@@ -170,7 +169,7 @@ def _train(config, args, ctx) -> int:
     from tqdm import tqdm
 
     from .io import save
-    from .models import INPUT_SHAPES
+    from .models import model_spec
     from .train import train
 
     main = ctx.is_main
@@ -210,7 +209,7 @@ def _train(config, args, ctx) -> int:
           f"checkpoint in {out / 'checkpoint.pt'}")
     if resolved.compression:
         name = "packed" if resolved.mode == "compact" else "masked"
-        path = save(result.model, out / f"{name}.safetensors", input_shape=INPUT_SHAPES[resolved.model])
+        path = save(result.model, out / f"{name}.safetensors", input_shape=model_spec(resolved.model).input_shape)
         print(f"{name} model: {path}" + ("" if name == "packed" else
                                          f" (pack it with: mpdcompress pack {path} -o packed.safetensors)"))
     return 0

@@ -3,71 +3,76 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from .config import MPDConfig
+from .errors import CompressionError, UnknownNameError
 from .masks import layer_seed, make_mask
 from .nn.masked import MPDLinear
 from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
 
-__all__ = ["mpdify", "pack", "unpack", "apply_masks_", "compressed_layers"]
+__all__ = ["mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers", "LayerFilter"]
 
-LayerFilter = Callable[[str, nn.Linear], bool]
+# torchao's convention: filter_fn(module, fully qualified name) -> compress it?
+LayerFilter = Callable[[nn.Linear, str], bool]
 
 
-def mpdify(
+def mpdify_(
     model: nn.Module,
-    compression: int | Mapping[str, int],
+    config: MPDConfig | int | Mapping[str, int],
     *,
-    filter: LayerFilter | None = None,
-    seed: int = 0,
-    permute: bool = True,
-    mode: str = "masked",
-    init: str = "block",
+    filter_fn: LayerFilter | None = None,
+    **options: Any,
 ) -> nn.Module:
-    """Replace ``nn.Linear`` layers of ``model`` by :class:`MPDLinear` with seeded MPD masks.
+    """Compress ``model`` in place: selected ``nn.Linear`` layers become :class:`MPDLinear`.
 
-    ``mode="compact"`` goes on to :func:`pack` the model in place: the result trains directly in
-    block-diagonal form (parameters are only the blocks), ~1/c of the masked form's compute
-    and weight/optimizer memory, and is the same function class with the same gradients.
+    ``config`` is an :class:`MPDConfig`, or its ``compression`` (one factor, or a mapping from
+    qualified layer names to factors) with the other options as keywords: ``seed``,
+    ``permute``, ``mode``, ``init``. ``filter_fn(module, name)`` further selects layers, as in
+    torchao's ``quantize_``.
 
-    ``init="block"`` (default, for training from scratch) rescales each kept weight row and its
-    bias by ``sqrt(d_in / block_width)``: the initialization ``nn.Linear`` gives a layer whose
-    fan-in is the block width, which is what a masked layer really has. It trained better than
-    keeping the dense initialization in every run measured (``mpdcompress reproduce``'s
-    initialization section). ``init="dense"`` keeps the weights as they are (masked): use it
-    when compressing an already trained model.
+    By default (``init="dense"``) every kept weight keeps its value: compressing a trained model
+    only zeroes what the mask drops. ``init="block"`` (for training from scratch) rescales each
+    kept row and its bias by ``sqrt(d_in / block_width)``, the initialization ``nn.Linear`` gives
+    a layer whose fan-in is the block width. ``mode="compact"`` goes on to :func:`pack` in place:
+    the result trains directly in block-diagonal form (parameters are only the blocks, ~1/c of
+    the masked form's compute and weight/optimizer memory; same function class, same gradients).
 
-    ``compression`` is one factor for every selected layer, or a mapping from qualified layer
-    names to factors (only those layers are compressed). ``filter(name, module)`` further
-    selects layers. Each layer's mask is drawn from ``layer_seed(seed, name)``, so the same seed
-    gives the same masks in every process. Existing parameter objects are kept, so an optimizer
-    built before this call stays valid. Works in place and returns ``model`` (or the new layer
-    when ``model`` itself is an ``nn.Linear``).
+    Each layer's mask is drawn from ``layer_seed(seed, name)``, so the same seed gives the same
+    masks in every process. Existing parameter objects are kept, so an optimizer built before
+    this call stays valid. Returns ``model`` (or the new layer when ``model`` itself is an
+    ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
+    if not isinstance(config, MPDConfig):
+        config = MPDConfig(config, **options)
+    elif options:
+        config = dataclasses.replace(config, **options)
     linears = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not isinstance(module, MPDLinear)
     }
+    compression = config.compression
     if isinstance(compression, Mapping):
         unknown = sorted(set(compression) - set(linears))
         if unknown:
-            raise KeyError(f"compression names layers that are not uncompressed nn.Linear modules: {unknown}")
+            raise UnknownNameError(f"compression names layers that are not uncompressed nn.Linear modules: {unknown}")
         factors = dict(compression)
     else:
         factors = {name: compression for name in linears}
-    if filter is not None:
-        factors = {name: c for name, c in factors.items() if filter(name, linears[name])}
+    if filter_fn is not None:
+        factors = {name: c for name, c in factors.items() if filter_fn(linears[name], name)}
     if not factors:
-        raise ValueError("no nn.Linear layer was selected for compression")
-    if mode not in ("masked", "compact"):
-        raise ValueError(f"mode must be 'masked' or 'compact', got {mode!r}")
-    if init not in ("dense", "block"):
-        raise ValueError(f"init must be 'dense' or 'block', got {init!r}")
+        if not linears and compressed_layers(model):
+            raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
+        raise CompressionError("no nn.Linear layer was selected for compression")
 
     replacements: dict[int, MPDLinear] = {}
     for name, c in factors.items():
@@ -76,15 +81,41 @@ def mpdify(
             continue
         mask = make_mask(
             linear.out_features, linear.in_features, c,
-            seed=layer_seed(seed, name), permute=permute, name=name or type(model).__name__,
+            seed=layer_seed(config.seed, name), permute=config.permute, name=name or type(model).__name__,
         )
         replacements[id(linear)] = MPDLinear.from_linear(linear, mask)
-        if init == "block":
+        if config.init == "block":
             _block_fan_in_(replacements[id(linear)])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
-    # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the mask
-    # study address them by their Sequential keys.
-    return pack(model, inplace=True, fold_dense=False) if mode == "compact" else model
+    if config.mode == "compact":
+        # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
+        # mask study address them by their Sequential keys.
+        model = pack(model, inplace=True, fold_dense=False)
+    model.mpd_config = config
+    return model
+
+
+def mpdify(
+    model: nn.Module,
+    compression: int | Mapping[str, int],
+    *,
+    filter: Callable[[str, nn.Linear], bool] | None = None,
+    seed: int = 0,
+    permute: bool = True,
+    mode: str = "masked",
+    init: str = "dense",
+) -> nn.Module:
+    """Deprecated name of :func:`mpdify_` (which it calls); ``filter(name, module)`` takes its
+    arguments in the other order than ``filter_fn``. Note that ``init`` now defaults to
+    ``"dense"`` here too: pass ``init="block"`` to train from scratch as before."""
+    warnings.warn(
+        "mpdify() is deprecated and will be removed in mpdcompress 0.3; use mpdify_(model, config, "
+        "filter_fn=...), which works in place like mpdify and takes filter_fn(module, name) as torchao does",
+        DeprecationWarning, stacklevel=2,
+    )
+    filter_fn = None if filter is None else (lambda module, name: filter(name, module))
+    return mpdify_(model, MPDConfig(compression, seed=seed, permute=permute, mode=mode, init=init),
+                   filter_fn=filter_fn)
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError, DataCorruptError, DataUnavailableError, UnknownNameError
+
 __all__ = [
     "DataUnavailableError", "DataCorruptError", "Split", "data_root", "read_idx",
     "load_mnist", "load_fashion_mnist", "load_cifar10", "load_dataset", "DATASETS",
@@ -53,14 +55,6 @@ SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 SPLIT_SIZES = {"mnist": {"train": 60_000, "test": 10_000}, "fashion-mnist": {"train": 60_000, "test": 10_000},
                "cifar10": {"train": 50_000, "test": 10_000}}
-
-
-class DataUnavailableError(FileNotFoundError):
-    """The dataset's files are not on this machine; the message says how to get them."""
-
-
-class DataCorruptError(ValueError):
-    """A dataset file exists but is truncated, corrupt or not in the expected format."""
 
 
 @dataclass
@@ -270,10 +264,10 @@ DATASETS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10":
 
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Split:
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+        raise UnknownNameError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[name](split, root)
 
 
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .convert import mpdify, pack
+from .convert import mpdify_, pack
 from .timing import median_seconds
 
 __all__ = ["DemoResult", "run_demo"]
@@ -48,7 +48,7 @@ def run_demo(
     x_train, y_train, x_test, y_test = _cluster_task(seed, 20_000, 2_000)
     model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
     dense_params = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
-    mpdify(model, compression, seed=seed)
+    mpdify_(model, compression, seed=seed, init="block")  # trained from scratch
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     losses = []

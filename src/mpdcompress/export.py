@@ -12,13 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError, ExportError
 from .kernels import use_engine
 
 __all__ = ["export_onnx", "ExportError"]
-
-
-class ExportError(RuntimeError):
-    """The exporter could not turn the model into ONNX."""
 
 
 def export_onnx(
@@ -35,24 +32,31 @@ def export_onnx(
     (the block GEMMs) and ``Add``, which every ONNX runtime executes natively: the export always
     traces the PyTorch engine, whatever engine runs the model in this process.
     """
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if opset < 17:
-        raise ValueError(f"opset must be >= 17, got {opset}")
+        raise ConfigError(f"opset must be >= 17, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
     kwargs = {}
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
-    # The exporter reports progress on stdout and warns about optional packages; a library stays quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
-        warnings.simplefilter("ignore")
-        try:
+    # The exporter reports progress on stdout, logs and warns about optional packages; a library
+    # stays quiet, and leaves the caller's model mode and logging as it found them.
+    logger = logging.getLogger("torch.onnx")
+    level, modes = logger.level, [(module, module.training) for module in model.modules()]
+    logger.setLevel(logging.ERROR)
+    model.eval()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
+            warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (example_input,), dynamo=True, opset_version=opset, external_data=False,
                 input_names=["input"], output_names=["output"], verbose=False, **kwargs,
             )
-        except Exception as exc:  # the exporter raises many unrelated types; one precise one for callers
-            raise ExportError(f"ONNX export failed: {exc}") from exc
+    except Exception as exc:  # the exporter raises many unrelated types; one precise one for callers
+        raise ExportError(f"ONNX export failed: {exc}") from exc
+    finally:
+        logger.setLevel(level)
+        for module, training in modes:
+            module.training = training
     program.save(str(path))
     return path

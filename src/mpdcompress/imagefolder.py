@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data import DataCorruptError, DataUnavailableError, data_root
+from .errors import ConfigError
 
 __all__ = ["ImageFolderImages", "scan_image_folder", "load_imagenet", "IMAGENET_SPLIT_DIRS", "IMAGENET_SIZES"]
 
@@ -134,7 +135,7 @@ def load_imagenet(split: str, root: str | os.PathLike | None = None, *, seed: in
     """ILSVRC-2012 in the ImageFolder layout: ``<root>/imagenet/train/<wnid>/*.JPEG`` and
     ``<root>/imagenet/val/<wnid>/*.JPEG`` (validation images sorted into class folders)."""
     if split not in IMAGENET_SPLIT_DIRS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     folder = Path(root or data_root()) / "imagenet" / IMAGENET_SPLIT_DIRS[split]
     if not folder.is_dir():
         raise DataUnavailableError(

@@ -20,9 +20,18 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import write_atomic
 from .architecture import UnsupportedArchitectureError, build, describe
-from .convert import compressed_layers, mpdify, pack
+from .atomic import write_atomic
+from .config import MPDConfig
+from .convert import compressed_layers, mpdify_, pack
+from .errors import (
+    CompressionError,
+    ConfigError,
+    ModelFileError,
+    ModelFileNotFoundError,
+    MPDCompressError,
+    NonFiniteWeightsWarning,
+)
 from .layout import BlockLayout
 from .masks import check_permutation
 from .nn.packed import PackedChain
@@ -32,14 +41,6 @@ __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsW
 FORMAT_NAME = "mpdcompress"
 FORMAT_VERSION = 1
 _INDEX_SUFFIXES = ("row_order", "col_order")
-
-
-class ModelFileError(ValueError):
-    """The file is not a valid mpdcompress model file (truncated, corrupted, inconsistent)."""
-
-
-class NonFiniteWeightsWarning(UserWarning):
-    """Loaded weights contain NaN or Inf (only with ``on_nonfinite="warn"``)."""
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -94,10 +95,10 @@ def save(
     path = Path(path)
     layers = _compressed_manifest(model)
     if not layers:
-        raise ValueError("model has no compressed layer; call mpdify() (and pack()) first")
+        raise CompressionError("model has no compressed layer; call mpdify_() (and pack()) first")
     kinds = {v["kind"] for v in layers.values()}
     if len(kinds) > 1:
-        raise ValueError("model mixes packed and masked layers; pack() all of them or none")
+        raise CompressionError("model mixes packed and masked layers; pack() all of them or none")
     try:
         architecture = describe(model)
     except UnsupportedArchitectureError:
@@ -118,6 +119,7 @@ def save(
         "architecture": architecture,
         "sha256": {key: _digest(t) for key, t in tensors.items()},
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
+        "config": config.to_json() if isinstance(config := getattr(model, "mpd_config", None), MPDConfig) else None,
         "user": dict(metadata or {}),
     }
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
@@ -132,7 +134,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def _read_header(path: Path) -> dict[str, Any]:
     """Parse the safetensors header by hand, so a damaged file gives a precise error."""
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+        raise ModelFileNotFoundError(f"no model file at {path}")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -195,7 +197,7 @@ def _parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
 def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> nn.Module:
     if model is None:
         if manifest.get("architecture") is None:
-            raise ValueError(
+            raise ModelFileError(
                 f"{path} does not describe its architecture (the model had custom modules); "
                 "pass the model: load(path, model=MyNet())"
             )
@@ -210,7 +212,7 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
         factors = {layer["source"]: layer["compression"] for layer in manifest["layers"].values()}
     except (KeyError, TypeError):
         raise ModelFileError(f"{path}: manifest layers lack their 'source' names") from None
-    mpdify(model, factors)
+    mpdify_(model, factors)
     return pack(model, inplace=True) if manifest["form"] == "packed" else model
 
 
@@ -269,7 +271,7 @@ def load(
     from safetensors import SafetensorError, safe_open
 
     if on_nonfinite not in ("error", "warn", "ignore"):
-        raise ValueError(f"on_nonfinite must be 'error', 'warn' or 'ignore', got {on_nonfinite!r}")
+        raise ConfigError(f"on_nonfinite must be 'error', 'warn' or 'ignore', got {on_nonfinite!r}")
     path = Path(path)
     manifest = _parse_manifest(_read_header(path), path)
     skeleton = _skeleton(manifest, model, path)
@@ -284,4 +286,13 @@ def load(
     state = _check_tensors(tensors, manifest, expected, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
     skeleton.load_state_dict(state, strict=True, assign=True)
+    if manifest.get("config") is not None:
+        skeleton.mpd_config = _recorded_config(manifest["config"], path)
     return skeleton.to(device)
+
+
+def _recorded_config(entry: Any, path: Path) -> MPDConfig:
+    try:
+        return MPDConfig(**entry)
+    except (MPDCompressError, TypeError) as exc:
+        raise ModelFileError(f"{path}: the recorded compression config is invalid: {exc}") from None

@@ -8,6 +8,8 @@ from functools import cached_property
 
 import torch
 
+from .errors import CompressionError, CompressionTypeError
+
 __all__ = ["BlockLayout", "split_sizes", "validate_compression"]
 
 
@@ -24,24 +26,24 @@ def validate_compression(d_out: int, d_in: int, compression: object, name: str |
     """
     for dim_name, dim in (("d_out", d_out), ("d_in", d_in)):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-            raise TypeError(f"{_where(name)}: {dim_name} must be an int, got {type(dim).__name__}")
+            raise CompressionTypeError(f"{_where(name)}: {dim_name} must be an int, got {type(dim).__name__}")
         if dim < 1:
-            raise ValueError(f"{_where(name)}: {dim_name} must be >= 1, got {dim}")
+            raise CompressionError(f"{_where(name)}: {dim_name} must be >= 1, got {dim}")
     upper = min(int(d_out), int(d_in))
     valid = f"valid range for a {d_out}x{d_in} weight is 1..{upper}"
     if isinstance(compression, bool) or not isinstance(compression, numbers.Integral):
         if isinstance(compression, numbers.Real) and float(compression).is_integer():
-            raise TypeError(
+            raise CompressionTypeError(
                 f"{_where(name)}: compression must be an int, got {compression!r} "
                 f"(pass {int(compression)}); {valid}"
             )
-        raise TypeError(
+        raise CompressionTypeError(
             f"{_where(name)}: compression must be an int, got {type(compression).__name__} "
             f"{compression!r}; {valid}"
         )
     c = int(compression)
     if not 1 <= c <= upper:
-        raise ValueError(f"{_where(name)}: compression {c} is out of range; {valid}")
+        raise CompressionError(f"{_where(name)}: compression {c} is out of range; {valid}")
     return c
 
 

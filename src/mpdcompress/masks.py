@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CompressionError, CompressionTypeError, ConfigError
 from .layout import BlockLayout
 
 __all__ = ["MPDMask", "make_mask", "layer_seed", "check_permutation", "inverse_permutation"]
@@ -31,16 +32,16 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 def check_permutation(perm: object, n: int, what: str) -> torch.Tensor:
     """Return ``perm`` as an int64 tensor after checking it is a permutation of ``range(n)``."""
     if not isinstance(perm, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(perm).__name__}")
+        raise CompressionTypeError(f"{what} must be a torch.Tensor, got {type(perm).__name__}")
     if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
-        raise TypeError(f"{what} must have an integer dtype, got {perm.dtype}")
+        raise CompressionTypeError(f"{what} must have an integer dtype, got {perm.dtype}")
     if perm.dim() != 1 or perm.numel() != n:
-        raise ValueError(f"{what} must be 1-D of length {n}, got shape {tuple(perm.shape)}")
+        raise CompressionError(f"{what} must be 1-D of length {n}, got shape {tuple(perm.shape)}")
     perm = perm.to(torch.int64)
     if n and (int(perm.min()) < 0 or int(perm.max()) >= n):
-        raise ValueError(f"{what} has entries outside 0..{n - 1}")
+        raise CompressionError(f"{what} has entries outside 0..{n - 1}")
     if torch.unique(perm).numel() != n:
-        raise ValueError(f"{what} is not a permutation: it repeats some indices")
+        raise CompressionError(f"{what} is not a permutation: it repeats some indices")
     return perm
 
 
@@ -119,12 +120,12 @@ def make_mask(
     """
     layout = BlockLayout.create(d_out, d_in, compression, name)
     if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
+        raise ConfigError("pass either seed or generator, not both")
     if not permute:
         return MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+            raise CompressionTypeError(f"seed must be an int, got {type(seed).__name__}")
         generator = torch.Generator().manual_seed(seed)
     # Permutations are drawn on the CPU so the mask does not depend on the device's RNG.
     row_order = torch.randperm(layout.d_out, generator=generator)

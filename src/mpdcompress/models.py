@@ -7,11 +7,16 @@ AlexNet-BN FC6-8 87,982,080 (87.98M).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-__all__ = ["MODELS", "INPUT_SHAPES", "MODEL_CLASSES", "PAPER_SETUPS", "paper_filter", "classifier_name", "build_model", "fc_weights_kept", "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
+from .errors import CompressionError, UnknownNameError
+from .paper import TABLE1, PaperRow
+
+__all__ = ["ModelSpec", "MODELS", "model_spec", "paper_filter", "classifier_name", "build_model", "fc_weights_kept",
+           "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
 
 
 def _mlp(dims: list[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -80,29 +85,60 @@ def alexnet_bn(num_classes: int = 1000) -> nn.Sequential:
     )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet300": lenet300,
-    "deep-mnist": deep_mnist,
-    "tf-cifar10": tf_cifar10,
-    "alexnet-bn": alexnet_bn,
-    # AlexNet's FC layers alone on 16384-d inputs: throughput runs on fake data.
-    "alexnet-fc": lambda num_classes=1000: fc_stack([16384, 4096, 4096, num_classes]),
-}
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything mpdcompress knows about a named model; adding a model is adding one of these."""
 
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {
-    "lenet300": (1, 28, 28),
-    "deep-mnist": (1, 28, 28),
-    "tf-cifar10": (3, 24, 24),
-    "alexnet-bn": (3, 224, 224),
-    "alexnet-fc": (16384,),
-}
-MODEL_CLASSES = {"lenet300": 10, "deep-mnist": 10, "tf-cifar10": 10, "alexnet-bn": 1000, "alexnet-fc": 1000}
+    name: str
+    build: Callable[..., nn.Module]  # build(num_classes) → a fresh dense model
+    input_shape: tuple[int, ...]  # one example, without the batch dimension
+    num_classes: int
+    compression: int  # the factor it is compressed with by default (the paper's for paper models)
+    keep_classifier_dense: bool  # whether its last nn.Linear stays dense, as the paper did
+    dataset: str  # what `mpdcompress train` trains it on by default ("fake": random inputs)
+    recipe: str | None  # the training recipe it uses by default (see mpdcompress.train.RECIPES)
+    fc_only: bool  # only Linear and element-wise layers (benchmarks run it at large batches)
+    description: str
+
+    @property
+    def paper(self) -> PaperRow | None:
+        """Its row of the paper's Table 1, if the paper has one."""
+        return TABLE1.get(self.name)
+
+
+def _paper_spec(name: str, build: Callable[..., nn.Module], input_shape: tuple[int, ...], num_classes: int,
+                recipe: str, fc_only: bool, description: str) -> ModelSpec:
+    row = TABLE1[name]
+    return ModelSpec(name, build, input_shape, num_classes, row.compression, row.keep_classifier_dense, row.dataset,
+                     recipe, fc_only, description)
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    _paper_spec("lenet300", lenet300, (1, 28, 28), 10, "lenet300-mnist", True, "LeNet-300-100, 784-300-100-10"),
+    _paper_spec("deep-mnist", deep_mnist, (1, 28, 28), 10, "deep-mnist", False,
+                "TF Deep MNIST CNN, FC 3136-1024-10"),
+    _paper_spec("tf-cifar10", tf_cifar10, (3, 24, 24), 10, "tf-cifar10", False,
+                "TF CIFAR-10 tutorial CNN, FC 2304-384-192-10"),
+    _paper_spec("alexnet-bn", alexnet_bn, (3, 224, 224), 1000, "alexnet-bn-imagenet", False,
+                "AlexNet with batch norm, FC 16384-4096-4096-1000"),
+    ModelSpec("alexnet-fc", lambda num_classes=1000: fc_stack([16384, 4096, 4096, num_classes]), (16384,), 1000,
+              compression=8, keep_classifier_dense=False, dataset="fake", recipe="alexnet-bn-imagenet", fc_only=True,
+              description="AlexNet's FC stack alone on 16384-d inputs (throughput runs on fake data)"),
+    ModelSpec("transformer-mlp", lambda num_classes=768: fc_stack([768, 3072, num_classes]), (768,), 768,
+              compression=8, keep_classifier_dense=False, dataset="fake", recipe=None, fc_only=True,
+              description="a BERT-base MLP block, 768-3072-768"),
+)}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise UnknownNameError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name]() if num_classes is None else MODELS[name](num_classes)
+    spec = model_spec(name)
+    return spec.build() if num_classes is None else spec.build(num_classes)
 
 
 def fc_weight_count(model: nn.Module) -> int:
@@ -121,29 +157,17 @@ def fc_weights_kept(model: nn.Module) -> int:
     )
 
 
-# How the paper compresses each model: the factor and whether the final classifier stays dense.
-# LeNet-300-100: "784x300 and 300x100 random binary masks applied to the first and second
-# layers" (§3.1); TF CIFAR-10: Table 1 counts local3/local4 only; Deep MNIST and AlexNet: all FC
-# layers (AlexNet "FC6, FC7, and FC8", §3.2).
-PAPER_SETUPS: dict[str, dict[str, object]] = {
-    "lenet300": {"compression": 10, "keep_classifier_dense": True},
-    "deep-mnist": {"compression": 10, "keep_classifier_dense": False},
-    "tf-cifar10": {"compression": 10, "keep_classifier_dense": True},
-    "alexnet-bn": {"compression": 8, "keep_classifier_dense": False},
-    "alexnet-fc": {"compression": 8, "keep_classifier_dense": False},
-}
-
-
 def classifier_name(model: nn.Module) -> str:
     """Qualified name of the last ``nn.Linear`` in ``model`` (its classifier)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise ValueError("model has no nn.Linear layer")
+        raise CompressionError("model has no nn.Linear layer")
     return names[-1]
 
 
-def paper_filter(model: nn.Module, model_name: str) -> Callable[[str, nn.Module], bool]:
-    """The ``mpdify`` filter that compresses the layers the paper compressed."""
-    keep = PAPER_SETUPS[model_name]["keep_classifier_dense"]
+def paper_filter(model: nn.Module, model_name: str) -> Callable[[nn.Module, str], bool]:
+    """The ``filter_fn(module, name)`` of :func:`~mpdcompress.mpdify_` that compresses the layers
+    the paper compressed (the registry's ``keep_classifier_dense``)."""
+    keep = model_spec(model_name).keep_classifier_dense
     last = classifier_name(model)
-    return lambda name, module: not (keep and name == last)
+    return lambda module, name: not (keep and name == last)

@@ -6,21 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from .io import read_manifest
 from .layout import BlockLayout
-from .models import PAPER_SETUPS, build_model, fc_weight_count, fc_weights_kept, paper_filter
+from .models import build_model, fc_weight_count, fc_weights_kept, model_spec, paper_filter
 
-__all__ = ["file_summary", "paper_model_summary", "PAPER_FC_WEIGHTS"]
-
-# Table 1 of the paper: FC parameters dense → MPD.
-PAPER_FC_WEIGHTS: dict[str, tuple[int, int]] = {
-    "lenet300": (272_000, 27_200),
-    "deep-mnist": (3_220_000, 322_000),
-    "tf-cifar10": (958_400, 95_840),
-    "alexnet-bn": (87_980_000, 11_000_000),
-}
-
+__all__ = ["file_summary", "model_summary"]
 
 def _layer_rows(layers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
@@ -42,14 +32,17 @@ def file_summary(path: str | os.PathLike) -> dict[str, Any]:
             "file_bytes": Path(path).stat().st_size, "dense_compressed_layers_bytes": dense_bytes}
 
 
-def paper_model_summary(name: str, compression: int | None = None) -> dict[str, Any]:
-    """FC weight counts of a paper model, dense and compressed as in the paper, next to Table 1."""
-    from .convert import mpdify
+def model_summary(name: str, compression: int | None = None) -> dict[str, Any]:
+    """FC weight counts of a registered model, dense and compressed as the registry says (the
+    paper's way for paper models), next to the paper's Table 1 where it has the model."""
+    from .convert import mpdify_
 
+    spec = model_spec(name)
     model = build_model(name)
-    c = compression or int(PAPER_SETUPS[name]["compression"])
+    c = compression or spec.compression
     dense = fc_weight_count(model)
-    kept = fc_weights_kept(mpdify(model, c, filter=paper_filter(model, name)))
-    paper_dense, paper_mpd = PAPER_FC_WEIGHTS[name]
-    return {"model": name, "compression": c, "fc_weights_dense": dense, "fc_weights_mpd": kept,
-            "paper_fc_weights_dense": paper_dense, "paper_fc_weights_mpd": paper_mpd}
+    kept = fc_weights_kept(mpdify_(model, c, filter_fn=paper_filter(model, name)))
+    paper = spec.paper
+    return {"model": name, "description": spec.description, "compression": c, "fc_weights_dense": dense,
+            "fc_weights_mpd": kept, "paper_fc_weights_dense": paper.fc_weights[0] if paper else None,
+            "paper_fc_weights_mpd": paper.fc_weights[1] if paper else None}

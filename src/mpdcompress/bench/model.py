@@ -9,12 +9,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..convert import mpdify, pack
-from ..models import INPUT_SHAPES, PAPER_SETUPS, build_model, fc_stack, paper_filter
+from ..convert import mpdify_, pack
+from ..errors import ConfigError
+from ..models import MODELS, build_model, model_spec, paper_filter
 from ..timing import interleaved_medians
 from .memory import model_weight_bytes
 
-__all__ = ["MODEL_STACKS", "build_stack", "file_bytes", "run_model_bench"]
+__all__ = ["build_stack", "file_bytes", "run_model_bench"]
 
 
 def file_bytes(dense: nn.Module, packed: nn.Module) -> dict[str, int]:
@@ -28,40 +29,26 @@ def file_bytes(dense: nn.Module, packed: nn.Module) -> dict[str, int]:
         save(packed, f"{tmp}/packed.safetensors")
         return {"dense": os.path.getsize(f"{tmp}/dense.safetensors"), "packed": os.path.getsize(f"{tmp}/packed.safetensors")}
 
-# name → (builder, input shape, compression, FC-only?)
-MODEL_STACKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, bool]] = {
-    "lenet300": (lambda: build_model("lenet300"), INPUT_SHAPES["lenet300"], 10, True),
-    "alexnet-fc": (lambda: fc_stack([16384, 4096, 4096, 1000]), (16384,), 8, True),
-    "transformer-mlp": (lambda: fc_stack([768, 3072, 768]), (768,), 8, True),
-    "deep-mnist": (lambda: build_model("deep-mnist"), INPUT_SHAPES["deep-mnist"], 10, False),
-    "tf-cifar10": (lambda: build_model("tf-cifar10"), INPUT_SHAPES["tf-cifar10"], 10, False),
-    "alexnet-bn": (lambda: build_model("alexnet-bn"), INPUT_SHAPES["alexnet-bn"], 8, False),
-}
-
-
 def build_stack(name: str, form: str, seed: int = 0, compression: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
     """``form`` is ``dense``, ``masked`` or ``packed``; paper models compress the paper's layers.
 
     ``compression`` overrides the stack's usual factor. Returned in eval mode.
     """
-    if name not in MODEL_STACKS:
-        raise KeyError(f"unknown stack {name!r}; choose from {sorted(MODEL_STACKS)}")
+    spec = model_spec(name)
     if form not in ("dense", "masked", "packed"):
-        raise ValueError(f"form must be dense, masked or packed, got {form!r}")
-    builder, shape, c, _ = MODEL_STACKS[name]
-    c = compression or c
+        raise ConfigError(f"form must be dense, masked or packed, got {form!r}")
+    c = compression or spec.compression
     torch.manual_seed(seed)
-    model = builder()
+    model = build_model(name)
     if form != "dense":
-        flt = paper_filter(model, name) if name in PAPER_SETUPS else None
-        mpdify(model, c, filter=flt, seed=seed)
+        mpdify_(model, c, filter_fn=paper_filter(model, name), seed=seed)
         if form == "packed":
             model = pack(model)
-    return model.eval(), shape
+    return model.eval(), spec.input_shape
 
 
 def run_model_bench(
-    names: Iterable[str] = tuple(MODEL_STACKS),
+    names: Iterable[str] = tuple(MODELS),
     batches: dict[bool, Iterable[int]] | None = None,
     *,
     device: str = "cpu",
@@ -78,7 +65,7 @@ def run_model_bench(
     batches = batches or {True: (1, 64, 512), False: (1, 64)}
     rows = []
     for name in names:
-        fc_only = MODEL_STACKS[name][3]
+        fc_only = model_spec(name).fc_only
         forms = {form: build_stack(name, form) for form in ("dense", "masked", "packed")}
         forms = {k: (m.to(device), s) for k, (m, s) in forms.items()}
         sizes = {k: model_weight_bytes(m) for k, (m, _) in forms.items()}
@@ -93,7 +80,7 @@ def run_model_bench(
                 seconds = interleaved_medians({form: (lambda run=run: run(x)) for form, run in runners.items()},
                                               repeats=repeats, min_time=min_time, device=device)
             rows.append({
-                "model": name, "fc_only": fc_only, "compression": MODEL_STACKS[name][2], "batch": batch,
+                "model": name, "fc_only": fc_only, "compression": model_spec(name).compression, "batch": batch,
                 "device": device, "compile_mode": compile_mode, "seconds": seconds,
                 "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
                 "state_dict_bytes": sizes, "file_bytes": files,

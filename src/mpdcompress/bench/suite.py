@@ -6,10 +6,11 @@ from typing import Callable
 
 import torch
 
+from ..models import MODELS
 from .layer import LAYER_SHAPES, run_layer_bench
 from .machine import describe_machine
 from .memory import peak_rss_bytes
-from .model import MODEL_STACKS, run_model_bench
+from .model import run_model_bench
 from .training import run_training_bench
 
 __all__ = ["run_suite", "QUICK", "FULL"]
@@ -18,7 +19,7 @@ FULL = {
     "shapes": LAYER_SHAPES,
     "factors": (4, 8, 10, 16),
     "batches": (1, 16, 64, 512),
-    "models": tuple(MODEL_STACKS),
+    "models": tuple(MODELS),
     "model_batches": {True: (1, 64, 512), False: (1, 64)},
     "rss_models": ("lenet300", "alexnet-fc", "alexnet-bn"),
     "onnx_models": ("lenet300", "alexnet-fc", "transformer-mlp"),

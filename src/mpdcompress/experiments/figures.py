@@ -8,6 +8,7 @@ import torch
 
 from ..masks import make_mask
 from ..nn.masked import MPDLinear
+from ..paper import MASK_STUDY_FLOOR
 
 __all__ = ["plot_masks", "plot_trained_layer", "plot_mask_study", "plot_mask_sum"]
 
@@ -51,7 +52,7 @@ def plot_trained_layer(path: Path, layer: MPDLinear) -> Path:
     return path
 
 
-def plot_mask_study(path: Path, accuracies: list[float], paper_min: float = 97.3) -> Path:
+def plot_mask_study(path: Path, accuracies: list[float], paper_min: float = MASK_STUDY_FLOOR) -> Path:
     """Fig. 4(a): test accuracy of each independently masked model."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))

@@ -13,6 +13,8 @@ import torch
 
 from ..bench.machine import describe_machine
 from ..data import DataUnavailableError, load_dataset
+from ..errors import ConfigError, UnknownNameError
+from ..paper import MASK_STUDY_FLOOR, NON_PERMUTED_ACCURACY, TABLE1
 from ..train import TrainConfig, train
 from .figures import plot_mask_study, plot_mask_sum, plot_masks, plot_trained_layer
 from .mask_study import train_mask_study
@@ -27,12 +29,15 @@ PROFILES: dict[str, dict[str, Any]] = {
              "mask_study_epochs": 20, "ablation_epochs": 20, "init_seeds": 3},
 }
 
-PAPER = {  # Table 1 and §3 of the paper (accuracy in %).
-    ("lenet300", "mnist"): {"dense": 98.16, "mpd": 97.3},
-    ("deep-mnist", "mnist"): {"dense": 99.3, "mpd": 99.3},
-    ("tf-cifar10", "cifar10"): {"dense": 86.0, "mpd": 85.2},
-    ("alexnet-bn", "imagenet"): {"dense": 57.1, "mpd": 56.4},
-}
+
+
+def _paper_accuracy(model: str, dataset: str) -> dict[str, float] | None:
+    row = TABLE1.get(model)
+    if row is None or row.dataset != dataset:
+        return None
+    return {"dense": row.accuracy[0], "mpd": row.accuracy[1]}
+
+
 TABLE_ROWS = [
     ("lenet300", "mnist", 10), ("deep-mnist", "mnist", 10), ("lenet300", "fashion-mnist", 10),
     ("tf-cifar10", "cifar10", 10), ("alexnet-bn", "imagenet", 8),
@@ -64,10 +69,10 @@ def run_reproduction(
     ``overrides`` replaces profile settings (e.g. fewer masks for a smoke test).
     """
     if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        raise UnknownNameError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     unknown = set(overrides or {}) - set(PROFILES[profile])
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(PROFILES[profile])}")
+        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {sorted(PROFILES[profile])}")
     p = {**PROFILES[profile], **(overrides or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ def run_reproduction(
         epochs = p["deep_epochs"] if model_name == "deep-mnist" else p["lenet_epochs"]
         limit = p["deep_train_limit"] if model_name == "deep-mnist" else None
         row: dict[str, Any] = {"model": model_name, "dataset": dataset, "compression": c,
-                               "paper": PAPER.get((model_name, dataset))}
+                               "paper": _paper_accuracy(model_name, dataset)}
         try:
             if dataset == "imagenet":
                 raise DataUnavailableError("AlexNet-BN on ImageNet is a multi-GPU run, not part of `reproduce`")
@@ -191,13 +196,13 @@ def _observations(r: dict[str, Any]) -> list[str]:
             notes.append(f"{row['model']} on {row['dataset']}: MPD at {row['compression']}x is {gap:.2f} points "
                          f"{'below' if gap >= 0 else 'above'} the dense model trained the same way.")
     ms = r["mask_study"]
-    below = [a for a in ms["accuracies"] if 100 * a <= 97.3]
-    notes.append(f"Mask study: {len(below)} of {ms['masks']} masks at or below the paper's 97.3 % floor; "
+    below = [a for a in ms["accuracies"] if 100 * a <= MASK_STUDY_FLOOR]
+    notes.append(f"Mask study: {len(below)} of {ms['masks']} masks at or below the paper's {MASK_STUDY_FLOOR} % floor; "
                  f"spread between masks {100 * (ms['max'] - ms['min']):.2f} points.")
     for c in sorted({a["compression"] for a in r["ablation"]}, reverse=True):
         perm = next(a["accuracy"] for a in r["ablation"] if a["compression"] == c and a["permuted"])
         plain = next(a["accuracy"] for a in r["ablation"] if a["compression"] == c and not a["permuted"])
-        paper = {10: 80.2, 5: 85.97}.get(c)
+        paper = NON_PERMUTED_ACCURACY.get(c)
         verdict = ("contradicts the paper, whose non-permuted masks dropped to "
                    f"{paper} %" if paper and 100 * plain > paper + 5 else "agrees with the paper's drop")
         notes.append(f"Ablation at {100 / c:.0f} % density: non-permuted {100 * plain:.2f} % vs permuted "
@@ -251,18 +256,17 @@ def render_report(r: dict[str, Any]) -> str:
         "(87,982,080 → 10,997,760 at 8×) match the paper's 3.22M → 322k and 87.98M → 11M.", "",
         f"## Mask study (Fig. 4): {ms['masks']} independent masks, LeNet-300-100 at 10×, {ms['epochs']} epochs each", "",
         f"Test accuracy: min {_pct(ms['min'])} %, mean {_pct(ms['mean'])} %, max {_pct(ms['max'])} % "
-        "(paper: every one of 100 masks above 97.3 %).", "",
+        f"(paper: every one of 100 masks above {MASK_STUDY_FLOOR} %).", "",
         f"Sum of the {ms['masks']} masks of {ms['mask_sum_layer']}: mean {ms['mask_sum_mean']:.2f} "
         f"(expected {ms['masks'] / 10:.2f}), min {ms['mask_sum_min']}, max {ms['mask_sum_max']}.", "",
         "![accuracy per mask](mask_study_accuracy.png)", "", "![sum of masks](mask_study_sum.png)", "",
         "## Ablation: permuted vs non-permuted block-diagonal masks (LeNet-300-100, MNIST)", "",
         "| density | permuted % | non-permuted % | paper non-permuted % |", "|---|---|---|---|",
     ]
-    paper_np = {10: "80.2", 5: "85.97"}
     for c in sorted({a["compression"] for a in r["ablation"]}, reverse=True):
         perm = next(a for a in r["ablation"] if a["compression"] == c and a["permuted"])
         plain = next(a for a in r["ablation"] if a["compression"] == c and not a["permuted"])
-        lines.append(f"| {100 / c:.0f} % | {_pct(perm['accuracy'])} | {_pct(plain['accuracy'])} | {paper_np.get(c, '—')} |")
+        lines.append(f"| {100 / c:.0f} % | {_pct(perm['accuracy'])} | {_pct(plain['accuracy'])} | {NON_PERMUTED_ACCURACY.get(c, '—')} |")
     lines += ["", "## Compact training and initialization (LeNet-300-100, MNIST, 10×)", "",
               "Compact training trains the packed block-diagonal form directly (`--mode compact`); "
               "`block` init uses the block width as fan-in, `dense` keeps nn.Linear's. Mask seed = seed.", "",

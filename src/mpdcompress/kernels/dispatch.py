@@ -16,22 +16,19 @@ from typing import Iterator
 
 import torch
 
+from ..errors import EngineUnavailableError, UnknownNameError
 from .torch_engine import ChainWeights, run_chain_torch
 from .tuning import interpreting
 
-__all__ = ["ENGINES", "EngineUnavailableError", "run_chain", "set_engine", "get_engine", "use_engine", "engine_for"]
+__all__ = ["ENGINES", "EngineUnavailableError", "run_chain", "run_packed", "set_engine", "get_engine", "use_engine", "engine_for"]
 
 ENGINES = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class EngineUnavailableError(RuntimeError):
-    """The engine that was asked for cannot run this call (not installed, wrong device or dtype)."""
-
-
 def _checked(name: str) -> str:
     if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+        raise UnknownNameError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     return name
 
 
@@ -69,17 +66,20 @@ def _has_triton() -> bool:
     return _triton_installed
 
 
-def engine_for(x: torch.Tensor, weights: ChainWeights) -> str:
-    """``torch`` or ``triton``: the engine that runs this call."""
-    if _engine == "torch" or torch.jit.is_tracing() or torch.jit.is_scripting():
+def engine_for(x: torch.Tensor, has_kernel_indices: bool = True) -> str:
+    """``torch`` or ``triton``: the engine that runs a packed forward on ``x``."""
+    # The common CPU case returns first: at batch 1 every microsecond of dispatch shows.
+    if _engine == "torch" or (_engine == "auto" and not x.is_cuda):
+        return "torch"
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
         return "torch"
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     reason = None
     if not _has_triton():
         reason = 'Triton is not installed (pip install "mpdcompress[gpu]")'
-    elif weights.in_index is None:
+    elif not has_kernel_indices:
         reason = "these weights carry no kernel indices"
-    elif not (x.is_cuda or (_engine == "triton" and x.device.type == "cpu" and interpreting())):
+    elif not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
         # On the CPU the interpreter is for testing the kernels, never an automatic choice.
         reason = f"Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {x.device}"
     elif dtype not in _TRITON_DTYPES:
@@ -93,8 +93,18 @@ def engine_for(x: torch.Tensor, weights: ChainWeights) -> str:
 
 def run_chain(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     """Apply a packed chain to ``x`` (..., d_in) on the engine :func:`engine_for` picks."""
-    if engine_for(x, weights) == "triton":
+    if engine_for(x, weights.in_index is not None) == "triton":
         from .triton_engine import run_chain_triton
 
         return run_chain_triton(x, weights)
     return run_chain_torch(x, weights)
+
+
+def run_packed(x: torch.Tensor, module) -> torch.Tensor:
+    """Apply a packed module (anything with ``chain_weights(kernel_indices)``) to ``x``; the
+    kernel indices are gathered only when the Triton engine will read them."""
+    if engine_for(x) == "triton":
+        from .triton_engine import run_chain_triton
+
+        return run_chain_triton(x, module.chain_weights(kernel_indices=True))
+    return run_chain_torch(x, module.chain_weights(kernel_indices=False))

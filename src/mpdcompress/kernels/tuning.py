@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import EngineUnavailableError
+
 __all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates"]
 
 
@@ -94,6 +96,6 @@ def choose(kernel: str, batch: int, shape_key: tuple, device: torch.device,
             if "out of resource" not in str(exc).lower() and "OutOfResources" not in type(exc).__name__:
                 raise
     if not timings:
-        raise RuntimeError(f"no tile configuration of {kernel} fits this GPU for shape {shape_key}")
+        raise EngineUnavailableError(f"no tile configuration of {kernel} fits this GPU for shape {shape_key}")
     _chosen[key] = min(timings, key=timings.get)
     return _chosen[key]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CompressionError, CompressionTypeError
 from ..layout import BlockLayout
 from ..masks import MPDMask, make_mask
 
@@ -44,10 +45,10 @@ class MPDLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if mask is None:
             if compression is None:
-                raise TypeError("MPDLinear needs compression= or mask=")
+                raise CompressionTypeError("MPDLinear needs compression= or mask=")
             mask = make_mask(out_features, in_features, compression, seed=seed, permute=permute)
         elif compression is not None and compression != mask.compression:
-            raise ValueError(f"compression={compression} disagrees with the mask's {mask.compression}")
+            raise CompressionError(f"compression={compression} disagrees with the mask's {mask.compression}")
         self._attach_mask(mask)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -58,7 +59,7 @@ class MPDLinear(nn.Linear):
         Reusing the ``Parameter`` objects keeps an optimizer created before compression valid.
         """
         if mask.shape != (linear.out_features, linear.in_features):
-            raise ValueError(
+            raise CompressionError(
                 f"mask shape {mask.shape} does not match linear weight shape "
                 f"{(linear.out_features, linear.in_features)}"
             )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import ChainWeights, run_chain
+from ..errors import CompressionError
+from ..kernels import ChainWeights, run_packed
 from ..layout import BlockLayout
 from ..masks import MPDMask
 from .masked import MPDLinear
@@ -69,9 +70,9 @@ class BlockDiagonalLinear(nn.Module):
         layout = mask.layout
         expected = (layout.compression, layout.max_rows, layout.max_cols)
         if tuple(weight_blocks.shape) != expected:
-            raise ValueError(f"weight_blocks must have shape {expected}, got {tuple(weight_blocks.shape)}")
+            raise CompressionError(f"weight_blocks must have shape {expected}, got {tuple(weight_blocks.shape)}")
         if bias is not None and tuple(bias.shape) != (layout.compression * layout.max_rows,):
-            raise ValueError(
+            raise CompressionError(
                 f"packed bias must have shape {(layout.compression * layout.max_rows,)}, got {tuple(bias.shape)}"
             )
         self.in_features, self.out_features = layout.d_in, layout.d_out
@@ -99,7 +100,7 @@ class BlockDiagonalLinear(nn.Module):
         """
         layout = mask.layout
         if tuple(weight.shape) != mask.shape:
-            raise ValueError(f"weight shape {tuple(weight.shape)} does not match mask shape {mask.shape}")
+            raise CompressionError(f"weight shape {tuple(weight.shape)} does not match mask shape {mask.shape}")
         device = weight.device
         c, br, bc = layout.compression, layout.max_rows, layout.max_cols
         pr = layout.padded_row_positions().to(device)
@@ -181,12 +182,16 @@ class BlockDiagonalLinear(nn.Module):
         padding = None if layout.is_even else layout.padding_mask().to(device)
         self.register_buffer("padding_mask", padding, persistent=False)
 
+    def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
+        """This layer as a one-layer chain (``kernel_indices``: also what the Triton engine reads)."""
+        weights = ChainWeights([self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [])
+        if kernel_indices:
+            weights.in_index, weights.out_index = [self.kernel_in_index], [self.kernel_out_index]
+            weights.out_features = [self.out_features]
+        return weights
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weights = ChainWeights(
-            [self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [],
-            [self.kernel_in_index], [self.kernel_out_index], [self.out_features],
-        )
-        return run_chain(input, weights)
+        return run_packed(input, self)
 
     def extra_repr(self) -> str:
         layout = self.layout
@@ -231,25 +236,25 @@ class PackedChain(nn.Module):
         :meth:`fold_head` / :meth:`fold_tail`)."""
         super().__init__()
         if not layers:
-            raise ValueError("a PackedChain needs at least one layer")
+            raise CompressionError("a PackedChain needs at least one layer")
         if len(activations) != len(layers) - 1:
-            raise ValueError(f"{len(layers)} layers need {len(layers) - 1} activations, got {len(activations)}")
+            raise CompressionError(f"{len(layers)} layers need {len(layers) - 1} activations, got {len(activations)}")
         for i, act in enumerate([*activations, head_gap, tail_gap]):
             if not all(is_elementwise(op) for op in _ops(act)):
-                raise ValueError(f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain")
+                raise CompressionError(f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain")
         if (head_gap is not None and head is None) or (tail_gap is not None and tail is None):
-            raise ValueError("head_gap / tail_gap need a head / tail")
+            raise CompressionError("head_gap / tail_gap need a head / tail")
         for i in range(len(layers) - 1):
             if layers[i].out_features != layers[i + 1].in_features:
-                raise ValueError(
+                raise CompressionError(
                     f"layer {i} has {layers[i].out_features} outputs but layer {i + 1} "
                     f"expects {layers[i + 1].in_features} inputs"
                 )
         first, last = layers[0].layout, layers[-1].layout
         if head is not None and head.out_features != first.compression * first.max_cols:
-            raise ValueError(f"a folded head must have {first.compression * first.max_cols} outputs, got {head.out_features}")
+            raise CompressionError(f"a folded head must have {first.compression * first.max_cols} outputs, got {head.out_features}")
         if tail is not None and tail.in_features != last.compression * last.max_rows:
-            raise ValueError(f"a folded tail must have {last.compression * last.max_rows} inputs, got {tail.in_features}")
+            raise CompressionError(f"a folded tail must have {last.compression * last.max_rows} inputs, got {tail.in_features}")
         self.layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activations)
         self.head, self.head_gap, self.tail_gap, self.tail = head, head_gap, tail_gap, tail
@@ -257,7 +262,7 @@ class PackedChain(nn.Module):
         if source_keys is None:
             source_keys = [str(i) for i in range(n_modules)]
         if len(source_keys) != n_modules:
-            raise ValueError(f"source_keys needs {n_modules} keys, got {len(source_keys)}")
+            raise CompressionError(f"source_keys needs {n_modules} keys, got {len(source_keys)}")
         self.source_keys = list(source_keys)
         self._build_fused_gathers()
         self.register_load_state_dict_post_hook(_rebuild_chain_indices)
@@ -336,28 +341,25 @@ class PackedChain(nn.Module):
         self.register_buffer("tail_out_index", torch.arange(rows, dtype=torch.int32, device=last.kernel_out_index.device),
                              persistent=False)
 
-    def chain_weights(self) -> ChainWeights:
+    def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
+        """The chain as plain tensors (``kernel_indices``: also what the Triton engine reads)."""
         n = len(self.layers)
         gathers = [None if self.head is not None else self.layers[0].in_gather]
         gathers += [getattr(self, f"fused_gather_{i}") for i in range(1, n)]
         gathers.append(None if self.tail is not None else self.layers[-1].out_gather)
-        in_index = [layer.kernel_in_index for layer in self.layers]
-        out_index = [layer.kernel_out_index for layer in self.layers]
-        out_features = [layer.out_features for layer in self.layers]
-        if self.head is not None:
-            in_index[0] = self.head_in_index
-        if self.tail is not None:
-            out_index[-1] = self.tail_out_index
-            out_features[-1] = self.tail_out_index.numel()
-        return ChainWeights(
-            gathers,
-            [layer.effective_blocks() for layer in self.layers],
-            [layer.bias for layer in self.layers],
-            list(self.activations),
-            in_index,
-            out_index,
-            out_features,
-        )
+        weights = ChainWeights(gathers, [layer.effective_blocks() for layer in self.layers],
+                               [layer.bias for layer in self.layers], list(self.activations))
+        if kernel_indices:
+            in_index = [layer.kernel_in_index for layer in self.layers]
+            out_index = [layer.kernel_out_index for layer in self.layers]
+            out_features = [layer.out_features for layer in self.layers]
+            if self.head is not None:
+                in_index[0] = self.head_in_index
+            if self.tail is not None:
+                out_index[-1] = self.tail_out_index
+                out_features[-1] = self.tail_out_index.numel()
+            weights.in_index, weights.out_index, weights.out_features = in_index, out_index, out_features
+        return weights
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         h = input
@@ -365,7 +367,7 @@ class PackedChain(nn.Module):
             h = self.head(h)
             if self.head_gap is not None:
                 h = self.head_gap(h)
-        h = run_chain(h, self.chain_weights())
+        h = run_packed(h, self)
         if self.tail is not None:
             if self.tail_gap is not None:
                 h = self.tail_gap(h)

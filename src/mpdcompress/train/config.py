@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["TrainConfig", "Recipe", "RECIPES", "MODEL_RECIPES", "recipe_for_model", "CheckpointError"]
+from ..config import INITS, MODES, check_choice
+from ..errors import CheckpointError, ConfigError, UnknownNameError
+from ..models import model_spec
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed (missing, damaged, or from a different configuration)."""
+__all__ = ["TrainConfig", "Recipe", "RECIPES", "recipe_for_model", "CheckpointError"]
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,13 @@ RECIPES: dict[str, Recipe] = {
                "compressed; momentum 0.9 and weight decay 5e-4 are the usual AlexNet values (not stated)"),
 }
 
-# Which recipe a model trains with when no --recipe is named. "alexnet-fc" (the FC stack alone,
-# for throughput runs on fake data) borrows AlexNet's.
-MODEL_RECIPES = {"lenet300": "lenet300-mnist", "deep-mnist": "deep-mnist", "tf-cifar10": "tf-cifar10",
-                  "alexnet-bn": "alexnet-bn-imagenet", "alexnet-fc": "alexnet-bn-imagenet"}
-
-
 def recipe_for_model(model: str) -> Recipe | None:
-    name = MODEL_RECIPES.get(model)
+    """The recipe ``model`` trains with when none is named (its registry entry says which)."""
+    name = model_spec(model).recipe
     return RECIPES[name] if name else None
+
+
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast on CPU and CUDA
 
 
 @dataclass
@@ -70,7 +68,7 @@ class TrainConfig:
     compression: int | None = 10  # None: the dense baseline
     permute: bool = True
     mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
-    init: str = "block"  # or "dense": keep nn.Linear's initialization (see mpdify)
+    init: str = "block"  # training from scratch; "dense" keeps nn.Linear's initialization (see mpdify_)
     seed: int = 0  # initialization and data order
     mask_seed: int | None = None  # masks; defaults to seed
     epochs: int | None = None
@@ -91,10 +89,9 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the model's recipe filled in where this config leaves values open."""
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.mode not in ("masked", "compact"):
-            raise ValueError(f"mode must be 'masked' or 'compact', got {self.mode!r}")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("init", self.init, INITS)
         recipe = recipe_for_model(self.model)
         values = asdict(self)
         if recipe is not None:
@@ -107,7 +104,7 @@ class TrainConfig:
                     values[key] = value
         missing = [k for k in ("epochs", "batch_size", "lr", "optimizer") if values[k] is None]
         if missing:
-            raise ValueError(f"model {self.model!r} has no recipe; give {', '.join(missing)}")
+            raise ConfigError(f"model {self.model!r} has no recipe; give {', '.join(missing)}")
         values["momentum"] = 0.9 if values["momentum"] is None else values["momentum"]
         values["weight_decay"] = values["weight_decay"] or 0.0
         if values["mask_seed"] is None:
@@ -119,7 +116,7 @@ class TrainConfig:
         """The config of a named recipe; ``overrides`` that are not None replace its values
         (``compression=0`` asks for the dense baseline)."""
         if name not in RECIPES:
-            raise KeyError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+            raise UnknownNameError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
         recipe = RECIPES[name]
         base = {"model": recipe.model, "dataset": recipe.dataset, "compression": recipe.compression}
         base.update({k: v for k, v in overrides.items() if v is not None})

@@ -25,19 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError, DistributedFailure, MaskMismatchError
 from ..nn import BlockDiagonalLinear, MPDLinear
 
 __all__ = ["DistContext", "init_from_env", "shutdown", "verify_identical_masks", "mask_fingerprints",
            "MaskMismatchError", "DistributedFailure", "any_rank", "barrier", "sum_over_ranks", "gather_over_ranks",
            "collective"]
-
-
-class MaskMismatchError(RuntimeError):
-    """Ranks built different masks for a layer; training them together would silently diverge."""
-
-
-class DistributedFailure(RuntimeError):
-    """A collective operation failed: another rank died, was killed or lost its connection."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,7 @@ def init_from_env(device: str, timeout_minutes: float = 30.0) -> DistContext:
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda under torchrun, but torch.cuda.is_available() is False")
+            raise ConfigError("--device cuda under torchrun, but torch.cuda.is_available() is False")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import Split, load_dataset
+from ..errors import ConfigError
 from ..imagefolder import load_imagenet
-from ..models import INPUT_SHAPES, MODEL_CLASSES
+from ..models import model_spec
 
 __all__ = ["NORMALIZATION", "prepare", "InMemoryImages", "FakeImages", "open_datasets", "StepPlan", "step_plan",
            "rank_micro_batches", "batch_loader", "FAKE_SIZES"]
@@ -120,15 +121,16 @@ class FakeImages:
 
 def open_datasets(config, train_split: Split | None = None, test_split: Split | None = None):
     """The training and evaluation sources of a resolved :class:`TrainConfig`."""
-    shape = INPUT_SHAPES[config.model]
+    spec = model_spec(config.model)
+    shape = spec.input_shape
     size = shape[-1] if len(shape) == 3 else None
     if size is None and config.dataset != "fake":
-        raise ValueError(f"{config.model} takes {shape[0]}-d feature vectors, not {config.dataset} images; "
+        raise ConfigError(f"{config.model} takes {shape[0]}-d feature vectors, not {config.dataset} images; "
                          "train it on --dataset fake")
     if config.dataset == "fake":
         limit = config.train_limit or FAKE_SIZES["train"]
-        return (FakeImages(shape, MODEL_CLASSES[config.model], limit, seed=config.seed),
-                FakeImages(shape, MODEL_CLASSES[config.model], FAKE_SIZES["test"], seed=config.seed + 1))
+        return (FakeImages(shape, spec.num_classes, limit, seed=config.seed),
+                FakeImages(shape, spec.num_classes, FAKE_SIZES["test"], seed=config.seed + 1))
     if config.dataset == "imagenet":
         _check_fits(config, channels=3, side=224)
         train = load_imagenet("train", config.data_root, seed=config.seed)
@@ -146,9 +148,9 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
 
 
 def _check_fits(config, channels: int, side: int) -> None:
-    want = INPUT_SHAPES[config.model]
+    want = model_spec(config.model).input_shape
     if want[0] != channels or want[-1] > side:
-        raise ValueError(f"{config.model} takes {want[0]}-channel {want[-1]}x{want[-1]} images; {config.dataset} has "
+        raise ConfigError(f"{config.model} takes {want[0]}-channel {want[-1]}x{want[-1]} images; {config.dataset} has "
                          f"{channels}-channel {side}x{side} ones")
 
 
@@ -165,16 +167,16 @@ class StepPlan:
 
 def step_plan(global_batch: int, micro_batch: int | None, world_size: int, train_images: int) -> StepPlan:
     if global_batch % world_size:
-        raise ValueError(f"the global batch {global_batch} does not split over {world_size} processes; "
+        raise ConfigError(f"the global batch {global_batch} does not split over {world_size} processes; "
                          "choose a batch size divisible by the process count")
     per_rank = global_batch // world_size
     micro = micro_batch or per_rank
     if per_rank % micro:
-        raise ValueError(f"each of the {world_size} processes gets {per_rank} images per step, which --micro-batch "
+        raise ConfigError(f"each of the {world_size} processes gets {per_rank} images per step, which --micro-batch "
                          f"{micro} does not divide; choose a divisor of {per_rank}")
     steps = train_images // global_batch
     if steps == 0:
-        raise ValueError(f"{train_images} training images are fewer than one global batch of {global_batch}")
+        raise ConfigError(f"{train_images} training images are fewer than one global batch of {global_batch}")
     return StepPlan(global_batch, world_size, micro, per_rank // micro, steps)
 
 

@@ -23,12 +23,21 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..convert import mpdify
+from ..convert import mpdify_
 from ..data import Split
+from ..errors import ConfigError
 from ..models import build_model, fc_weights_kept, paper_filter
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
-from .distributed import DistContext, any_rank, barrier, collective, gather_over_ranks, sum_over_ranks, verify_identical_masks
+from .distributed import (
+    DistContext,
+    any_rank,
+    barrier,
+    collective,
+    gather_over_ranks,
+    sum_over_ranks,
+    verify_identical_masks,
+)
 from .inputs import batch_loader, open_datasets, prepare, rank_micro_batches, step_plan
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train", "evaluate", "build_for"]
@@ -63,8 +72,8 @@ def build_for(config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     model = build_model(config.model)
     if config.compression:
-        model = mpdify(model, config.compression, filter=paper_filter(model, config.model), seed=config.mask_seed,
-                       permute=config.permute, mode=config.mode, init=config.init)
+        model = mpdify_(model, config.compression, filter_fn=paper_filter(model, config.model),
+                        seed=config.mask_seed, permute=config.permute, mode=config.mode, init=config.init)
     return model
 
 
@@ -74,7 +83,7 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'sgd'")
+    raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'sgd'")
 
 
 def _autocast(device: torch.device, precision: str):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data import FASHION_SYSTEM_DIR, SPLIT_SIZES, data_root
+from ..errors import ConfigError
 from ..imagefolder import IMAGENET_SIZES
 from ..layout import BlockLayout
 from ..models import build_model, paper_filter
@@ -79,7 +80,7 @@ def _parameter_counts(config: TrainConfig) -> tuple[int, int, int, int]:
         if not isinstance(module, nn.Linear):
             continue
         fc_dense += module.weight.numel()
-        if config.compression and keep(name, module):
+        if config.compression and keep(module, name):
             layout = BlockLayout.create(module.out_features, module.in_features, config.compression)
             fc_kept += layout.nnz
             if config.mode == "compact":  # only the (padded) blocks are parameters
@@ -116,7 +117,7 @@ def estimate_step_seconds(config: TrainConfig, *, steps: int = 5, warmup: int = 
     from .loop import train
 
     if warmup < 1 or steps < 1:
-        raise ValueError("estimate needs at least one warm-up step and one timed step")
+        raise ConfigError("estimate needs at least one warm-up step and one timed step")
     stamps: list[float] = []
 
     def progress(event: dict) -> None:

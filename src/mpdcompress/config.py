@@ -1,0 +1,63 @@
+"""The compression options, checked in one place: :class:`MPDConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import CompressionTypeError, ConfigError
+
+__all__ = ["MPDConfig", "MODES", "INITS", "check_choice"]
+
+Mode = Literal["masked", "compact"]
+Init = Literal["dense", "block"]
+# masked: dense weight x fixed mask (the paper's training form); compact: the packed blocks only.
+MODES: tuple[str, ...] = ("masked", "compact")
+# dense: keep the weights as they are (masked); block: rescale to the block width's fan-in
+# (nn.Linear's initialization for a layer whose fan-in is what a masked row really sees).
+INITS: tuple[str, ...] = ("dense", "block")
+
+
+def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MPDConfig:
+    """How :func:`~mpdcompress.mpdify_` compresses a model.
+
+    ``compression``: one factor for every selected ``nn.Linear``, or ``{qualified name: factor}``
+    (only those layers). ``seed``: masks are drawn from ``layer_seed(seed, name)``, the same in
+    every process. ``permute=False`` gives plain block-diagonal masks (the paper's ablation).
+    ``mode="compact"`` packs right away so the blocks train directly. ``init="dense"`` (default)
+    never changes the kept weights; ``"block"`` is for training from scratch.
+    """
+
+    compression: int | Mapping[str, int]
+    seed: int = 0
+    permute: bool = True
+    mode: Mode = "masked"
+    init: Init = "dense"
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("init", self.init, INITS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
+        if not isinstance(self.permute, bool):
+            raise CompressionTypeError(f"permute must be a bool, got {type(self.permute).__name__}")
+        if not isinstance(self.compression, Mapping) and (
+                isinstance(self.compression, bool) or not isinstance(self.compression, int)):
+            raise CompressionTypeError(
+                f"compression must be an int or a mapping of layer names to ints, got "
+                f"{type(self.compression).__name__} {self.compression!r}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """What the model file's manifest records."""
+        compression = dict(self.compression) if isinstance(self.compression, Mapping) else self.compression
+        return {"compression": compression, "seed": self.seed, "permute": self.permute, "mode": self.mode,
+                "init": self.init}
