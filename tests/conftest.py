@@ -1,8 +1,5 @@
-import gzip
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -12,7 +9,7 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mpdcompress.train import TrainConfig
+from .helpers import write_fake_mnist  # noqa: E402
 
 # Keep hypothesis quick and deterministic in CI; a developer can raise the budget locally.
 settings.register_profile(
@@ -23,59 +20,9 @@ settings.load_profile("ci")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> float:
-    """Max abs difference relative to the output scale; the figure the exactness bar is about."""
-    scale = expected.detach().abs().max().clamp_min(1e-12)
-    err = float((actual - expected).detach().abs().max() / scale)
-    assert err <= rel, f"relative max error {err:.3g} > {rel}"
-    return err
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-
-
-def write_fake_mnist(folder: Path, n_train=600, n_test=200, gz=False, seed=0) -> None:
-    """A learnable MNIST-format dataset: each class lights a different patch of the image."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, y in enumerate(labels):
-            images[i, 2 * y: 2 * y + 6, 4:24] = 250
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
-
-
-def cifar_arrays(n, seed):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n)
-
-
-def write_cifar_binary(root: Path, per_batch: int) -> Path:
-    """CIFAR-10's binary release layout: five training batches and a test batch of 3073-byte records."""
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
-        data, labels = cifar_arrays(per_batch, i)
-        records = np.concatenate([labels[:, None].astype(np.uint8), data], axis=1)
-        (folder / f"{name}.bin").write_bytes(records.tobytes())
-    return folder
-
-
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     # Gzipped, so the loader validates the format but does not expect the real release's digests.
     write_fake_mnist(tmp_path / "mnist", gz=True)
     monkeypatch.setenv("MPDCOMPRESS_DATA", str(tmp_path))
     return tmp_path
-
-
-def small_config(**kw):
-    base = dict(model="lenet300", dataset="mnist", compression=4, epochs=3, batch_size=50, lr=2e-3, seed=3)
-    base.update(kw)
-    return TrainConfig(**base)

@@ -8,7 +8,7 @@ import torch
 from mpdcompress.bench import layer_candidates, model_weight_bytes, run_layer_bench, run_model_bench
 from mpdcompress.bench.model import build_stack
 from mpdcompress.bench.report import write_bench_report
-from mpdcompress.bench.suite import run_suite
+from mpdcompress.bench.suite import BenchProfile, run_suite
 
 
 @pytest.mark.parametrize("d_out,d_in,c", [(12, 20, 4), (10, 7, 3)])
@@ -50,9 +50,11 @@ def test_packed_state_is_about_one_over_c_of_dense():
 
 
 def test_suite_runs_with_a_tiny_config():
-    config = {"shapes": [("tiny", 8, 8)], "factors": (2,), "batches": (1,), "models": ("transformer-mlp",),
-              "model_batches": {True: (1,), False: (1,)}, "rss_models": ("lenet300",), "repeats": 1}
+    config = BenchProfile(shapes=(("tiny", 8, 8),), factors=(2,), batches=(1,), models=("transformer-mlp",),
+                          model_batches_fc=(1,), model_batches_conv=(1,), rss_models=("lenet300",), onnx_models=(),
+                          training_models=(), repeats=1)
     result = run_suite(config)
+    assert result["profile"]["factors"] == (2,)
     assert result["machine"]["torch"] == torch.__version__
     forms = {r["form"] for r in result["peak_rss"]}
     assert forms == {"dense", "packed"} and all(r["bytes"] > 0 for r in result["peak_rss"])

@@ -7,7 +7,7 @@ from torch import nn
 from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, mpdify_, unpack
 from mpdcompress.models import fc_stack
 
-from .conftest import small_config
+from .helpers import small_config
 
 
 def test_compact_mode_builds_the_packed_form_of_the_same_masked_model():

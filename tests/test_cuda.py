@@ -10,7 +10,7 @@ from mpdcompress import mpdify_, pack, unpack, use_engine
 from mpdcompress.kernels import engine_for
 from mpdcompress.models import fc_stack
 
-from .conftest import assert_close_to_scale
+from .helpers import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

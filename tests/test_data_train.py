@@ -14,14 +14,15 @@ from mpdcompress.data import (
     DataCorruptError,
     DataUnavailableError,
     load_cifar10,
-    load_dataset,
     load_fashion_mnist,
     load_mnist,
     read_idx,
 )
+from mpdcompress.datasets import DATASETS, dataset_spec, load_dataset
+from mpdcompress.errors import UnknownNameError
 from mpdcompress.train import CheckpointError, train
 
-from .conftest import cifar_arrays, small_config, write_cifar_binary, write_fake_mnist
+from .helpers import cifar_arrays, small_config, write_cifar_binary, write_fake_mnist
 
 
 def test_idx_reader_and_mnist_loader(data_dir):
@@ -29,6 +30,18 @@ def test_idx_reader_and_mnist_loader(data_dir):
     assert train_split.images.shape == (600, 1, 28, 28) and train_split.images.dtype == torch.uint8
     assert train_split.labels.dtype == torch.int64 and int(train_split.labels.max()) <= 9
     assert len(load_dataset("mnist", "test")) == 200
+
+
+def test_dataset_registry_locates_without_reading(tmp_path):
+    assert dataset_spec("cifar10").locate(tmp_path) == (str(tmp_path / "cifar-10-batches-bin"), False)
+    write_cifar_binary(tmp_path, per_batch=4)
+    assert dataset_spec("cifar10").locate(tmp_path) == (str(tmp_path / "cifar-10-batches-bin"), True)
+    assert dataset_spec("fake").locate(tmp_path) == ("generated", True)
+    assert all(spec.train_images > spec.test_images > 0 for spec in DATASETS.values())
+    with pytest.raises(UnknownNameError, match="unknown dataset 'svhn'; choose from mnist"):
+        dataset_spec("svhn")
+    with pytest.raises(UnknownNameError, match="not an in-memory dataset"):
+        load_dataset("imagenet", "train")
 
 
 def test_gzipped_fashion_folder(tmp_path):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mpdcompress.train import TrainConfig, train
 from mpdcompress.train.inputs import rank_micro_batches, step_plan
 
-from .conftest import small_config
+from .helpers import small_config
 
 CLI = ["-m", "mpdcompress", "train"]
 

@@ -15,7 +15,7 @@ from mpdcompress.data import DataCorruptError, DataUnavailableError, Split
 from mpdcompress.imagefolder import load_imagenet, random_resized_crop_box
 from mpdcompress.train.inputs import InMemoryImages
 
-from .conftest import write_cifar_binary
+from .helpers import write_cifar_binary
 
 PIL = pytest.importorskip("PIL.Image")
 

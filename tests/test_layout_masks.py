@@ -9,13 +9,7 @@ from hypothesis import strategies as st
 from mpdcompress import BlockLayout, MPDMask, make_mask, validate_compression
 from mpdcompress.masks import check_permutation, layer_seed
 
-
-@st.composite
-def shapes_and_factor(draw, max_dim=64):
-    d_out = draw(st.integers(1, max_dim))
-    d_in = draw(st.integers(1, max_dim))
-    c = draw(st.integers(1, min(d_out, d_in)))
-    return d_out, d_in, c
+from .helpers import shapes_and_factor
 
 
 @given(shapes_and_factor(), st.integers(0, 2**31 - 1))

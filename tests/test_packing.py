@@ -6,8 +6,7 @@ from torch import nn
 
 from mpdcompress import BlockDiagonalLinear, MPDLinear, PackedChain, make_mask, mpdify_, pack, unpack
 
-from .conftest import assert_close_to_scale
-from .test_layout_masks import shapes_and_factor
+from .helpers import assert_close_to_scale, shapes_and_factor
 
 
 def random_masked_layer(d_out, d_in, c, seed, bias=True):

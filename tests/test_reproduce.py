@@ -2,7 +2,7 @@ import json
 
 from mpdcompress.experiments import run_reproduction
 
-from .conftest import write_fake_mnist
+from .helpers import write_fake_mnist
 
 
 def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from mpdcompress.kernels.triton_engine import epilogue_code  # noqa: E402
 from mpdcompress.kernels.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
 from mpdcompress.kernels.tuning import batch_bucket, candidates  # noqa: E402
 
-from .conftest import assert_close_to_scale  # noqa: E402
+from .helpers import assert_close_to_scale  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative to the output scale: fp32 kernels accumulate in another order than bmm; 16-bit types

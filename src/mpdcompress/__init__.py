@@ -5,19 +5,18 @@ deploy with :func:`pack` (block-diagonal layers that compute the same function w
 weights and FLOPs), ship with :func:`save` / :func:`load` / :func:`export_onnx`.
 """
 
-__version__ = "0.1.0"
-
-from .config import MPDConfig  # noqa: E402
-from .convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack  # noqa: E402
-from .export import ExportError, export_onnx  # noqa: E402
-from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save  # noqa: E402
-from .kernels import EngineUnavailableError, set_engine, use_engine  # noqa: E402
-from .layout import BlockLayout, validate_compression  # noqa: E402
-from .masks import MPDMask, layer_seed, make_mask  # noqa: E402
-from .nn import BlockDiagonalLinear, MPDLinear, PackedChain  # noqa: E402
+from ._version import __version__
+from .config import MPDConfig
+from .convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack
+from .export import ExportError, export_onnx
+from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
+from .kernels import EngineUnavailableError, set_engine, use_engine
+from .layout import BlockLayout, validate_compression
+from .masks import MPDMask, layer_seed, make_mask
+from .nn import BlockDiagonalLinear, MPDLinear, PackedChain
 
 __all__ = [
-    "BlockLayout", "MPDMask", "MPDLinear", "BlockDiagonalLinear", "PackedChain",
+    "__version__", "BlockLayout", "MPDMask", "MPDLinear", "BlockDiagonalLinear", "PackedChain",
     "make_mask", "layer_seed", "validate_compression",
     "MPDConfig", "mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers",
     "save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning",

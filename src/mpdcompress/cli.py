@@ -66,26 +66,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
+    import dataclasses
+
     import torch
 
     from .bench.report import write_bench_report
     from .bench.suite import FULL, QUICK, run_suite
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or "fp32"]
-    config = dict(QUICK if args.quick else FULL)
+    changes: dict = {}
     if args.shapes:
-        known = {s[0]: s for s in FULL["shapes"]}
+        known = {s[0]: s for s in FULL.shapes}
         unknown = sorted(set(args.shapes) - set(known))
         if unknown:
             raise UnknownNameError(f"unknown layer shapes {unknown}; choose from {sorted(known)}")
-        config["shapes"] = [known[name] for name in args.shapes]
+        changes["shapes"] = tuple(known[name] for name in args.shapes)
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
-            config[key] = tuple(getattr(args, key))
+            changes[key] = tuple(getattr(args, key))
     if args.compile:
-        config["compile_mode"] = args.compile
+        changes["compile_mode"] = args.compile
     if args.no_rss:
-        config["rss_models"] = ()
+        changes["rss_models"] = ()
+    config = dataclasses.replace(QUICK if args.quick else FULL, **changes)
     result = run_suite(config, device=args.device, dtype=dtype, command=command, progress=progress)
     return write_bench_report(result, args.out)
 

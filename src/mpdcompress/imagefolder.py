@@ -24,11 +24,10 @@ import torch
 from .data import DataCorruptError, DataUnavailableError, data_root
 from .errors import ConfigError
 
-__all__ = ["ImageFolderImages", "scan_image_folder", "load_imagenet", "IMAGENET_SPLIT_DIRS", "IMAGENET_SIZES"]
+__all__ = ["ImageFolderImages", "scan_image_folder", "load_imagenet", "IMAGENET_SPLIT_DIRS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_SPLIT_DIRS = {"train": "train", "test": "val"}
-IMAGENET_SIZES = {"train": 1_281_167, "test": 50_000}  # ILSVRC-2012
 
 
 def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .architecture import UnsupportedArchitectureError, build, describe
 from .atomic import write_atomic
 from .config import MPDConfig

@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ..plotting import pyplot
+
 __all__ = ["write_bench_report"]
 
 LAYER_COLUMNS = ["masked", "csr", "bsr", "packed", "bmm_only"]
@@ -50,10 +52,7 @@ def _model_table(rows: list[dict]) -> list[str]:
 
 def _plots(layer_rows: list[dict], out: Path) -> list[str]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return []
     files = []

@@ -9,17 +9,9 @@ import torch
 from ..masks import make_mask
 from ..nn.masked import MPDLinear
 from ..paper import MASK_STUDY_FLOOR
+from ..plotting import pyplot as _plt
 
 __all__ = ["plot_masks", "plot_trained_layer", "plot_mask_study", "plot_mask_sum"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_masks(path: Path, d_out: int = 100, d_in: int = 300, c: int = 10, seed: int = 0) -> Path:

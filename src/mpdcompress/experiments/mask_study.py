@@ -17,12 +17,19 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..convert import compressed_layers
 from ..data import Split
 from ..kernels import ChainWeights, run_chain
+from ..models import classifier_name
 from ..nn.packed import PackedChain
 from ..train import TrainConfig, build_for, prepare
 
 __all__ = ["train_mask_study"]
+
+
+def _only_chain(model: nn.Module) -> PackedChain:
+    (chain,) = compressed_layers(model).values()  # compact LeNet: fc1 and fc2 fused into one chain
+    return chain
 
 
 class _StackedLeNets(nn.Module):
@@ -30,9 +37,10 @@ class _StackedLeNets(nn.Module):
 
     def __init__(self, models: list[nn.Sequential]) -> None:
         super().__init__()
-        chains: list[PackedChain] = [model.get_submodule("1") for model in models]
-        classifiers: list[nn.Linear] = [model.get_submodule("5") for model in models]
+        chains: list[PackedChain] = [_only_chain(model) for model in models]
+        classifiers: list[nn.Linear] = [model.get_submodule(classifier_name(model)) for model in models]
         fc1, fc2 = [c.layers[0] for c in chains], [c.layers[1] for c in chains]
+        weights = [chain.chain_weights(kernel_indices=False) for chain in chains]
         self.m = len(models)
         width1 = fc1[0].weight_blocks.shape[0] * fc1[0].weight_blocks.shape[1]  # padded outputs per model
         width2 = fc2[0].weight_blocks.shape[0] * fc2[0].weight_blocks.shape[1]
@@ -46,12 +54,12 @@ class _StackedLeNets(nn.Module):
             nn.Parameter(torch.cat([layer.bias.detach() for layer in fc2])),
             nn.Parameter(torch.cat([lin.bias.detach() for lin in classifiers])),
         ])
-        pads = [fc1[0].padding_mask, fc2[0].padding_mask]
+        pads = [None if layer.layout.is_even else layer.layout.padding_mask() for layer in (fc1[0], fc2[0])]
         self.pads = [None if p is None else p.repeat(self.m, 1, 1) for p in pads] + [None]
         self.gathers = [
-            torch.cat([layer.in_gather for layer in fc1]),
-            torch.cat([k * width1 + chain.fused_gather_1 for k, chain in enumerate(chains)]),
-            torch.cat([k * width2 + layer.out_gather for k, layer in enumerate(fc2)]),
+            torch.cat([w.gathers[0] for w in weights]),
+            torch.cat([k * width1 + w.gathers[1] for k, w in enumerate(weights)]),
+            torch.cat([k * width2 + w.gathers[2] for k, w in enumerate(weights)]),
             torch.arange(self.m * classifiers[0].out_features),
         ]
         self.fc2_masks = torch.stack([layer.mpd_mask.dense() for layer in fc2])

@@ -5,31 +5,42 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..bench.machine import describe_machine
-from ..data import DataUnavailableError, load_dataset
-from ..errors import ConfigError, UnknownNameError
+from ..convert import compressed_layers
+from ..datasets import load_dataset
+from ..errors import ConfigError, DataUnavailableError, UnknownNameError
 from ..paper import MASK_STUDY_FLOOR, NON_PERMUTED_ACCURACY, TABLE1
 from ..train import TrainConfig, train
 from .figures import plot_mask_study, plot_mask_sum, plot_masks, plot_trained_layer
 from .mask_study import train_mask_study
 
-__all__ = ["PROFILES", "run_reproduction", "rerender_report"]
+__all__ = ["PROFILES", "ReproductionProfile", "run_reproduction", "rerender_report"]
 
-# Everything that differs between the quick run (CI-sized, minutes) and the full one.
-PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"lenet_epochs": 3, "deep_epochs": 1, "deep_train_limit": 10_000, "mask_study_masks": 4,
-              "mask_study_epochs": 2, "ablation_epochs": 2, "init_seeds": 2},
-    "full": {"lenet_epochs": 20, "deep_epochs": 10, "deep_train_limit": None, "mask_study_masks": 100,
-             "mask_study_epochs": 20, "ablation_epochs": 20, "init_seeds": 3},
+@dataclass(frozen=True)
+class ReproductionProfile:
+    """Everything that differs between the quick run (CI-sized, minutes) and the full one."""
+
+    lenet_epochs: int
+    deep_epochs: int
+    deep_train_limit: int | None
+    mask_study_masks: int
+    mask_study_epochs: int
+    ablation_epochs: int
+    init_seeds: int
+
+
+PROFILES: dict[str, ReproductionProfile] = {
+    "quick": ReproductionProfile(lenet_epochs=3, deep_epochs=1, deep_train_limit=10_000, mask_study_masks=4,
+                                 mask_study_epochs=2, ablation_epochs=2, init_seeds=2),
+    "full": ReproductionProfile(lenet_epochs=20, deep_epochs=10, deep_train_limit=None, mask_study_masks=100,
+                                mask_study_epochs=20, ablation_epochs=20, init_seeds=3),
 }
-
-
 
 def _paper_accuracy(model: str, dataset: str) -> dict[str, float] | None:
     row = TABLE1.get(model)
@@ -70,10 +81,11 @@ def run_reproduction(
     """
     if profile not in PROFILES:
         raise UnknownNameError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-    unknown = set(overrides or {}) - set(PROFILES[profile])
+    known = [f.name for f in fields(ReproductionProfile)]
+    unknown = set(overrides or {}) - set(known)
     if unknown:
-        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {sorted(PROFILES[profile])}")
-    p = {**PROFILES[profile], **(overrides or {})}
+        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {known}")
+    p = replace(PROFILES[profile], **(overrides or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache: dict[str, dict] = {}
@@ -84,12 +96,12 @@ def run_reproduction(
         return cache[dataset]
 
     began = time.perf_counter()
-    results: dict[str, Any] = {"profile": profile, "settings": p, "machine": describe_machine(), "table": [],
+    results: dict[str, Any] = {"profile": profile, "settings": asdict(p), "machine": describe_machine(), "table": [],
                                "figures": []}
     lenet_mpd_model = None
     for model_name, dataset, c in TABLE_ROWS:
-        epochs = p["deep_epochs"] if model_name == "deep-mnist" else p["lenet_epochs"]
-        limit = p["deep_train_limit"] if model_name == "deep-mnist" else None
+        epochs = p.deep_epochs if model_name == "deep-mnist" else p.lenet_epochs
+        limit = p.deep_train_limit if model_name == "deep-mnist" else None
         row: dict[str, Any] = {"model": model_name, "dataset": dataset, "compression": c,
                                "paper": _paper_accuracy(model_name, dataset)}
         try:
@@ -114,12 +126,12 @@ def run_reproduction(
     # The mask study (Fig. 4): independent masks, same data and init seed, LeNet-300-100 at 10x,
     # trained together as one stacked model (see mask_study.py).
     mnist = splits("mnist")
-    study = train_mask_study([1000 + k for k in range(p["mask_study_masks"])], mnist["train"], mnist["test"],
-                             epochs=p["mask_study_epochs"], seed=seed, progress=progress)
+    study = train_mask_study([1000 + k for k in range(p.mask_study_masks)], mnist["train"], mnist["test"],
+                             epochs=p.mask_study_epochs, seed=seed, progress=progress)
     accuracies = study["accuracies"]
     mask_sum = study["fc2_masks"].to(torch.int32).sum(0)
     results["mask_study"] = {
-        "masks": len(accuracies), "epochs": p["mask_study_epochs"], "accuracies": accuracies,
+        "masks": len(accuracies), "epochs": p.mask_study_epochs, "accuracies": accuracies,
         "mask_seeds": f"1000..{999 + len(accuracies)}", "history_min": [min(h) for h in study["history"]],
         "min": min(accuracies), "max": max(accuracies), "mean": statistics.mean(accuracies),
         "mask_sum_layer": "fc2 (300 -> 100)", "mask_sum_mean": float(mask_sum.float().mean()),
@@ -132,29 +144,30 @@ def run_reproduction(
     ablation = []
     for c in (10, 5):
         for permute in (True, False):
-            cfg = TrainConfig(model="lenet300", compression=c, permute=permute, epochs=p["ablation_epochs"],
+            cfg = TrainConfig(model="lenet300", compression=c, permute=permute, epochs=p.ablation_epochs,
                               seed=seed, data_root=data_root)
             run = _run(cfg, mnist, progress, f"ablation c={c} {'permuted' if permute else 'non-permuted'}")
             ablation.append({"compression": c, "density": 1 / c, "permuted": permute,
-                             "accuracy": run["test_accuracy"], "epochs": p["ablation_epochs"]})
+                             "accuracy": run["test_accuracy"], "epochs": p.ablation_epochs})
     results["ablation"] = ablation
 
     # Compact training (train the packed form directly) and the initialization choice.
     compact_rows = []
     for init in ("block", "dense"):
-        for init_seed in range(p["init_seeds"]):
+        for init_seed in range(p.init_seeds):
             for mode in ("compact",) if init_seed or init == "dense" else ("compact", "masked"):
-                cfg = TrainConfig(model="lenet300", compression=10, mode=mode, init=init, epochs=p["lenet_epochs"],
+                cfg = TrainConfig(model="lenet300", compression=10, mode=mode, init=init, epochs=p.lenet_epochs,
                                   seed=init_seed, data_root=data_root)
                 run = _run(cfg, mnist, progress, f"{mode} training, {init} init, seed {init_seed}")
                 compact_rows.append({"mode": mode, "init": init, "seed": init_seed, "mask_seed": init_seed,
                                      "accuracy": run["test_accuracy"], "seconds": run["seconds"],
-                                     "epochs": p["lenet_epochs"]})
+                                     "epochs": p.lenet_epochs})
     results["compact"] = compact_rows
 
     results["figures"].append(plot_masks(out / "fig1_masks.png").name)
     if lenet_mpd_model is not None:
-        results["figures"].append(plot_trained_layer(out / "fig1_trained_layer.png", lenet_mpd_model[3]).name)
+        fc2 = list(compressed_layers(lenet_mpd_model).values())[1]  # 300 -> 100, the layer Fig. 1 shows
+        results["figures"].append(plot_trained_layer(out / "fig1_trained_layer.png", fc2).name)
     results["wall_seconds"] = time.perf_counter() - began
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "report.md").write_text(render_report(results))

@@ -9,8 +9,8 @@ Both kernels address activations through index vectors instead of permuting them
 
 Activations are 2-D ``(batch, features)`` with any strides. Between the layers of a chain they
 are feature-major (the batch stride is 1), so each gathered feature is a contiguous run of the
-batch: the gather is a coalesced row load, not a scattered element load (DESIGN.md §5 measured
-the difference: 103 µs vs 3.2 ms for one 4096² layer on an H100).
+batch: the gather is a coalesced row load, not a scattered element load (measured on an H100 for
+one 4096² bf16 layer at 8192 rows: 103 µs gathering rows, 3.2 ms gathering single features).
 
 ``_block_linear`` serves the forward (``y = act(x W_kᵀ + b)``) and, with the weight strides
 swapped and the index roles exchanged, the input gradient (``dx = dz W_k``).

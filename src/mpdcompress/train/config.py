@@ -27,7 +27,6 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_step_epochs: int | None = None  # divide lr by 10 every this many epochs
-    compressions: tuple[int, ...] = ()  # the factors the source reports
     source: str = ""
 
 
@@ -47,7 +46,7 @@ RECIPES: dict[str, Recipe] = {
                "(there on local3/local4 only, here on every parameter), ~86 % after 100k steps = 256 epochs"),
     "alexnet-bn-imagenet": Recipe(
         "alexnet-bn", "imagenet", 8, batch_size=512, lr=3e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-        epochs=100, compressed_epoch_factor=2, lr_step_epochs=30, compressions=(4, 8, 16),
+        epochs=100, compressed_epoch_factor=2, lr_step_epochs=30,
         source="paper §3.2: batch 512, lr 3e-2 divided by 10 every 30 epochs, 100 epochs dense and twice that "
                "compressed; momentum 0.9 and weight decay 5e-4 are the usual AlexNet values (not stated)"),
 }

@@ -16,28 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data import Split, load_dataset
+from ..data import Split
+from ..datasets import dataset_spec, load_dataset
 from ..errors import ConfigError
 from ..imagefolder import load_imagenet
 from ..models import model_spec
 
-__all__ = ["NORMALIZATION", "prepare", "InMemoryImages", "FakeImages", "open_datasets", "StepPlan", "step_plan",
-           "rank_micro_batches", "batch_loader", "FAKE_SIZES"]
-
-# Per-dataset input normalization (mean, std per channel) of images scaled to [0, 1].
-NORMALIZATION = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "fake": ((0.5,), (0.2887,)),  # uniform bytes
-}
-FAKE_SIZES = {"train": 10_240, "test": 1_024}
-
+__all__ = ["prepare", "InMemoryImages", "FakeImages", "open_datasets", "StepPlan", "step_plan",
+           "rank_micro_batches", "batch_loader"]
 
 def prepare(images: torch.Tensor, dataset: str) -> torch.Tensor:
     """uint8 images → normalized float tensors (on the images' device)."""
-    mean, std = NORMALIZATION[dataset]
+    mean, std = dataset_spec(dataset).normalization
     shape = (1, -1) + (1,) * (images.dim() - 2)
     x = images.float().div_(255.0)
     return (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
@@ -127,12 +117,13 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
     if size is None and config.dataset != "fake":
         raise ConfigError(f"{config.model} takes {shape[0]}-d feature vectors, not {config.dataset} images; "
                          "train it on --dataset fake")
-    if config.dataset == "fake":
-        limit = config.train_limit or FAKE_SIZES["train"]
+    source = dataset_spec(config.dataset)
+    if source.storage == "generated":
+        limit = config.train_limit or source.train_images
         return (FakeImages(shape, spec.num_classes, limit, seed=config.seed),
-                FakeImages(shape, spec.num_classes, FAKE_SIZES["test"], seed=config.seed + 1))
-    if config.dataset == "imagenet":
-        _check_fits(config, channels=3, side=224)
+                FakeImages(shape, spec.num_classes, source.test_images, seed=config.seed + 1))
+    if source.storage == "files":
+        _check_fits(config, channels=source.channels, side=source.side)
         train = load_imagenet("train", config.data_root, seed=config.seed)
         if config.train_limit:
             train.samples = train.samples[: config.train_limit]

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..data import FASHION_SYSTEM_DIR, SPLIT_SIZES, data_root
+from ..datasets import dataset_spec
 from ..errors import ConfigError
-from ..imagefolder import IMAGENET_SIZES
 from ..layout import BlockLayout
 from ..models import build_model, paper_filter
 from .config import TrainConfig
-from .inputs import FAKE_SIZES, step_plan
+from .inputs import step_plan
 
-__all__ = ["TrainPlan", "make_plan", "estimate_step_seconds", "dataset_location"]
+__all__ = ["TrainPlan", "make_plan", "estimate_step_seconds"]
 
-TRAIN_IMAGES = {**{name: sizes["train"] for name, sizes in SPLIT_SIZES.items()},
-                "imagenet": IMAGENET_SIZES["train"], "fake": FAKE_SIZES["train"]}
 
 
 @dataclass
@@ -51,25 +47,6 @@ class TrainPlan:
     weight_decay: float
 
 
-def dataset_location(name: str, root: str | None) -> tuple[str, bool]:
-    """Where ``name`` is looked for, and whether it is there (without reading it)."""
-    base = Path(root or data_root())
-    folders_and_markers = {  # a folder holds the dataset if the marker file is in it
-        "mnist": [(base / "mnist", "train-images-idx3-ubyte"), (base / "mnist", "train-images-idx3-ubyte.gz")],
-        "fashion-mnist": [(base / "fashion-mnist", "train-images-idx3-ubyte.gz"),
-                          (base / "fashion-mnist", "train-images-idx3-ubyte"),
-                          (FASHION_SYSTEM_DIR, "train-images-idx3-ubyte.gz")],
-        "cifar10": [(base / "cifar-10-batches-bin", "data_batch_1.bin"), (base / "cifar-10-batches-py", "data_batch_1")],
-        "imagenet": [(base / "imagenet", "train")],
-    }.get(name)
-    if folders_and_markers is None:
-        return "generated", True
-    for folder, marker in folders_and_markers:
-        if (folder / marker).exists():
-            return str(folder), True
-    return str(folders_and_markers[0][0]), False
-
-
 def _parameter_counts(config: TrainConfig) -> tuple[int, int, int, int]:
     with torch.device("meta"):
         model = build_model(config.model)
@@ -93,8 +70,9 @@ def _parameter_counts(config: TrainConfig) -> tuple[int, int, int, int]:
 def make_plan(config: TrainConfig, world_size: int = 1) -> TrainPlan:
     """The whole run laid out: sizes, steps, batch split and schedule. Needs no data."""
     config = config.resolved()
-    location, present = dataset_location(config.dataset, config.data_root)
-    images = TRAIN_IMAGES[config.dataset]
+    dataset = dataset_spec(config.dataset)
+    location, present = dataset.locate(config.data_root)
+    images = dataset.train_images
     if config.train_limit:
         images = min(images, config.train_limit)
     steps = step_plan(config.batch_size, config.micro_batch, world_size, images)
