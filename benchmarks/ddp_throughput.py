@@ -31,12 +31,20 @@ def worker(args: argparse.Namespace) -> None:
     from mpdcompress.train.plan import estimate_step_seconds
 
     ctx = init_from_env("cpu")
-    config = TrainConfig(model="alexnet-fc", dataset="fake", compression=8, mode=args.mode, batch_size=args.batch,
-                         train_limit=args.batch * (args.warmup + args.steps + 1), epochs=1)
+    config = TrainConfig(
+        model="alexnet-fc",
+        dataset="fake",
+        compression=8,
+        mode=args.mode,
+        batch_size=args.batch,
+        train_limit=args.batch * (args.warmup + args.steps + 1),
+        epochs=1,
+    )
     seconds = estimate_step_seconds(config, steps=args.steps, warmup=args.warmup)
     if ctx.is_main:
-        Path(args.result).write_text(json.dumps({"step_seconds": seconds, "world_size": ctx.world_size,
-                                                 "threads": torch.get_num_threads()}))
+        Path(args.result).write_text(
+            json.dumps({"step_seconds": seconds, "world_size": ctx.world_size, "threads": torch.get_num_threads()})
+        )
     barrier(ctx)
     shutdown()
 
@@ -44,10 +52,25 @@ def worker(args: argparse.Namespace) -> None:
 def run_one(mode: str, nproc: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        script = [__file__, "--worker", "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
-                  "--warmup", str(args.warmup), "--result", str(result)]
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
+        script = [
+            __file__,
+            "--worker",
+            "--mode",
+            mode,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--result",
+            str(result),
+        ]
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            if nproc > 1
+            else [sys.executable]
+        )
         subprocess.run(launcher + script, check=True, env=dict(os.environ), capture_output=True)
         return json.loads(result.read_text())
 
@@ -79,25 +102,47 @@ def main() -> None:
         step = statistics.median(rd[f"{mode}/{n}"] for rd in rounds)
         vs_one = [rd[f"{mode}/1"] / rd[f"{mode}/{n}"] for rd in rounds]
         vs_masked = [rd[f"masked/{n}"] / rd[f"compact/{n}"] for rd in rounds] if mode == "compact" else []
-        rows.append({"mode": mode, "processes": n, "median_step_seconds": step, "images_per_second": args.batch / step,
-                     "speedup_vs_1_process": vs_one, "compact_speedup_vs_masked": vs_masked})
+        rows.append(
+            {
+                "mode": mode,
+                "processes": n,
+                "median_step_seconds": step,
+                "images_per_second": args.batch / step,
+                "speedup_vs_1_process": vs_one,
+                "compact_speedup_vs_masked": vs_masked,
+            }
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/ddp_throughput.py " + " ".join(sys.argv[1:])
-    report = {"command": command.strip(), "machine": describe_machine(), "global_batch": args.batch, "model":
-              "alexnet-fc (16384-4096-4096-1000), c=8, SGD, fake data", "rounds": rounds, "rows": rows}
+    report = {
+        "command": command.strip(),
+        "machine": describe_machine(),
+        "global_batch": args.batch,
+        "model": "alexnet-fc (16384-4096-4096-1000), c=8, SGD, fake data",
+        "rounds": rounds,
+        "rows": rows,
+    }
     (out / "ddp.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Training throughput: 1 vs {args.nproc} processes (torchrun + DDP, gloo)", "",
-             f"Made by `{report['command']}`. Machine: {report['machine']}.", "",
-             f"AlexNet FC stack at c=8, global batch {args.batch}, SGD, fake data; median optimizer-step time of "
-             f"{args.steps} steps after {args.warmup} warm-up steps, {args.rounds} round-robin rounds. Ratios are "
-             "per round (same round, side by side).", "",
-             "| mode | processes | step (s) | images/s | vs 1 process | compact vs masked |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput: 1 vs {args.nproc} processes (torchrun + DDP, gloo)",
+        "",
+        f"Made by `{report['command']}`. Machine: {report['machine']}.",
+        "",
+        f"AlexNet FC stack at c=8, global batch {args.batch}, SGD, fake data; median optimizer-step time of "
+        f"{args.steps} steps after {args.warmup} warm-up steps, {args.rounds} round-robin rounds. Ratios are "
+        "per round (same round, side by side).",
+        "",
+        "| mode | processes | step (s) | images/s | vs 1 process | compact vs masked |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         fmt = lambda xs: " / ".join(f"{x:.2f}x" for x in xs) or "–"  # noqa: E731
-        lines.append(f"| {row['mode']} | {row['processes']} | {row['median_step_seconds']:.3f} | "
-                     f"{row['images_per_second']:.0f} | {fmt(row['speedup_vs_1_process'])} | "
-                     f"{fmt(row['compact_speedup_vs_masked'])} |")
+        lines.append(
+            f"| {row['mode']} | {row['processes']} | {row['median_step_seconds']:.3f} | "
+            f"{row['images_per_second']:.0f} | {fmt(row['speedup_vs_1_process'])} | "
+            f"{fmt(row['compact_speedup_vs_masked'])} |"
+        )
     (out / "ddp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

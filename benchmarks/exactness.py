@@ -44,8 +44,12 @@ def main(n: int = 500) -> dict:
         x = torch.randn(4, *model_spec(name).input_shape)
         with torch.no_grad():
             paper[name] = rel_error(mpd.pack(model)(x), model(x))
-    result = {"random_chains": n, "max_rel_error": worst, "paper_models_fp32_c8": paper,
-              "command": f"python benchmarks/exactness.py {n}"}
+    result = {
+        "random_chains": n,
+        "max_rel_error": worst,
+        "paper_models_fp32_c8": paper,
+        "command": f"python benchmarks/exactness.py {n}",
+    }
     out = Path("results/exactness.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

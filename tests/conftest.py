@@ -13,8 +13,11 @@ from .helpers import write_fake_mnist  # noqa: E402
 
 # Keep hypothesis quick and deterministic in CI; a developer can raise the budget locally.
 settings.register_profile(
-    "ci", max_examples=int(os.environ.get("MPD_HYPOTHESIS_EXAMPLES", "40")), deadline=None,
-    derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+    "ci",
+    max_examples=int(os.environ.get("MPD_HYPOTHESIS_EXAMPLES", "40")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -34,7 +34,7 @@ def write_fake_mnist(folder: Path, n_train=600, n_test=200, gz=False, seed=0) ->
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 60, (n, 28, 28))
         for i, y in enumerate(labels):
-            images[i, 2 * y: 2 * y + 6, 4:24] = 250
+            images[i, 2 * y : 2 * y + 6, 4:24] = 250
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
 

@@ -33,8 +33,14 @@ def test_layer_and_model_bench_rows_and_report(tmp_path):
     assert all(r["speedup_vs_dense"]["dense"] == 1.0 and r["seconds"]["packed"] > 0 for r in rows)
     models = run_model_bench(["lenet300"], {True: (2,), False: (1,)}, repeats=1, min_time=0.0)
     assert models[0]["state_dict_bytes"]["packed"]["total"] < models[0]["state_dict_bytes"]["dense"]["total"]
-    result = {"command": "test", "machine": {"cpu": "x"}, "repeats": 1, "layers": rows, "models": models,
-              "peak_rss": [{"model": "m", "form": "dense", "bytes": 2**20, "over_baseline": 0}]}
+    result = {
+        "command": "test",
+        "machine": {"cpu": "x"},
+        "repeats": 1,
+        "layers": rows,
+        "models": models,
+        "peak_rss": [{"model": "m", "form": "dense", "bytes": 2**20, "over_baseline": 0}],
+    }
     paths = write_bench_report(result, tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["layers"][0]["shape"] == "tiny"
     md = (tmp_path / "bench.md").read_text()
@@ -50,9 +56,18 @@ def test_packed_state_is_about_one_over_c_of_dense():
 
 
 def test_suite_runs_with_a_tiny_config():
-    config = BenchProfile(shapes=(("tiny", 8, 8),), factors=(2,), batches=(1,), models=("transformer-mlp",),
-                          model_batches_fc=(1,), model_batches_conv=(1,), rss_models=("lenet300",), onnx_models=(),
-                          training_models=(), repeats=1)
+    config = BenchProfile(
+        shapes=(("tiny", 8, 8),),
+        factors=(2,),
+        batches=(1,),
+        models=("transformer-mlp",),
+        model_batches_fc=(1,),
+        model_batches_conv=(1,),
+        rss_models=("lenet300",),
+        onnx_models=(),
+        training_models=(),
+        repeats=1,
+    )
     result = run_suite(config)
     assert result["profile"]["factors"] == (2,)
     assert result["machine"]["torch"] == torch.__version__

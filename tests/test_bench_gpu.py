@@ -42,9 +42,17 @@ def test_layer_candidates_compute_the_same_masked_layer_or_say_why_not():
 
 
 def test_suite_rows_report_and_targets(tmp_path):
-    profile = GpuProfile(shapes=(("tiny", 64, 32),), factors=(8,), batches=(1, 3), dtypes=("fp32",),
-                         models=("lenet300",), training_models=("lenet300",), training_batch=8, repeats=1,
-                         candidates=("dense", "packed", "packed_torch", "bmm_only", "monarch"))
+    profile = GpuProfile(
+        shapes=(("tiny", 64, 32),),
+        factors=(8,),
+        batches=(1, 3),
+        dtypes=("fp32",),
+        models=("lenet300",),
+        training_models=("lenet300",),
+        training_batch=8,
+        repeats=1,
+        candidates=("dense", "packed", "packed_torch", "bmm_only", "monarch"),
+    )
     result = run_gpu_suite(profile, device="cpu", command="test")
     assert [(r["shape"], r["batch"]) for r in result["layers"]] == [("tiny", 1), ("tiny", 3)]
     for r in result["layers"]:
@@ -61,9 +69,13 @@ def test_suite_rows_report_and_targets(tmp_path):
 
 
 def test_targets_compare_packed_with_its_ceiling():
-    row = {"shape": "alexnet-fc6", "dtype": "bf16", "batch": 1, "compression": 8,
-           "speedup_vs_dense": {"graph": {"packed": 5.0, "bmm_only": 7.0, "monarch": 6.0},
-                                "eager": {"packed": 1.5}}}
+    row = {
+        "shape": "alexnet-fc6",
+        "dtype": "bf16",
+        "batch": 1,
+        "compression": 8,
+        "speedup_vs_dense": {"graph": {"packed": 5.0, "bmm_only": 7.0, "monarch": 6.0}, "eager": {"packed": 1.5}},
+    }
     checks = {c["target"]: c for c in check_targets({"layers": [row], "models": [], "training": []})}
     assert checks["graph: packed >= 0.8 x bare block GEMM"]["met"] is False  # 5 / 7 = 0.71
     assert checks["graph: >= 4.5x dense on FC6 / LLM-MLP"]["met"] is True

@@ -16,8 +16,11 @@ def test_demo_runs_end_to_end_and_checks_exactness(capsys):
 
 
 def test_cli_reports_invalid_factor_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "mpdcompress", "demo", "-c", "500", "--steps", "1", "--quiet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpdcompress", "demo", "-c", "500", "--steps", "1", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "valid range for a 300x784 weight is 1..300" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -32,8 +35,26 @@ def test_inspect_knows_every_registered_model(name, capsys):
 
 
 def test_unknown_names_are_one_unquoted_line(capsys):
-    assert main(["bench", "--models", "bogus", "--shapes", "lenet-fc1", "--factors", "8", "--batches", "1",
-                 "--no-rss", "--quiet", "--out", "/nonexistent/never-written"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "--models",
+                "bogus",
+                "--shapes",
+                "lenet-fc1",
+                "--factors",
+                "8",
+                "--batches",
+                "1",
+                "--no-rss",
+                "--quiet",
+                "--out",
+                "/nonexistent/never-written",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("mpdcompress bench: error: unknown model 'bogus'; choose from lenet300")
     assert "\n" not in err and not err.endswith("'") and '"' not in err

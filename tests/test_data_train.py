@@ -145,8 +145,13 @@ def test_killed_cli_run_resumes_to_the_same_weights(data_dir, tmp_path):
     env = {**os.environ, "MPDCOMPRESS_DATA": str(data_dir)}
     cli = [sys.executable, "-m", "mpdcompress", "train"]
     subprocess.run(cli + args + ["--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cli + args + ["--out", str(tmp_path / "run")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli + args + ["--out", str(tmp_path / "run")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ckpt = tmp_path / "run" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -162,5 +167,7 @@ def test_killed_cli_run_resumes_to_the_same_weights(data_dir, tmp_path):
     assert got["epoch"] == ref["epoch"] == 4
     for key in ref["model"]:
         assert torch.equal(ref["model"][key], got["model"][key]), key
-    assert json.loads((tmp_path / "run" / "result.json").read_text())["test_accuracy"] == \
-        json.loads((tmp_path / "ref" / "result.json").read_text())["test_accuracy"]
+    assert (
+        json.loads((tmp_path / "run" / "result.json").read_text())["test_accuracy"]
+        == json.loads((tmp_path / "ref" / "result.json").read_text())["test_accuracy"]
+    )

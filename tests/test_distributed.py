@@ -45,8 +45,13 @@ def max_relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
-@given(n=st.integers(40, 400), world=st.sampled_from([1, 2, 3, 4]), accumulation=st.sampled_from([1, 2, 5]),
-       micro=st.integers(1, 8), epoch=st.integers(0, 3))
+@given(
+    n=st.integers(40, 400),
+    world=st.sampled_from([1, 2, 3, 4]),
+    accumulation=st.sampled_from([1, 2, 5]),
+    micro=st.integers(1, 8),
+    epoch=st.integers(0, 3),
+)
 def test_every_step_covers_the_single_process_batch(n, world, accumulation, micro, epoch):
     batch = world * accumulation * micro
     if n < batch:
@@ -56,11 +61,13 @@ def test_every_step_covers_the_single_process_batch(n, world, accumulation, micr
     per_rank = [rank_micro_batches(n, plan, r, seed=7, epoch=epoch) for r in range(world)]
     assert plan.steps_per_epoch == len(single) == n // batch
     for step, images in enumerate(single):
-        mine = [i for r in range(world) for b in per_rank[r][step * accumulation:(step + 1) * accumulation] for i in b]
+        mine = [
+            i for r in range(world) for b in per_rank[r][step * accumulation : (step + 1) * accumulation] for i in b
+        ]
         assert sorted(mine) == sorted(images)
     # One process keeps the trainer's historical order: randperm seeded seed*100_003 + epoch.
     expected = torch.randperm(n, generator=torch.Generator().manual_seed(7 * 100_003 + epoch)).tolist()
-    assert [i for b in single for i in b] == expected[:len(single) * batch]
+    assert [i for b in single for i in b] == expected[: len(single) * batch]
 
 
 def test_batch_split_errors_say_what_to_change():
@@ -90,9 +97,26 @@ def test_two_processes_give_the_weights_of_one(data_dir, tmp_path, mode, micro):
     """torchrun --nproc_per_node=2 (gloo) vs one process with the same global batch of 100."""
     config = small_config(epochs=2, batch_size=100, mode=mode, micro_batch=micro, **SGD)
     single = train(config).model.state_dict()
-    args = [*CLI, "--compression", "4", "--epochs", "2", "--batch-size", "100", "--optimizer", "sgd", "--lr", "0.05",
-            "--seed", "3",
-            "--mode", mode, "--out", str(tmp_path / "ddp"), "--quiet"] + (["--micro-batch", str(micro)] if micro else [])
+    args = [
+        *CLI,
+        "--compression",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--mode",
+        mode,
+        "--out",
+        str(tmp_path / "ddp"),
+        "--quiet",
+    ] + (["--micro-batch", str(micro)] if micro else [])
     code, out = finish(torchrun(args, {**os.environ, "MPDCOMPRESS_DATA": str(data_dir)}))
     assert code == 0, out
     assert "2 processes (gloo)" in out
@@ -102,7 +126,8 @@ def test_two_processes_give_the_weights_of_one(data_dir, tmp_path, mode, micro):
 
 def test_ranks_with_different_masks_are_stopped_by_name(tmp_path):
     script = tmp_path / "mismatch.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         from mpdcompress.models import lenet300
         from mpdcompress import mpdify_
@@ -115,7 +140,8 @@ def test_ranks_with_different_masks_are_stopped_by_name(tmp_path):
         except MaskMismatchError as exc:
             print(f"rank {ctx.rank}: {exc}", flush=True)
             sys.exit(3)
-    """))
+    """)
+    )
     code, out = finish(torchrun([str(script)], dict(os.environ)))
     assert code != 0
     assert "compressed layer '1': rank 1 built a different mask than rank 0" in out
@@ -123,9 +149,29 @@ def test_ranks_with_different_masks_are_stopped_by_name(tmp_path):
 
 
 def _deep_args(out: Path, extra=()):
-    return [*CLI, "--model", "deep-mnist", "--dataset", "fake", "--train-limit", "2400", "--batch-size", "100",
-            "--epochs", "2", "--compression", "8", "--seed", "1", "--checkpoint-every", "2", "--out", str(out),
-            "--quiet", *extra]
+    return [
+        *CLI,
+        "--model",
+        "deep-mnist",
+        "--dataset",
+        "fake",
+        "--train-limit",
+        "2400",
+        "--batch-size",
+        "100",
+        "--epochs",
+        "2",
+        "--compression",
+        "8",
+        "--seed",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +274,9 @@ def test_stop_request_mid_epoch_resumes_exactly_with_dropout(tmp_path):
 
     from mpdcompress.train import TrainingInterrupted
 
-    config = TrainConfig(model="deep-mnist", dataset="fake", train_limit=800, batch_size=100, epochs=2, compression=8,
-                         seed=1)
+    config = TrainConfig(
+        model="deep-mnist", dataset="fake", train_limit=800, batch_size=100, epochs=2, compression=8, seed=1
+    )
     reference = train(config).model.state_dict()
     calls = itertools.count()
     with pytest.raises(TrainingInterrupted, match="stopped at epoch 1, step 4; resume from"):
@@ -242,8 +289,23 @@ def test_stop_request_mid_epoch_resumes_exactly_with_dropout(tmp_path):
 
 
 def test_compiled_bf16_compact_training_runs_under_ddp(data_dir, tmp_path):
-    args = [*CLI, "--compression", "4", "--epochs", "1", "--batch-size", "100", "--mode", "compact", "--compile",
-            "--precision", "bf16", "--out", str(tmp_path / "run"), "--quiet"]
+    args = [
+        *CLI,
+        "--compression",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--mode",
+        "compact",
+        "--compile",
+        "--precision",
+        "bf16",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     code, out = finish(torchrun(args, {**os.environ, "MPDCOMPRESS_DATA": str(data_dir)}))
     assert code == 0, out
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values() if v.is_floating_point())

@@ -12,8 +12,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
-@pytest.mark.parametrize("builder,shape,c", [(lambda: build_model("lenet300"), (1, 28, 28), 10),
-                                             (lambda: fc_stack([96, 64, 40, 10]), (96,), 4)])
+@pytest.mark.parametrize(
+    "builder,shape,c",
+    [(lambda: build_model("lenet300"), (1, 28, 28), 10), (lambda: fc_stack([96, 64, 40, 10]), (96,), 4)],
+)
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(tmp_path, builder, shape, c):
     torch.manual_seed(0)
     model = mc.pack(mc.mpdify_(builder(), c)).eval()

@@ -84,7 +84,7 @@ def test_cifar_crops_are_per_image_and_centred_for_evaluation():
     alone, _ = train.__getitems__([7])
     assert batch.shape == (2, 3, 24, 24) and torch.equal(batch[1], alone[0])
     tops, lefts, flips = (p[7] for p in train._params)
-    crop = images[7, :, tops:tops + 24, lefts:lefts + 24]
+    crop = images[7, :, tops : tops + 24, lefts : lefts + 24]
     assert torch.equal(alone[0], crop.flip(-1) if flips else crop)
     centred, _ = InMemoryImages(split, 24, train=False).__getitems__([3])
     assert torch.equal(centred[0], images[3, :, 4:28, 4:28])
@@ -93,9 +93,27 @@ def test_cifar_crops_are_per_image_and_centred_for_evaluation():
 def test_alexnet_trains_on_an_image_folder_with_loader_workers(tmp_path):
     write_imagenet(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mpdcompress", "train", "--recipe", "alexnet-bn-imagenet", "--mode", "compact",
-           "--epochs", "1", "--batch-size", "4", "--workers", "2", "--data", str(tmp_path), "--out", str(out),
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpdcompress",
+        "train",
+        "--recipe",
+        "alexnet-bn-imagenet",
+        "--mode",
+        "compact",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "training alexnet-bn on imagenet" in proc.stdout
@@ -106,9 +124,27 @@ def test_alexnet_trains_on_an_image_folder_with_loader_workers(tmp_path):
 def test_tf_cifar10_recipe_trains_two_processes_on_the_binary_release(tmp_path):
     """The CIFAR-10 pipeline end to end: binary release files, random 24x24 crops, 2 gloo ranks."""
     write_cifar_binary(tmp_path, per_batch=16)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mpdcompress",
-           "train", "--recipe", "tf-cifar10", "--epochs", "2", "--batch-size", "16", "--data", str(tmp_path),
-           "--out", str(tmp_path / "run"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mpdcompress",
+        "train",
+        "--recipe",
+        "tf-cifar10",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training tf-cifar10 on cifar10 with 2 processes (gloo)" in proc.stdout

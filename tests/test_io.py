@@ -84,12 +84,18 @@ def test_indices_use_the_smallest_integer_type(lenet_file):
     with safe_open(str(path), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("_order")}
     # 784 and 300 indices need 16 bits; the 100 outputs of the second layer fit in 8.
-    assert dtypes == {"1.layers.0.row_order": "I16", "1.layers.0.col_order": "I16",
-                      "1.layers.1.row_order": "I8", "1.layers.1.col_order": "I16"}
+    assert dtypes == {
+        "1.layers.0.row_order": "I16",
+        "1.layers.0.col_order": "I16",
+        "1.layers.1.row_order": "I8",
+        "1.layers.1.col_order": "I16",
+    }
 
 
-@pytest.mark.parametrize("name,builder,c", [("lenet", lambda: build_model("lenet300"), 10),
-                                            ("alexnet-fc", lambda: fc_stack([16384, 4096, 4096, 1000]), 8)])
+@pytest.mark.parametrize(
+    "name,builder,c",
+    [("lenet", lambda: build_model("lenet300"), 10), ("alexnet-fc", lambda: fc_stack([16384, 4096, 4096, 1000]), 8)],
+)
 def test_packed_file_is_within_one_over_c_plus_two_percent_of_dense(tmp_path, name, builder, c):
     torch.manual_seed(0)
     dense = builder()
@@ -103,7 +109,7 @@ def test_packed_file_is_within_one_over_c_plus_two_percent_of_dense(tmp_path, na
 def split_file(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join_file(path: Path, header: dict, data: bytes) -> Path:
@@ -150,8 +156,11 @@ def save_with_tensor(tmp_path, key, value):
     header, _ = split_file(path)
     manifest = json.loads(header["__metadata__"]["mpdcompress"])
     state = {**packed_lenet().state_dict(), key: value}
-    tensors = {k: (v.to(_index_dtype(v.numel())) if k.endswith("_order") else v).contiguous()
-               for k, v in state.items() if not k.endswith("num_blocks")}
+    tensors = {
+        k: (v.to(_index_dtype(v.numel())) if k.endswith("_order") else v).contiguous()
+        for k, v in state.items()
+        if not k.endswith("num_blocks")
+    }
     manifest["sha256"] = {k: _digest(t) for k, t in tensors.items()}
     path.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
     return path

@@ -80,8 +80,10 @@ def test_masks_identical_across_processes():
         "m = make_mask(784, 300, 10, seed=123);"
         "print(hashlib.sha256(m.row_order.numpy().tobytes() + m.col_order.numpy().tobytes()).hexdigest())"
     )
-    digests = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-               for _ in range(2)}
+    digests = {
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        for _ in range(2)
+    }
     assert len(digests) == 1
 
 

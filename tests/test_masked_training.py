@@ -11,12 +11,17 @@ from mpdcompress.errors import CompressionError, CompressionTypeError, MPDCompre
 
 def lenet(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
 
 
 def off_mask_max(model):
-    return max(float(m.weight.detach()[~m.mask].abs().max()) if (~m.mask).any() else 0.0
-               for m in model.modules() if isinstance(m, MPDLinear))
+    return max(
+        float(m.weight.detach()[~m.mask].abs().max()) if (~m.mask).any() else 0.0
+        for m in model.modules()
+        if isinstance(m, MPDLinear)
+    )
 
 
 def test_mpdify_replaces_all_linears_and_keeps_parameters():
@@ -227,7 +232,12 @@ def test_config_object_is_checked_once_and_recorded(tmp_path):
 
     save(pack(model), tmp_path / "m.safetensors")
     assert read_manifest(tmp_path / "m.safetensors")["config"] == {
-        "compression": 10, "seed": 3, "permute": True, "mode": "masked", "init": "block"}
+        "compression": 10,
+        "seed": 3,
+        "permute": True,
+        "mode": "masked",
+        "init": "block",
+    }
     for bad in (dict(seed=1.5), dict(seed=True), dict(permute="yes")):
         with pytest.raises(CompressionTypeError):
             MPDConfig(4, **bad)

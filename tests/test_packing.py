@@ -63,7 +63,9 @@ def test_pack_fused_chain_is_exact(dims, seed, batch, act):
 
 def lenet(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 7, 10])

@@ -40,8 +40,25 @@ def test_dry_run_prints_the_plan_without_data(tmp_path, monkeypatch, capsys):
 
 
 def test_estimate_times_real_steps_and_projects_the_run(capsys):
-    assert main(["train", "--model", "alexnet-fc", "--mode", "compact", "--epochs", "3", "--train-limit", "2048",
-                 "--batch-size", "64", "--estimate"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "alexnet-fc",
+                "--mode",
+                "compact",
+                "--epochs",
+                "3",
+                "--train-limit",
+                "2048",
+                "--batch-size",
+                "64",
+                "--estimate",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "plan: alexnet-fc on fake" in out
     assert "ms per optimizer step (median of 5" in out and "images/s" in out
@@ -50,7 +67,26 @@ def test_estimate_times_real_steps_and_projects_the_run(capsys):
 
 
 def test_estimate_on_fake_data_projects_the_recipes_real_dataset(capsys):
-    assert main(["train", "--recipe", "alexnet-bn-imagenet", "--model", "alexnet-fc", "--dataset", "fake",
-                 "--mode", "compact", "--batch-size", "64", "--epochs", "1", "--estimate"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "alexnet-bn-imagenet",
+                "--model",
+                "alexnet-fc",
+                "--dataset",
+                "fake",
+                "--mode",
+                "compact",
+                "--batch-size",
+                "64",
+                "--epochs",
+                "1",
+                "--estimate",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "for 20,018 steps over imagenet's 1,281,167 training images (fake images timed)" in out

@@ -24,8 +24,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative to the output scale: fp32 kernels accumulate in another order than bmm; 16-bit types
 # round every layer's output (the reference rounds inside its GEMM too).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
-ACTIVATIONS = [nn.ReLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.Identity, nn.Tanh,
-               lambda: nn.Sequential(nn.ReLU(), nn.Dropout(0.5))]
+ACTIVATIONS = [
+    nn.ReLU,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    nn.SiLU,
+    nn.Identity,
+    nn.Tanh,
+    lambda: nn.Sequential(nn.ReLU(), nn.Dropout(0.5)),
+]
 
 
 def chain(dims, act, c_for, seed=0, bias=True):
@@ -67,8 +74,9 @@ def test_forward_matches_reference_engine(dims, seed, batch, act, bias):
 @pytest.mark.parametrize("batch", [3, 70])
 def test_folded_dense_neighbours_forward_and_backward(batch):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 45), nn.ReLU(), nn.Linear(45, 33), nn.GELU(), nn.Linear(33, 26), nn.Tanh(),
-                          nn.Linear(26, 7))
+    model = nn.Sequential(
+        nn.Linear(20, 45), nn.ReLU(), nn.Linear(45, 33), nn.GELU(), nn.Linear(33, 26), nn.Tanh(), nn.Linear(26, 7)
+    )
     mpd.mpdify_(model, 4, filter_fn=lambda module, name: name in ("2", "4"))
     packed = mpd.pack(model).to(DEVICE)
     chain = packed[0]
@@ -140,8 +148,10 @@ def test_backward_matches_reference_engine(act, lead):
 
 def test_compact_training_keeps_padding_zero_and_tracks_reference():
     torch.manual_seed(0)
-    models = {e: mpd.mpdify_(nn.Sequential(nn.Linear(30, 41), nn.ReLU(), nn.Linear(41, 7)), 4, mode="compact").to(DEVICE)
-              for e in ("torch", "triton")}
+    models = {
+        e: mpd.mpdify_(nn.Sequential(nn.Linear(30, 41), nn.ReLU(), nn.Linear(41, 7)), 4, mode="compact").to(DEVICE)
+        for e in ("torch", "triton")
+    }
     models["triton"].load_state_dict(models["torch"].state_dict())
     x, y = torch.randn(64, 30, device=DEVICE), torch.randint(0, 7, (64,), device=DEVICE)
     for engine, model in models.items():

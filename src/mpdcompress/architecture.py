@@ -18,21 +18,38 @@ from .errors import ModelFileError, UnsupportedArchitectureError
 from .layout import BlockLayout
 from .masks import MPDMask
 from .nn.masked import MPDLinear
-from .nn.packed import BlockDiagonalLinear, PackedChain
+from .nn.packed import ELEMENTWISE_MODULES, BlockDiagonalLinear, PackedChain
 
 __all__ = ["describe", "build", "UnsupportedArchitectureError", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (
-        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-        nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Embedding,
-        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-        nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten,
-        nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-        nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-        nn.Tanhshrink, nn.LogSigmoid, nn.PReLU, nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout2d,
-        nn.AlphaDropout,
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        nn.Embedding,
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Flatten,
+        nn.Unflatten,
+        *ELEMENTWISE_MODULES,  # every module that may sit inside a fused chain
+        nn.PReLU,
+        nn.Softmax,
+        nn.LogSoftmax,
+        nn.Dropout2d,
     )
 }
 _CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
@@ -71,20 +88,31 @@ def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
     """JSON description of ``module``'s tree (types and constructor arguments, no tensors)."""
     kind = type(module).__name__
     if type(module) in _CONTAINERS.values():
-        return {"type": kind, "children": [[key, describe(child, f"{name}.{key}".strip("."))]
-                                            for key, child in module._modules.items()]}
+        return {
+            "type": kind,
+            "children": [[key, describe(child, f"{name}.{key}".strip("."))] for key, child in module._modules.items()],
+        }
     if isinstance(module, PackedChain):
-        spec = {"type": "PackedChain",
-                "layers": [describe(layer, f"{name}.layers.{i}") for i, layer in enumerate(module.layers)],
-                "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
-                "source_keys": list(module.source_keys)}
+        spec = {
+            "type": "PackedChain",
+            "layers": [describe(layer, f"{name}.layers.{i}") for i, layer in enumerate(module.layers)],
+            "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
+            "source_keys": list(module.source_keys),
+        }
         for part in _CHAIN_PARTS:
             if getattr(module, part) is not None:
                 spec[part] = describe(getattr(module, part), f"{name}.{part}")
         return spec
     if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
-        return {"type": kind, "args": {"d_out": module.out_features, "d_in": module.in_features,
-                                       "compression": module.compression, "bias": module.bias is not None}}
+        return {
+            "type": kind,
+            "args": {
+                "d_out": module.out_features,
+                "d_in": module.in_features,
+                "compression": module.compression,
+                "bias": module.bias is not None,
+            },
+        }
     if type(module) in SUPPORTED_LAYERS.values():
         return {"type": kind, "args": _layer_args(module)}
     raise UnsupportedArchitectureError(
@@ -113,8 +141,12 @@ def build(spec: dict[str, Any]) -> nn.Module:
         return container
     if kind == "PackedChain":
         parts = {part: build(spec[part]) for part in _CHAIN_PARTS if spec.get(part) is not None}
-        return PackedChain([build(s) for s in spec["layers"]], [build(s) for s in spec["activations"]],
-                           source_keys=spec.get("source_keys"), **parts)
+        return PackedChain(
+            [build(s) for s in spec["layers"]],
+            [build(s) for s in spec["activations"]],
+            source_keys=spec.get("source_keys"),
+            **parts,
+        )
     if kind in ("BlockDiagonalLinear", "MPDLinear"):
         a = spec["args"]
         layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])

@@ -17,8 +17,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    bar = tqdm(total=args.steps, desc=f"training LeNet-300-100 shape at c={args.compression}", unit="step",
-               disable=args.quiet)
+    bar = tqdm(
+        total=args.steps, desc=f"training LeNet-300-100 shape at c={args.compression}", unit="step", disable=args.quiet
+    )
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
@@ -29,8 +30,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     bar.close()
     print(f"loss {result.first_loss:.3f} -> {result.last_loss:.3f} over {result.steps} steps (Adam, batch 50)")
     print(f"test accuracy (synthetic cluster task): {100 * result.test_accuracy:.2f} %")
-    print(f"FC weights: dense {result.dense_fc_params:,} -> packed {result.packed_fc_params:,} "
-          f"({result.dense_fc_params / result.packed_fc_params:.2f}x smaller)")
+    print(
+        f"FC weights: dense {result.dense_fc_params:,} -> packed {result.packed_fc_params:,} "
+        f"({result.dense_fc_params / result.packed_fc_params:.2f}x smaller)"
+    )
     print(f"packed vs masked model: max |difference| / output scale = {result.max_rel_error:.2e}")
     print(f"packed vs dense forward at batch {result.speedup_batch}: {result.packed_speedup:.2f}x faster")
     ok = result.max_rel_error <= 1e-5
@@ -114,8 +117,9 @@ def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
             changes[key] = tuple(getattr(args, key))
     if args.dtype:
         changes["dtypes"] = (args.dtype,)
-    result = run_gpu_suite(dataclasses.replace(profile, **changes), device=args.device, command=command,
-                           progress=progress)
+    result = run_gpu_suite(
+        dataclasses.replace(profile, **changes), device=args.device, command=command, progress=progress
+    )
     return write_gpu_report(result, args.out)
 
 
@@ -141,25 +145,33 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.model:
         s = model_summary(args.model, args.compression)
         paper = s["paper_fc_weights_dense"] is not None
-        print(f"{s['model']} ({s['description']}) at c={s['compression']}"
-              + (" (layers compressed as in the paper)" if paper else ""))
+        print(
+            f"{s['model']} ({s['description']}) at c={s['compression']}"
+            + (" (layers compressed as in the paper)" if paper else "")
+        )
         for label, key in (("dense", "fc_weights_dense"), ("MPD  ", "fc_weights_mpd")):
             print(f"  FC weights {label}: {s[key]:>12,}" + (f"   paper: {s['paper_' + key]:>12,}" if paper else ""))
         return 0
     if not args.file:
         raise ConfigError("give a model file, or --model NAME for a paper model")
     s = file_summary(args.file)
-    print(f"{s['path']}: {s['form']} model, written by {s['writer']}, "
-          f"architecture {'included' if s['has_architecture'] else 'NOT included (load needs model=)'}")
+    print(
+        f"{s['path']}: {s['form']} model, written by {s['writer']}, "
+        f"architecture {'included' if s['has_architecture'] else 'NOT included (load needs model=)'}"
+    )
     print(f"{'layer':<28}{'was':<10}{'shape':>14}{'c':>5}{'dense':>14}{'kept':>12}{'stored':>12}")
     for r in s["layers"]:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
-        print(f"{r['name']:<28}{r['source']:<10}{shape:>14}{r['compression']:>5}{r['dense_weights']:>14,}"
-              f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}")
+        print(
+            f"{r['name']:<28}{r['source']:<10}{shape:>14}{r['compression']:>5}{r['dense_weights']:>14,}"
+            f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}"
+        )
     dense_w = sum(r["dense_weights"] for r in s["layers"])
     kept_w = sum(r["kept_weights"] for r in s["layers"])
     print(f"compressed layers: {dense_w:,} -> {kept_w:,} weights ({dense_w / kept_w:.2f}x fewer)")
-    print(f"file: {s['file_bytes']:,} bytes; the same layers dense in fp32: {s['dense_compressed_layers_bytes']:,} bytes")
+    print(
+        f"file: {s['file_bytes']:,} bytes; the same layers dense in fp32: {s['dense_compressed_layers_bytes']:,} bytes"
+    )
     return 0
 
 
@@ -204,15 +216,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if message.endswith("%"):
             bar.write(message)
 
-    run_reproduction(args.out, "quick" if args.quick else "full", data_root=args.data, seed=args.seed,
-                     progress=progress)
+    run_reproduction(
+        args.out, "quick" if args.quick else "full", data_root=args.data, seed=args.seed, progress=progress
+    )
     bar.close()
     print(f"wrote {args.out}/report.md, results.json and figures")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpdcompress", description="Matrix permutation decomposition for PyTorch models.")
+    parser = argparse.ArgumentParser(
+        prog="mpdcompress", description="Matrix permutation decomposition for PyTorch models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="mask, train, pack and check a small model on synthetic data")
     demo.add_argument("--compression", "-c", type=int, default=10)
@@ -221,18 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
-    bench = sub.add_parser("bench", help="time packed layers and models against dense, masked, CSR and BSR "
-                           "(--device cuda: the GPU suite, eager and CUDA graphs, against Monarch and 2:4 too)")
+    bench = sub.add_parser(
+        "bench",
+        help="time packed layers and models against dense, masked, CSR and BSR "
+        "(--device cuda: the GPU suite, eager and CUDA graphs, against Monarch and 2:4 too)",
+    )
     bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
-                       help="default: fp32 on the CPU; fp32 and bf16 on a GPU")
+    bench.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU; fp32 and bf16 on a GPU"
+    )
     bench.add_argument("--shapes", nargs="+", help="layer shapes by name (default: all)")
     bench.add_argument("--factors", nargs="+", type=int, help="compression factors")
     bench.add_argument("--batches", nargs="+", type=int, help="layer batch sizes")
     bench.add_argument("--models", nargs="+", help="model stacks (default: all)")
-    bench.add_argument("--compile", metavar="MODE", help="also torch.compile every model form with this mode "
-                       "(default, reduce-overhead, max-autotune)")
+    bench.add_argument(
+        "--compile",
+        metavar="MODE",
+        help="also torch.compile every model form with this mode (default, reduce-overhead, max-autotune)",
+    )
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
@@ -247,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--quiet", action="store_true")
-    rp.add_argument("--render-only", action="store_true",
-                    help="only rewrite report.md from the results.json in --out (no training)")
+    rp.add_argument(
+        "--render-only", action="store_true", help="only rewrite report.md from the results.json in --out (no training)"
+    )
     rp.set_defaults(func=_cmd_reproduce)
 
     pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")

@@ -13,32 +13,48 @@ from pathlib import Path
 __all__ = ["add_train_parser"]
 
 
-
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     from .datasets import DATASETS
     from .models import MODELS
     from .train import RECIPES
 
     tr = sub.add_parser(
-        "train", help="train a paper model (dense, masked or compact), on one process or under torchrun",
-        description="Runs unchanged under `torchrun --nproc_per_node=N` (DDP: NCCL on GPUs, gloo on CPU).")
+        "train",
+        help="train a paper model (dense, masked or compact), on one process or under torchrun",
+        description="Runs unchanged under `torchrun --nproc_per_node=N` (DDP: NCCL on GPUs, gloo on CPU).",
+    )
     tr.add_argument("--recipe", choices=sorted(RECIPES), help="a named training setup; other flags override it")
     tr.add_argument("--model", choices=list(MODELS), help="default: lenet300, or the recipe's")
-    tr.add_argument("--dataset", choices=list(DATASETS),
-                    help="default: the model's; 'fake' = random images of the model's input shape")
+    tr.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        help="default: the model's; 'fake' = random images of the model's input shape",
+    )
     tr.add_argument("--compression", "-c", type=int, help="0 trains the dense baseline (default: the paper's factor)")
-    tr.add_argument("--no-permute", dest="permute", action="store_false",
-                    help="plain block-diagonal masks (the paper's ablation)")
-    tr.add_argument("--mode", choices=["masked", "compact"], default="masked",
-                    help="compact trains the packed block-diagonal form directly (~1/c of the cost)")
-    tr.add_argument("--init", choices=["block", "dense"], default="block",
-                    help="block: fan-in = block width (default); dense: nn.Linear's initialization")
+    tr.add_argument(
+        "--no-permute", dest="permute", action="store_false", help="plain block-diagonal masks (the paper's ablation)"
+    )
+    tr.add_argument(
+        "--mode",
+        choices=["masked", "compact"],
+        default="masked",
+        help="compact trains the packed block-diagonal form directly (~1/c of the cost)",
+    )
+    tr.add_argument(
+        "--init",
+        choices=["block", "dense"],
+        default="block",
+        help="block: fan-in = block width (default); dense: nn.Linear's initialization",
+    )
     tr.add_argument("--seed", type=int, default=0, help="initialization and data order")
     tr.add_argument("--mask-seed", type=int, help="masks (default: --seed)")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int, help="global batch per optimizer step, summed over all processes")
-    tr.add_argument("--micro-batch", type=int,
-                    help="images per process per forward pass; smaller than batch/processes accumulates gradients")
+    tr.add_argument(
+        "--micro-batch",
+        type=int,
+        help="images per process per forward pass; smaller than batch/processes accumulates gradients",
+    )
     tr.add_argument("--lr", type=float)
     tr.add_argument("--optimizer", choices=["adam", "sgd"])
     tr.add_argument("--weight-decay", type=float)
@@ -48,14 +64,20 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (ImageNet folders)")
     tr.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's local GPU)")
     tr.add_argument("--data", dest="data_root", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
-    tr.add_argument("--out", default="runs/train",
-                    help="folder for checkpoint.pt, result.json and the model file (shared by all ranks)")
+    tr.add_argument(
+        "--out",
+        default="runs/train",
+        help="folder for checkpoint.pt, result.json and the model file (shared by all ranks)",
+    )
     tr.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps within an epoch")
     tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tr.add_argument("--dry-run", action="store_true", help="print the whole plan and exit; needs no data")
     tr.add_argument("--nproc", type=int, help="with --dry-run outside torchrun: plan for this many processes")
-    tr.add_argument("--estimate", action="store_true",
-                    help="time a few real steps and print the projected wall time of the whole run, then exit")
+    tr.add_argument(
+        "--estimate",
+        action="store_true",
+        help="time a few real steps and print the projected wall time of the whole run, then exit",
+    )
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=run_train)
 
@@ -82,19 +104,26 @@ def _print_plan(plan, recipe: str | None) -> None:
     from .train import RECIPES
 
     p = plan
-    kind = (f"MPD c={p.compression}, {p.mode} mode" if p.compression else "dense")
+    kind = f"MPD c={p.compression}, {p.mode} mode" if p.compression else "dense"
     print(f"plan: {p.model} on {p.dataset} ({kind}, {p.precision})" + (f", recipe {recipe}" if recipe else ""))
     if recipe:
         print(f"  recipe source: {RECIPES[recipe].source}")
-    print(f"  data: {p.data_location} ({'present' if p.data_present else 'NOT present'}), {p.train_images:,} "
-          "training images")
-    print(f"  FC weights: dense {p.fc_weights_dense:,} -> kept {p.fc_weights_kept:,} "
-          f"({p.fc_weights_dense / p.fc_weights_kept:.2f}x fewer)")
+    print(
+        f"  data: {p.data_location} ({'present' if p.data_present else 'NOT present'}), {p.train_images:,} "
+        "training images"
+    )
+    print(
+        f"  FC weights: dense {p.fc_weights_dense:,} -> kept {p.fc_weights_kept:,} "
+        f"({p.fc_weights_dense / p.fc_weights_kept:.2f}x fewer)"
+    )
     print(f"  parameters: dense model {p.parameters_dense:,}; trained here {p.parameters_trained:,}")
-    print(f"  optimizer: {p.optimizer} lr {p.lr} ({p.lr_schedule}), momentum {p.momentum}, "
-          f"weight decay {p.weight_decay}")
-    print(f"  batch: global {p.global_batch} = {p.world_size} processes x {p.micro_batch} per forward x "
-          f"{p.accumulation} accumulation step(s)")
+    print(
+        f"  optimizer: {p.optimizer} lr {p.lr} ({p.lr_schedule}), momentum {p.momentum}, weight decay {p.weight_decay}"
+    )
+    print(
+        f"  batch: global {p.global_batch} = {p.world_size} processes x {p.micro_batch} per forward x "
+        f"{p.accumulation} accumulation step(s)"
+    )
     print(f"  steps: {p.steps_per_epoch:,} per epoch x {p.epochs} epochs = {p.total_steps:,} optimizer steps")
 
 
@@ -157,10 +186,14 @@ def _estimate(config, args, ctx) -> int:
         _print_plan(plan, args.recipe)
         step = statistics.median(seconds)
         total = step * projected.total_steps
-        print(f"measured: {step * 1e3:.1f} ms per optimizer step (median of {len(seconds)}, data loading included) "
-              f"on {ctx.world_size} process(es), {plan.global_batch / step:,.0f} images/s")
-        print(f"projected: {total / 3600:.1f} h for {projected.total_steps:,} steps{stand_in} on this hardware "
-              "(evaluation passes not included)")
+        print(
+            f"measured: {step * 1e3:.1f} ms per optimizer step (median of {len(seconds)}, data loading included) "
+            f"on {ctx.world_size} process(es), {plan.global_batch / step:,.0f} images/s"
+        )
+        print(
+            f"projected: {total / 3600:.1f} h for {projected.total_steps:,} steps{stand_in} on this hardware "
+            "(evaluation passes not included)"
+        )
     return 0
 
 
@@ -175,20 +208,30 @@ def _train(config, args, ctx) -> int:
     resolved = config.resolved()
     if main:
         where = f"{ctx.world_size} processes ({ctx.backend})" if ctx.distributed else "1 process"
-        print(f"training {resolved.model} on {resolved.dataset} with {where}: "
-              + (f"MPD c={resolved.compression} {resolved.mode}{'' if resolved.permute else ' (non-permuted)'}"
-                 if resolved.compression else "dense")
-              + f", {resolved.optimizer} lr {resolved.lr}, batch {resolved.batch_size}, {resolved.epochs} epochs, "
-                f"seed {resolved.seed}, {resolved.precision}")
+        print(
+            f"training {resolved.model} on {resolved.dataset} with {where}: "
+            + (
+                f"MPD c={resolved.compression} {resolved.mode}{'' if resolved.permute else ' (non-permuted)'}"
+                if resolved.compression
+                else "dense"
+            )
+            + f", {resolved.optimizer} lr {resolved.lr}, batch {resolved.batch_size}, {resolved.epochs} epochs, "
+            f"seed {resolved.seed}, {resolved.precision}"
+        )
     bar = None
 
     def progress(event: dict) -> None:
         nonlocal bar
         if event["event"] == "step":
             if bar is None:
-                bar = tqdm(total=event["steps_per_epoch"], initial=event["step"] - 1,
-                           desc=f"epoch {event['epoch'] + 1}/{resolved.epochs}", unit="step", disable=args.quiet,
-                           leave=False)
+                bar = tqdm(
+                    total=event["steps_per_epoch"],
+                    initial=event["step"] - 1,
+                    desc=f"epoch {event['epoch'] + 1}/{resolved.epochs}",
+                    unit="step",
+                    disable=args.quiet,
+                    leave=False,
+                )
             bar.update(1)
             if event["loss"] is not None:
                 bar.set_postfix(loss=f"{event['loss']:.4f}")
@@ -196,19 +239,26 @@ def _train(config, args, ctx) -> int:
             if bar is not None:
                 bar.close()
                 bar = None
-            print(f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, test accuracy "
-                  f"{100 * event['test_accuracy']:.2f} %", flush=True)
+            print(
+                f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, test accuracy "
+                f"{100 * event['test_accuracy']:.2f} %",
+                flush=True,
+            )
 
     out = Path(args.out)
     result = train(config, checkpoint_dir=out, resume=args.resume, progress=progress, should_stop=_StopOnSignal())
     if not main:
         return 0
     (out / "result.json").write_text(json.dumps({k: v for k, v in vars(result).items() if k != "model"}, indent=1))
-    print(f"final test accuracy {100 * result.test_accuracy:.2f} % with {result.fc_weights:,} FC weights; "
-          f"checkpoint in {out / 'checkpoint.pt'}")
+    print(
+        f"final test accuracy {100 * result.test_accuracy:.2f} % with {result.fc_weights:,} FC weights; "
+        f"checkpoint in {out / 'checkpoint.pt'}"
+    )
     if resolved.compression:
         name = "packed" if resolved.mode == "compact" else "masked"
         path = save(result.model, out / f"{name}.safetensors", input_shape=model_spec(resolved.model).input_shape)
-        print(f"{name} model: {path}" + ("" if name == "packed" else
-                                         f" (pack it with: mpdcompress pack {path} -o packed.safetensors)"))
+        print(
+            f"{name} model: {path}"
+            + ("" if name == "packed" else f" (pack it with: mpdcompress pack {path} -o packed.safetensors)")
+        )
     return 0

@@ -50,7 +50,8 @@ class MPDConfig:
         if not isinstance(self.permute, bool):
             raise CompressionTypeError(f"permute must be a bool, got {type(self.permute).__name__}")
         if not isinstance(self.compression, Mapping) and (
-                isinstance(self.compression, bool) or not isinstance(self.compression, int)):
+            isinstance(self.compression, bool) or not isinstance(self.compression, int)
+        ):
             raise CompressionTypeError(
                 f"compression must be an int or a mapping of layer names to ints, got "
                 f"{type(self.compression).__name__} {self.compression!r}"
@@ -59,5 +60,10 @@ class MPDConfig:
     def to_json(self) -> dict[str, Any]:
         """What the model file's manifest records."""
         compression = dict(self.compression) if isinstance(self.compression, Mapping) else self.compression
-        return {"compression": compression, "seed": self.seed, "permute": self.permute, "mode": self.mode,
-                "init": self.init}
+        return {
+            "compression": compression,
+            "seed": self.seed,
+            "permute": self.permute,
+            "mode": self.mode,
+            "init": self.init,
+        }

@@ -80,8 +80,12 @@ def mpdify_(
         if id(linear) in replacements:
             continue
         mask = make_mask(
-            linear.out_features, linear.in_features, c,
-            seed=layer_seed(config.seed, name), permute=config.permute, name=name or type(model).__name__,
+            linear.out_features,
+            linear.in_features,
+            c,
+            seed=layer_seed(config.seed, name),
+            permute=config.permute,
+            name=name or type(model).__name__,
         )
         replacements[id(linear)] = MPDLinear.from_linear(linear, mask)
         if config.init == "block":
@@ -111,11 +115,11 @@ def mpdify(
     warnings.warn(
         "mpdify() is deprecated and will be removed in mpdcompress 0.3; use mpdify_(model, config, "
         "filter_fn=...), which works in place like mpdify and takes filter_fn(module, name) as torchao does",
-        DeprecationWarning, stacklevel=2,
+        DeprecationWarning,
+        stacklevel=2,
     )
     filter_fn = None if filter is None else (lambda module, name: filter(name, module))
-    return mpdify_(model, MPDConfig(compression, seed=seed, permute=permute, mode=mode, init=init),
-                   filter_fn=filter_fn)
+    return mpdify_(model, MPDConfig(compression, seed=seed, permute=permute, mode=mode, init=init), filter_fn=filter_fn)
 
 
 @torch.no_grad()
@@ -236,12 +240,12 @@ def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
             h = _skip_elementwise(items, i - 1, -1)
             # The dense layer before the run (and the gap after it) must still be the last modules
             # emitted, not folded into the previous run as its tail.
-            emitted = out[len(out) - (i - h):] if 0 <= h and len(out) >= i - h else []
+            emitted = out[len(out) - (i - h) :] if 0 <= h and len(out) >= i - h else []
             if emitted and _is_plain_linear(items[h][1]) and all(a[1] is b[1] for a, b in zip(emitted, items[h:i])):
                 head, start = items[h][1], h
-                gap = [m for _, m in items[h + 1:i]]
+                gap = [m for _, m in items[h + 1 : i]]
                 head_gap = _gap(gap) if gap else None
-                out = out[:len(out) - (i - h)]
+                out = out[: len(out) - (i - h)]
             t = _skip_elementwise(items, j, 1)
             if t < len(items) and _is_plain_linear(items[t][1]):
                 tail, stop = items[t][1], t + 1
@@ -252,9 +256,13 @@ def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
         else:
             packed = [BlockDiagonalLinear.from_masked(m) for m in layers]
             chain = PackedChain(
-                packed, acts, source_keys=[key for key, _ in items[start:stop]],
-                head=None if head is None else PackedChain.fold_head(head, packed[0]), head_gap=head_gap,
-                tail_gap=tail_gap, tail=None if tail is None else PackedChain.fold_tail(tail, packed[-1]),
+                packed,
+                acts,
+                source_keys=[key for key, _ in items[start:stop]],
+                head=None if head is None else PackedChain.fold_head(head, packed[0]),
+                head_gap=head_gap,
+                tail_gap=tail_gap,
+                tail=None if tail is None else PackedChain.fold_tail(tail, packed[-1]),
             )
             out.append((items[start][0], chain))
         i = stop

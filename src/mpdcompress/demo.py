@@ -67,13 +67,22 @@ def run_demo(
         reference = model(x_test)
         err = float((packed(x_test) - reference).abs().max() / reference.abs().max())
         accuracy = float((packed(x_test).argmax(1) == y_test).float().mean())
-        dense = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m for m in model])
+        dense = nn.Sequential(
+            *[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m for m in model]
+        )
         batch = x_test[:256]
         t_dense = median_seconds(lambda: dense(batch))
         t_packed = median_seconds(lambda: packed(batch))
     packed_params = sum(p.numel() for n, p in packed.named_parameters() if n.endswith("weight_blocks"))
     return DemoResult(
-        compression=compression, steps=steps, first_loss=losses[0], last_loss=sum(losses[-20:]) / 20,
-        test_accuracy=accuracy, dense_fc_params=dense_params, packed_fc_params=packed_params,
-        max_rel_error=err, speedup_batch=256, packed_speedup=t_dense / t_packed,
+        compression=compression,
+        steps=steps,
+        first_loss=losses[0],
+        last_loss=sum(losses[-20:]) / 20,
+        test_accuracy=accuracy,
+        dense_fc_params=dense_params,
+        packed_fc_params=packed_params,
+        max_rel_error=err,
+        speedup_batch=256,
+        packed_speedup=t_dense / t_packed,
     )

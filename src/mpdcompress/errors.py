@@ -9,9 +9,21 @@ code written against earlier releases still catches what it caught. The command 
 from __future__ import annotations
 
 __all__ = [
-    "MPDCompressError", "CompressionError", "CompressionTypeError", "ConfigError", "UnknownNameError",
-    "ModelFileError", "ModelFileNotFoundError", "UnsupportedArchitectureError", "EngineUnavailableError", "ExportError",
-    "DataUnavailableError", "DataCorruptError", "CheckpointError", "MaskMismatchError", "DistributedFailure",
+    "MPDCompressError",
+    "CompressionError",
+    "CompressionTypeError",
+    "ConfigError",
+    "UnknownNameError",
+    "ModelFileError",
+    "ModelFileNotFoundError",
+    "UnsupportedArchitectureError",
+    "EngineUnavailableError",
+    "ExportError",
+    "DataUnavailableError",
+    "DataCorruptError",
+    "CheckpointError",
+    "MaskMismatchError",
+    "DistributedFailure",
     "NonFiniteWeightsWarning",
 ]
 

@@ -49,8 +49,15 @@ def export_onnx(
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example_input,), dynamo=True, opset_version=opset, external_data=False,
-                input_names=["input"], output_names=["output"], verbose=False, **kwargs,
+                model,
+                (example_input,),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                input_names=["input"],
+                output_names=["output"],
+                verbose=False,
+                **kwargs,
             )
     except Exception as exc:  # the exporter raises many unrelated types; one precise one for callers
         raise ExportError(f"ONNX export failed: {exc}") from exc

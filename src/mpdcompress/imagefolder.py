@@ -63,8 +63,16 @@ class ImageFolderImages:
 
     loads_files = True
 
-    def __init__(self, folder: str | os.PathLike, *, train: bool, seed: int = 0, size: int = 224,
-                 resize: int = 256, classes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        train: bool,
+        seed: int = 0,
+        size: int = 224,
+        resize: int = 256,
+        classes: list[str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.classes, self.samples = scan_image_folder(self.folder, classes)
         self.train, self.seed, self.size, self.resize = train, seed, size, resize
@@ -98,16 +106,18 @@ class ImageFolderImages:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             scale = self.resize / min(img.width, img.height)
-            img = img.resize((max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))),
-                             Image.BILINEAR)
+            img = img.resize(
+                (max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))), Image.BILINEAR
+            )
             top = round((img.height - self.size) / 2)
             left = round((img.width - self.size) / 2)
             img = img.crop((left, top, left + self.size, top + self.size))
         return np.asarray(img, dtype=np.uint8)
 
 
-def random_resized_crop_box(height: int, width: int, rng: random.Random, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    height: int, width: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random crop covering ``scale`` of the area at an aspect in ``ratio``;
     after 10 misses, the largest centred crop within ``ratio`` (torchvision's rule)."""
     area = height * width
@@ -129,8 +139,9 @@ def random_resized_crop_box(height: int, width: int, rng: random.Random, scale=(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def load_imagenet(split: str, root: str | os.PathLike | None = None, *, seed: int = 0,
-                  classes: list[str] | None = None) -> ImageFolderImages:
+def load_imagenet(
+    split: str, root: str | os.PathLike | None = None, *, seed: int = 0, classes: list[str] | None = None
+) -> ImageFolderImages:
     """ILSVRC-2012 in the ImageFolder layout: ``<root>/imagenet/train/<wnid>/*.JPEG`` and
     ``<root>/imagenet/val/<wnid>/*.JPEG`` (validation images sorted into class folders)."""
     if split not in IMAGENET_SPLIT_DIRS:
@@ -139,7 +150,8 @@ def load_imagenet(split: str, root: str | os.PathLike | None = None, *, seed: in
     if not folder.is_dir():
         raise DataUnavailableError(
             f"ImageNet not found: put ILSVRC-2012 in the ImageFolder layout at {folder}/<wnid>/<image>.JPEG "
-            "(validation images sorted into the same class folders), or set MPDCOMPRESS_DATA / --data")
+            "(validation images sorted into the same class folders), or set MPDCOMPRESS_DATA / --data"
+        )
     if importlib.util.find_spec("PIL") is None:
         raise DataUnavailableError("reading image folders needs Pillow: pip install 'mpdcompress[imagenet]'")
     return ImageFolderImages(folder, train=split == "train", seed=seed, classes=classes)

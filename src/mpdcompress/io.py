@@ -55,7 +55,9 @@ def _index_dtype(n: int) -> torch.dtype:
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -64,14 +66,21 @@ def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, module in compressed_layers(model).items():
         if isinstance(module, PackedChain):
             parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
-            named = [(f"{name}.layers.{i}", layer, parent + key)
-                     for i, (layer, key) in enumerate(zip(module.layers, module.layer_source_keys()))]
+            named = [
+                (f"{name}.layers.{i}", layer, parent + key)
+                for i, (layer, key) in enumerate(zip(module.layers, module.layer_source_keys()))
+            ]
         else:
             named = [(name, module, name)]
         for key, layer, source in named:
-            layers[key] = {"kind": type(layer).__name__, "source": source, "d_out": layer.out_features,
-                           "d_in": layer.in_features, "compression": layer.compression,
-                           "bias": layer.bias is not None}
+            layers[key] = {
+                "kind": type(layer).__name__,
+                "source": source,
+                "d_out": layer.out_features,
+                "d_in": layer.in_features,
+                "compression": layer.compression,
+                "bias": layer.bias is not None,
+            }
     return layers
 
 
@@ -160,7 +169,9 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise ModelFileError(f"{path}: tensor {key!r} has no valid data_offsets")
         end = max(end, offsets[1])
     if end != data_len:
-        raise ModelFileError(f"{path}: tensor data should be {end} bytes but the file holds {data_len} (truncated or padded)")
+        raise ModelFileError(
+            f"{path}: tensor data should be {end} bytes but the file holds {data_len} (truncated or padded)"
+        )
     return header
 
 
@@ -216,20 +227,29 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
     return pack(model, inplace=True) if manifest["form"] == "packed" else model
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], expected: dict[str, torch.Tensor],
-                   path: Path, on_nonfinite: str) -> dict[str, torch.Tensor]:
+def _check_tensors(
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    expected: dict[str, torch.Tensor],
+    path: Path,
+    on_nonfinite: str,
+) -> dict[str, torch.Tensor]:
     hashes = manifest["sha256"]
     wanted = {k for k in expected if not k.endswith(".num_blocks")}
     missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or extra:
-        raise ModelFileError(f"{path}: tensors do not match the architecture (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ModelFileError(
+            f"{path}: tensors do not match the architecture (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
     state = {}
     for key, tensor in tensors.items():
         if hashes.get(key) != _digest(tensor):
             raise ModelFileError(f"{path}: tensor {key!r} fails its SHA-256 check (corrupted file)")
         ref = expected[key]
         if tuple(tensor.shape) != tuple(ref.shape):
-            raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the architecture needs {tuple(ref.shape)}")
+            raise ModelFileError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the architecture needs {tuple(ref.shape)}"
+            )
         if key.endswith(_INDEX_SUFFIXES):
             try:
                 tensor = check_permutation(tensor, ref.numel(), f"{key} in {path}")

@@ -34,12 +34,10 @@ def validate_compression(d_out: int, d_in: int, compression: object, name: str |
     if isinstance(compression, bool) or not isinstance(compression, numbers.Integral):
         if isinstance(compression, numbers.Real) and float(compression).is_integer():
             raise CompressionTypeError(
-                f"{_where(name)}: compression must be an int, got {compression!r} "
-                f"(pass {int(compression)}); {valid}"
+                f"{_where(name)}: compression must be an int, got {compression!r} (pass {int(compression)}); {valid}"
             )
         raise CompressionTypeError(
-            f"{_where(name)}: compression must be an int, got {type(compression).__name__} "
-            f"{compression!r}; {valid}"
+            f"{_where(name)}: compression must be an int, got {type(compression).__name__} {compression!r}; {valid}"
         )
     c = int(compression)
     if not 1 <= c <= upper:

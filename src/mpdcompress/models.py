@@ -15,8 +15,21 @@ from torch import nn
 from .errors import CompressionError, UnknownNameError
 from .paper import TABLE1, PaperRow
 
-__all__ = ["ModelSpec", "MODELS", "model_spec", "paper_filter", "classifier_name", "build_model", "fc_weights_kept",
-           "lenet300", "deep_mnist", "tf_cifar10", "alexnet_bn", "fc_stack", "fc_weight_count"]
+__all__ = [
+    "ModelSpec",
+    "MODELS",
+    "model_spec",
+    "paper_filter",
+    "classifier_name",
+    "build_model",
+    "fc_weights_kept",
+    "lenet300",
+    "deep_mnist",
+    "tf_cifar10",
+    "alexnet_bn",
+    "fc_stack",
+    "fc_weight_count",
+]
 
 
 def _mlp(dims: list[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -43,10 +56,16 @@ def lenet300(num_classes: int = 10) -> nn.Sequential:
 def deep_mnist(num_classes: int = 10) -> nn.Sequential:
     """TensorFlow's "Deep MNIST" tutorial CNN: two 5x5 conv+pool stages, FC 3136 → 1024 → classes."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(7 * 7 * 64, 1024),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(1024, num_classes),
     )
 
@@ -57,9 +76,12 @@ def tf_cifar10(num_classes: int = 10) -> nn.Sequential:
     Local response normalization follows the tutorial (size 4, alpha 0.001/9, beta 0.75).
     """
     return nn.Sequential(
-        nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(3, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
         nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
-        nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 5, padding=2),
+        nn.ReLU(),
         nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
         nn.MaxPool2d(3, 2, padding=1),
         nn.Flatten(),
@@ -73,14 +95,21 @@ def alexnet_bn(num_classes: int = 1000) -> nn.Sequential:
     The paper's FC6 input is 16384 = 256·8·8, so the conv features are pooled to 8x8 (the
     torchvision AlexNet pools to 6x6 = 9216).
     """
+
     def conv(cin: int, cout: int, k: int, s: int = 1, p: int = 0) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *conv(3, 64, 11, 4, 2), nn.MaxPool2d(3, 2),
-        *conv(64, 192, 5, p=2), nn.MaxPool2d(3, 2),
-        *conv(192, 384, 3, p=1), *conv(384, 256, 3, p=1), *conv(256, 256, 3, p=1), nn.MaxPool2d(3, 2),
-        nn.AdaptiveAvgPool2d((8, 8)), nn.Flatten(),
+        *conv(3, 64, 11, 4, 2),
+        nn.MaxPool2d(3, 2),
+        *conv(64, 192, 5, p=2),
+        nn.MaxPool2d(3, 2),
+        *conv(192, 384, 3, p=1),
+        *conv(384, 256, 3, p=1),
+        *conv(256, 256, 3, p=1),
+        nn.MaxPool2d(3, 2),
+        nn.AdaptiveAvgPool2d((8, 8)),
+        nn.Flatten(),
         *_mlp([256 * 8 * 8, 4096, 4096, num_classes], dropout=0.5),
     )
 
@@ -106,28 +135,81 @@ class ModelSpec:
         return TABLE1.get(self.name)
 
 
-def _paper_spec(name: str, build: Callable[..., nn.Module], input_shape: tuple[int, ...], num_classes: int,
-                recipe: str, fc_only: bool, description: str) -> ModelSpec:
+def _paper_spec(
+    name: str,
+    build: Callable[..., nn.Module],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    recipe: str,
+    fc_only: bool,
+    description: str,
+) -> ModelSpec:
     row = TABLE1[name]
-    return ModelSpec(name, build, input_shape, num_classes, row.compression, row.keep_classifier_dense, row.dataset,
-                     recipe, fc_only, description)
+    return ModelSpec(
+        name,
+        build,
+        input_shape,
+        num_classes,
+        row.compression,
+        row.keep_classifier_dense,
+        row.dataset,
+        recipe,
+        fc_only,
+        description,
+    )
 
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    _paper_spec("lenet300", lenet300, (1, 28, 28), 10, "lenet300-mnist", True, "LeNet-300-100, 784-300-100-10"),
-    _paper_spec("deep-mnist", deep_mnist, (1, 28, 28), 10, "deep-mnist", False,
-                "TF Deep MNIST CNN, FC 3136-1024-10"),
-    _paper_spec("tf-cifar10", tf_cifar10, (3, 24, 24), 10, "tf-cifar10", False,
-                "TF CIFAR-10 tutorial CNN, FC 2304-384-192-10"),
-    _paper_spec("alexnet-bn", alexnet_bn, (3, 224, 224), 1000, "alexnet-bn-imagenet", False,
-                "AlexNet with batch norm, FC 16384-4096-4096-1000"),
-    ModelSpec("alexnet-fc", lambda num_classes=1000: fc_stack([16384, 4096, 4096, num_classes]), (16384,), 1000,
-              compression=8, keep_classifier_dense=False, dataset="fake", recipe="alexnet-bn-imagenet", fc_only=True,
-              description="AlexNet's FC stack alone on 16384-d inputs (throughput runs on fake data)"),
-    ModelSpec("transformer-mlp", lambda num_classes=768: fc_stack([768, 3072, num_classes]), (768,), 768,
-              compression=8, keep_classifier_dense=False, dataset="fake", recipe=None, fc_only=True,
-              description="a BERT-base MLP block, 768-3072-768"),
-)}
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _paper_spec("lenet300", lenet300, (1, 28, 28), 10, "lenet300-mnist", True, "LeNet-300-100, 784-300-100-10"),
+        _paper_spec(
+            "deep-mnist", deep_mnist, (1, 28, 28), 10, "deep-mnist", False, "TF Deep MNIST CNN, FC 3136-1024-10"
+        ),
+        _paper_spec(
+            "tf-cifar10",
+            tf_cifar10,
+            (3, 24, 24),
+            10,
+            "tf-cifar10",
+            False,
+            "TF CIFAR-10 tutorial CNN, FC 2304-384-192-10",
+        ),
+        _paper_spec(
+            "alexnet-bn",
+            alexnet_bn,
+            (3, 224, 224),
+            1000,
+            "alexnet-bn-imagenet",
+            False,
+            "AlexNet with batch norm, FC 16384-4096-4096-1000",
+        ),
+        ModelSpec(
+            "alexnet-fc",
+            lambda num_classes=1000: fc_stack([16384, 4096, 4096, num_classes]),
+            (16384,),
+            1000,
+            compression=8,
+            keep_classifier_dense=False,
+            dataset="fake",
+            recipe="alexnet-bn-imagenet",
+            fc_only=True,
+            description="AlexNet's FC stack alone on 16384-d inputs (throughput runs on fake data)",
+        ),
+        ModelSpec(
+            "transformer-mlp",
+            lambda num_classes=768: fc_stack([768, 3072, num_classes]),
+            (768,),
+            768,
+            compression=8,
+            keep_classifier_dense=False,
+            dataset="fake",
+            recipe=None,
+            fc_only=True,
+            description="a BERT-base MLP block, 768-3072-768",
+        ),
+    )
+}
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -153,7 +235,8 @@ def fc_weights_kept(model: nn.Module) -> int:
 
     return sum(
         m.mpd_mask.layout.nnz if isinstance(m, (MPDLinear, BlockDiagonalLinear)) else m.weight.numel()
-        for m in model.modules() if isinstance(m, (nn.Linear, BlockDiagonalLinear))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, BlockDiagonalLinear))
     )
 
 

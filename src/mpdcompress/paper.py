@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PaperRow", "TABLE1", "MASK_STUDY_FLOOR", "NON_PERMUTED_ACCURACY", "ALEXNET_TOP1_BY_FACTOR",
-           "MASK_SUM_MEAN", "GPU_SPEEDUP_CLAIM"]
+__all__ = [
+    "PaperRow",
+    "TABLE1",
+    "MASK_STUDY_FLOOR",
+    "NON_PERMUTED_ACCURACY",
+    "ALEXNET_TOP1_BY_FACTOR",
+    "MASK_SUM_MEAN",
+    "GPU_SPEEDUP_CLAIM",
+]
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,22 @@ from .models import build_model, fc_weight_count, fc_weights_kept, model_spec, p
 
 __all__ = ["file_summary", "model_summary"]
 
+
 def _layer_rows(layers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name, layer in layers.items():
         layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
-        rows.append({"name": name, "source": layer.get("source", name), "shape": (layout.d_out, layout.d_in),
-                     "compression": layout.compression, "dense_weights": layout.d_out * layout.d_in,
-                     "kept_weights": layout.nnz, "stored_weights": layout.padded_numel})
+        rows.append(
+            {
+                "name": name,
+                "source": layer.get("source", name),
+                "shape": (layout.d_out, layout.d_in),
+                "compression": layout.compression,
+                "dense_weights": layout.d_out * layout.d_in,
+                "kept_weights": layout.nnz,
+                "stored_weights": layout.padded_numel,
+            }
+        )
     return rows
 
 
@@ -27,9 +36,15 @@ def file_summary(path: str | os.PathLike) -> dict[str, Any]:
     manifest = read_manifest(path)
     rows = _layer_rows(manifest["layers"])
     dense_bytes = 4 * sum(r["dense_weights"] + r["shape"][0] for r in rows)
-    return {"path": str(path), "form": manifest["form"], "writer": manifest.get("writer"),
-            "has_architecture": manifest.get("architecture") is not None, "layers": rows,
-            "file_bytes": Path(path).stat().st_size, "dense_compressed_layers_bytes": dense_bytes}
+    return {
+        "path": str(path),
+        "form": manifest["form"],
+        "writer": manifest.get("writer"),
+        "has_architecture": manifest.get("architecture") is not None,
+        "layers": rows,
+        "file_bytes": Path(path).stat().st_size,
+        "dense_compressed_layers_bytes": dense_bytes,
+    }
 
 
 def model_summary(name: str, compression: int | None = None) -> dict[str, Any]:
@@ -43,6 +58,12 @@ def model_summary(name: str, compression: int | None = None) -> dict[str, Any]:
     dense = fc_weight_count(model)
     kept = fc_weights_kept(mpdify_(model, c, filter_fn=paper_filter(model, name)))
     paper = spec.paper
-    return {"model": name, "description": spec.description, "compression": c, "fc_weights_dense": dense,
-            "fc_weights_mpd": kept, "paper_fc_weights_dense": paper.fc_weights[0] if paper else None,
-            "paper_fc_weights_mpd": paper.fc_weights[1] if paper else None}
+    return {
+        "model": name,
+        "description": spec.description,
+        "compression": c,
+        "fc_weights_dense": dense,
+        "fc_weights_mpd": kept,
+        "paper_fc_weights_dense": paper.fc_weights[0] if paper else None,
+        "paper_fc_weights_mpd": paper.fc_weights[1] if paper else None,
+    }

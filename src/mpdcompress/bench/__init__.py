@@ -6,6 +6,11 @@ from .memory import model_weight_bytes, peak_rss_bytes
 from .model import run_model_bench
 
 __all__ = [
-    "LAYER_SHAPES", "layer_candidates", "run_layer_bench", "run_model_bench",
-    "describe_machine", "model_weight_bytes", "peak_rss_bytes",
+    "LAYER_SHAPES",
+    "layer_candidates",
+    "run_layer_bench",
+    "run_model_bench",
+    "describe_machine",
+    "model_weight_bytes",
+    "peak_rss_bytes",
 ]

@@ -27,8 +27,7 @@ def monarch_width(d_out: int, d_in: int, compression: int) -> int:
 class MonarchLinear(nn.Module):
     """``y = P₂ B₂ P B₁ x + b`` with ``nblocks`` blocks per factor; ``P`` is the stride permutation."""
 
-    def __init__(self, d_in: int, d_out: int, compression: int, nblocks: int = 4,
-                 device=None, dtype=None) -> None:
+    def __init__(self, d_in: int, d_out: int, compression: int, nblocks: int = 4, device=None, dtype=None) -> None:
         super().__init__()
         if d_in % nblocks or d_out % nblocks:
             raise ValueError(f"Monarch with {nblocks} blocks needs d_in and d_out divisible by it, got {d_in}, {d_out}")
@@ -36,7 +35,7 @@ class MonarchLinear(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.nblocks, self.q = nblocks, q
         self.w1 = nn.Parameter(torch.randn(nblocks, q, d_in // nblocks, **kw) * (nblocks / d_in) ** 0.5)
-        self.w2 = nn.Parameter(torch.randn(nblocks, d_out // nblocks, q, **kw) * q ** -0.5)
+        self.w2 = nn.Parameter(torch.randn(nblocks, d_out // nblocks, q, **kw) * q**-0.5)
         self.bias = nn.Parameter(torch.zeros(d_out, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

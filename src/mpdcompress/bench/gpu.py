@@ -47,31 +47,39 @@ class GpuProfile:
     training_models: tuple[str, ...] = ("alexnet-fc",)
     training_batch: int = 512
     repeats: int = 10
-    candidates: tuple[str, ...] = field(default=("dense", "packed", "packed_torch", "bmm_only", "monarch",
-                                                 "semi_structured", "bsr"))
+    candidates: tuple[str, ...] = field(
+        default=("dense", "packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr")
+    )
 
 
 GPU_FULL = GpuProfile()
-GPU_QUICK = GpuProfile(shapes=tuple(GPU_SHAPES[:2]), batches=(1, 128), dtypes=("bf16",), models=("alexnet-fc",),
-                       repeats=5)
+GPU_QUICK = GpuProfile(
+    shapes=tuple(GPU_SHAPES[:2]), batches=(1, 128), dtypes=("bf16",), models=("alexnet-fc",), repeats=5
+)
 
 
 def _engine(module: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         with use_engine(engine):
             return module(x)
+
     return run
 
 
-def layer_candidates(d_out: int, d_in: int, c: int, dtype: torch.dtype, device: str, wanted: tuple[str, ...],
-                     seed: int = 0) -> tuple[dict[str, Callable], dict[str, str]]:
+def layer_candidates(
+    d_out: int, d_in: int, c: int, dtype: torch.dtype, device: str, wanted: tuple[str, ...], seed: int = 0
+) -> tuple[dict[str, Callable], dict[str, str]]:
     torch.manual_seed(seed)
     kw = dict(device=device, dtype=dtype)
     dense = nn.Linear(d_in, d_out, **kw).eval()
     masked = MPDLinear(d_in, d_out, compression=c, seed=seed).to(**kw).eval()
     packed = BlockDiagonalLinear.from_masked(masked).eval()
     blocks = packed.weight_blocks.detach()
-    fns: dict[str, Callable] = {"dense": dense, "packed": _engine(packed, "triton"), "packed_torch": _engine(packed, "torch")}
+    fns: dict[str, Callable] = {
+        "dense": dense,
+        "packed": _engine(packed, "triton"),
+        "packed_torch": _engine(packed, "torch"),
+    }
     notes: dict[str, str] = {}
     staged: dict[int, torch.Tensor] = {}
 
@@ -142,12 +150,20 @@ def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], N
                         calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
                         eager = _time(calls, device, False, profile.repeats)
                         graph = _time(calls, device, True, profile.repeats)
-                    rows.append({
-                        "shape": name, "d_out": d_out, "d_in": d_in, "compression": c, "batch": batch,
-                        "dtype": dtype_name, "seconds": {"eager": eager, "graph": graph},
-                        "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
-                        "packed_vs_torch_engine_error": error, "notes": notes,
-                    })
+                    rows.append(
+                        {
+                            "shape": name,
+                            "d_out": d_out,
+                            "d_in": d_in,
+                            "compression": c,
+                            "batch": batch,
+                            "dtype": dtype_name,
+                            "seconds": {"eager": eager, "graph": graph},
+                            "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
+                            "packed_vs_torch_engine_error": error,
+                            "notes": notes,
+                        }
+                    )
                     if progress is not None:
                         s = rows[-1]["speedup_vs_dense"]
                         progress(f"{name} {dtype_name} batch={batch}: packed {s['eager']['packed']:.2f}x eager")
@@ -169,11 +185,19 @@ def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], N
                     calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
                     eager = _time(calls, device, False, profile.repeats)
                     graph = _time(calls, device, True, profile.repeats)
-                rows.append({"model": name, "dtype": dtype_name, "batch": batch,
-                             "seconds": {"eager": eager, "graph": graph},
-                             "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)}})
+                rows.append(
+                    {
+                        "model": name,
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "seconds": {"eager": eager, "graph": graph},
+                        "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
+                    }
+                )
                 if progress is not None:
-                    progress(f"{name} {dtype_name} batch={batch}: packed {rows[-1]['speedup_vs_dense']['eager']['packed']:.2f}x")
+                    progress(
+                        f"{name} {dtype_name} batch={batch}: packed {rows[-1]['speedup_vs_dense']['eager']['packed']:.2f}x"
+                    )
     return rows
 
 
@@ -184,8 +208,12 @@ def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str],
         dtype = DTYPES[dtype_name]
         for name in profile.training_models:
             steps = {}
-            for form, built, engine in (("dense", "dense", "torch"), ("masked", "masked", "torch"),
-                                        ("compact", "packed", "triton"), ("compact_torch", "packed", "torch")):
+            for form, built, engine in (
+                ("dense", "dense", "torch"),
+                ("masked", "masked", "torch"),
+                ("compact", "packed", "triton"),
+                ("compact_torch", "packed", "torch"),
+            ):
                 model, shape = build_stack(name, built)
                 model = model.to(device).train()
                 opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -194,25 +222,42 @@ def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str],
 
                 def step(model=model, opt=opt, x=x, y=y, engine=engine) -> None:
                     opt.zero_grad(set_to_none=True)
-                    with use_engine(engine), torch.autocast(torch.device(device).type, dtype=dtype,
-                                                            enabled=dtype != torch.float32):
+                    with (
+                        use_engine(engine),
+                        torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32),
+                    ):
                         loss = nn.functional.cross_entropy(model(x), y)
                     loss.backward()
                     opt.step()
 
                 steps[form] = step
             seconds = _time(steps, device, False, max(3, profile.repeats // 2))
-            rows.append({"model": name, "dtype": dtype_name, "batch": profile.training_batch, "seconds": seconds,
-                         "speedup_vs_dense": _ratios(seconds)})
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": dtype_name,
+                    "batch": profile.training_batch,
+                    "seconds": seconds,
+                    "speedup_vs_dense": _ratios(seconds),
+                }
+            )
             if progress is not None:
                 progress(f"training {name} {dtype_name}: compact {rows[-1]['speedup_vs_dense']['compact']:.2f}x dense")
     return rows
 
 
-def run_gpu_suite(profile: GpuProfile, *, device: str = "cuda", command: str = "mpdcompress bench --device cuda",
-                  progress: Callable[[str], None] | None = None) -> dict:
+def run_gpu_suite(
+    profile: GpuProfile,
+    *,
+    device: str = "cuda",
+    command: str = "mpdcompress bench --device cuda",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     return {
-        "suite": "gpu", "command": command, "machine": describe_machine(device), "profile": asdict(profile),
+        "suite": "gpu",
+        "command": command,
+        "machine": describe_machine(device),
+        "profile": asdict(profile),
         "layers": run_gpu_layers(profile, device, progress),
         "models": run_gpu_models(profile, device, progress),
         "training": run_gpu_training(profile, device, progress),

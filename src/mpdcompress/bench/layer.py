@@ -84,7 +84,9 @@ def layer_candidates(
     if torch.device(device).type == "cuda" and max(rows, cols) > 128:
         # Measured on an H100 with torch 2.11: the Triton BSR kernel ran for minutes (tuning) at
         # 512x512 blocks without finishing a single batch-512 call.
-        notes["bsr"] = "skipped on CUDA for blocks over 128: torch's Triton BSR kernel does not finish in reasonable time"
+        notes["bsr"] = (
+            "skipped on CUDA for blocks over 128: torch's Triton BSR kernel does not finish in reasonable time"
+        )
     elif layout.is_even:
         sparse_candidate("bsr", lambda: torch.block_diag(*blocks.unbind(0)).to_sparse_bsr((rows, cols)))
     else:
@@ -125,16 +127,34 @@ def run_layer_bench(
             for batch in batches:
                 x = torch.randn(batch, d_in, device=device, dtype=dtype)
                 with torch.no_grad():
-                    seconds: dict[str, float | None] = dict(interleaved_medians(
-                        {key: (lambda fn=fn: fn(x)) for key, fn in fns.items()},
-                        repeats=repeats, min_time=min_time, device=device,
-                    ))
+                    seconds: dict[str, float | None] = dict(
+                        interleaved_medians(
+                            {key: (lambda fn=fn: fn(x)) for key, fn in fns.items()},
+                            repeats=repeats,
+                            min_time=min_time,
+                            device=device,
+                        )
+                    )
                 for key in notes:
                     seconds.setdefault(key, None)
                 dense = seconds["dense"]
                 speedup = {k: (None if v is None else dense / v) for k, v in seconds.items()}
-                results.append(asdict(LayerResult(name, d_out, d_in, c, batch, str(dtype).replace("torch.", ""),
-                                                  device, seconds, speedup, notes)))
+                results.append(
+                    asdict(
+                        LayerResult(
+                            name,
+                            d_out,
+                            d_in,
+                            c,
+                            batch,
+                            str(dtype).replace("torch.", ""),
+                            device,
+                            seconds,
+                            speedup,
+                            notes,
+                        )
+                    )
+                )
                 if progress is not None:
                     progress(f"{name} c={c} batch={batch}: packed {speedup['packed']:.2f}x dense")
     return results

@@ -27,9 +27,15 @@ def file_bytes(dense: nn.Module, packed: nn.Module) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, f"{tmp}/dense.safetensors")
         save(packed, f"{tmp}/packed.safetensors")
-        return {"dense": os.path.getsize(f"{tmp}/dense.safetensors"), "packed": os.path.getsize(f"{tmp}/packed.safetensors")}
+        return {
+            "dense": os.path.getsize(f"{tmp}/dense.safetensors"),
+            "packed": os.path.getsize(f"{tmp}/packed.safetensors"),
+        }
 
-def build_stack(name: str, form: str, seed: int = 0, compression: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+
+def build_stack(
+    name: str, form: str, seed: int = 0, compression: int | None = None
+) -> tuple[nn.Module, tuple[int, ...]]:
     """``form`` is ``dense``, ``masked`` or ``packed``; paper models compress the paper's layers.
 
     ``compression`` overrides the stack's usual factor. Returned in eval mode.
@@ -77,14 +83,26 @@ def run_model_bench(
         for batch in batches[fc_only]:
             x = torch.randn(batch, *forms["dense"][1], device=device)
             with torch.no_grad():
-                seconds = interleaved_medians({form: (lambda run=run: run(x)) for form, run in runners.items()},
-                                              repeats=repeats, min_time=min_time, device=device)
-            rows.append({
-                "model": name, "fc_only": fc_only, "compression": model_spec(name).compression, "batch": batch,
-                "device": device, "compile_mode": compile_mode, "seconds": seconds,
-                "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
-                "state_dict_bytes": sizes, "file_bytes": files,
-            })
+                seconds = interleaved_medians(
+                    {form: (lambda run=run: run(x)) for form, run in runners.items()},
+                    repeats=repeats,
+                    min_time=min_time,
+                    device=device,
+                )
+            rows.append(
+                {
+                    "model": name,
+                    "fc_only": fc_only,
+                    "compression": model_spec(name).compression,
+                    "batch": batch,
+                    "device": device,
+                    "compile_mode": compile_mode,
+                    "seconds": seconds,
+                    "speedup_vs_dense": {k: seconds["dense"] / v for k, v in seconds.items()},
+                    "state_dict_bytes": sizes,
+                    "file_bytes": files,
+                }
+            )
             if progress is not None:
                 progress(f"{name} batch={batch}: packed {seconds['dense'] / seconds['packed']:.2f}x dense")
     return rows

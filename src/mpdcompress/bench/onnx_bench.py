@@ -43,11 +43,21 @@ def run_onnx_bench(
                 feed = {"input": x.numpy()}
                 with torch.no_grad():
                     error = float(abs(sessions["packed"].run(None, feed)[0] - packed_torch(x).numpy()).max())
-                seconds = interleaved_medians({form: (lambda s=s: s.run(None, feed)) for form, s in sessions.items()},
-                                              repeats=repeats, min_time=min_time)
-                rows.append({"model": name, "batch": batch, "seconds": seconds,
-                             "speedup": seconds["dense"] / seconds["packed"], "max_abs_error_vs_torch": error,
-                             "onnxruntime": ort.__version__})
+                seconds = interleaved_medians(
+                    {form: (lambda s=s: s.run(None, feed)) for form, s in sessions.items()},
+                    repeats=repeats,
+                    min_time=min_time,
+                )
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": batch,
+                        "seconds": seconds,
+                        "speedup": seconds["dense"] / seconds["packed"],
+                        "max_abs_error_vs_torch": error,
+                        "onnxruntime": ort.__version__,
+                    }
+                )
                 if progress is not None:
                     progress(f"onnx {name} batch={batch}: packed {rows[-1]['speedup']:.2f}x dense")
     return rows

@@ -27,7 +27,8 @@ def _layer_table(rows: list[dict]) -> list[str]:
         csr_ratio = None if s.get("csr") is None else s["packed"] / s["csr"]
         lines.append(
             f"| {r['shape']} ({r['d_out']}×{r['d_in']}) | {r['compression']} | {r['batch']} | "
-            f"{1e3 * r['seconds']['dense']:.3f} | " + " | ".join(_fmt(s.get(k)) for k in LAYER_COLUMNS)
+            f"{1e3 * r['seconds']['dense']:.3f} | "
+            + " | ".join(_fmt(s.get(k)) for k in LAYER_COLUMNS)
             + f" | {_fmt(csr_ratio)} |"
         )
     return lines
@@ -122,29 +123,50 @@ def write_bench_report(result: dict, out_dir: str | Path) -> list[Path]:
         md += [f"![{f}]({f})" for f in files] + [""]
     if result.get("models"):
         mode = result.get("compile_mode")
-        md += ["## Models" + (f" (every form under torch.compile, mode={mode})" if mode else ""), "", *_model_table(result["models"]), ""]
+        md += [
+            "## Models" + (f" (every form under torch.compile, mode={mode})" if mode else ""),
+            "",
+            *_model_table(result["models"]),
+            "",
+        ]
     if result.get("peak_rss"):
-        md += ["## Peak RSS during one forward (batch 64, fresh process)", "",
-               "| model | form | peak RSS MiB | over empty process MiB |", "|---|---|---|---|"]
+        md += [
+            "## Peak RSS during one forward (batch 64, fresh process)",
+            "",
+            "| model | form | peak RSS MiB | over empty process MiB |",
+            "|---|---|---|---|",
+        ]
         for r in result["peak_rss"]:
             md.append(f"| {r['model']} | {r['form']} | {r['bytes'] / 2**20:.1f} | {r['over_baseline'] / 2**20:.1f} |")
         md.append("")
     if result.get("training"):
-        md += ["## Training step (Adam, forward + backward + update): masked vs compact vs dense", "",
-               "| model | c | batch | dense ms | masked ms | compact ms | compact vs masked × | compact vs dense × | "
-               "weights + Adam state, compact / masked |", "|---|---|---|---|---|---|---|---|---|"]
+        md += [
+            "## Training step (Adam, forward + backward + update): masked vs compact vs dense",
+            "",
+            "| model | c | batch | dense ms | masked ms | compact ms | compact vs masked × | compact vs dense × | "
+            "weights + Adam state, compact / masked |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in result["training"]:
             t = r["seconds"]
-            md.append(f"| {r['model']} | {r['compression']} | {r['batch']} | {1e3 * t['dense']:.2f} | "
-                      f"{1e3 * t['masked']:.2f} | {1e3 * t['compact']:.2f} | {r['compact_vs_masked']:.2f} | "
-                      f"{r['compact_vs_dense']:.2f} | {r['compact_state_fraction_of_masked']:.4f} |")
+            md.append(
+                f"| {r['model']} | {r['compression']} | {r['batch']} | {1e3 * t['dense']:.2f} | "
+                f"{1e3 * t['masked']:.2f} | {1e3 * t['compact']:.2f} | {r['compact_vs_masked']:.2f} | "
+                f"{r['compact_vs_dense']:.2f} | {r['compact_state_fraction_of_masked']:.4f} |"
+            )
         md.append("")
     if result.get("onnx"):
-        md += ["## ONNX Runtime (CPU): dense export vs packed export", "",
-               "| model | batch | dense ms | packed ms | packed × | max abs error vs torch |", "|---|---|---|---|---|---|"]
+        md += [
+            "## ONNX Runtime (CPU): dense export vs packed export",
+            "",
+            "| model | batch | dense ms | packed ms | packed × | max abs error vs torch |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in result["onnx"]:
-            md.append(f"| {r['model']} | {r['batch']} | {1e3 * r['seconds']['dense']:.3f} | "
-                      f"{1e3 * r['seconds']['packed']:.3f} | {r['speedup']:.2f} | {r['max_abs_error_vs_torch']:.1e} |")
+            md.append(
+                f"| {r['model']} | {r['batch']} | {1e3 * r['seconds']['dense']:.3f} | "
+                f"{1e3 * r['seconds']['packed']:.3f} | {r['speedup']:.2f} | {r['max_abs_error_vs_torch']:.1e} |"
+            )
         md.append("")
     if result.get("onnx_note"):
         md += [f"ONNX: {result['onnx_note']}", ""]

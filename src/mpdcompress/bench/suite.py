@@ -16,6 +16,7 @@ from .training import run_training_bench
 
 __all__ = ["run_suite", "BenchProfile", "QUICK", "FULL"]
 
+
 @dataclass(frozen=True)
 class BenchProfile:
     """What one CPU benchmark run measures."""
@@ -39,9 +40,18 @@ class BenchProfile:
 FULL = BenchProfile()
 QUICK = BenchProfile(
     shapes=tuple(s for s in LAYER_SHAPES if s[0] in ("lenet-fc1", "alexnet-fc7", "transformer-mlp-up")),
-    factors=(8,), batches=(1, 64), models=("lenet300", "transformer-mlp"), model_batches_fc=(1, 64),
-    model_batches_conv=(1,), rss_models=(), onnx_models=("lenet300",), onnx_batches=(16,),
-    training_models=("lenet300",), training_factors=(8,), training_batches=(("lenet300", 50),), repeats=5,
+    factors=(8,),
+    batches=(1, 64),
+    models=("lenet300", "transformer-mlp"),
+    model_batches_fc=(1, 64),
+    model_batches_conv=(1,),
+    rss_models=(),
+    onnx_models=("lenet300",),
+    onnx_batches=(16,),
+    training_models=("lenet300",),
+    training_factors=(8,),
+    training_batches=(("lenet300", 50),),
+    repeats=5,
 )
 
 
@@ -53,16 +63,35 @@ def run_suite(
     command: str = "mpdcompress bench",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    result: dict = {"command": command, "machine": describe_machine(device), "dtype": str(dtype),
-                    "repeats": config.repeats, "compile_mode": config.compile_mode, "profile": asdict(config)}
+    result: dict = {
+        "command": command,
+        "machine": describe_machine(device),
+        "dtype": str(dtype),
+        "repeats": config.repeats,
+        "compile_mode": config.compile_mode,
+        "profile": asdict(config),
+    }
     result["layers"] = run_layer_bench(
-        config.shapes, config.factors, config.batches, dtype=dtype, device=device,
-        repeats=config.repeats, progress=progress,
+        config.shapes,
+        config.factors,
+        config.batches,
+        dtype=dtype,
+        device=device,
+        repeats=config.repeats,
+        progress=progress,
     )
-    result["models"] = run_model_bench(
-        config.models, {True: config.model_batches_fc, False: config.model_batches_conv}, device=device,
-        repeats=config.repeats, compile_mode=config.compile_mode, progress=progress,
-    ) if dtype == torch.float32 else []
+    result["models"] = (
+        run_model_bench(
+            config.models,
+            {True: config.model_batches_fc, False: config.model_batches_conv},
+            device=device,
+            repeats=config.repeats,
+            compile_mode=config.compile_mode,
+            progress=progress,
+        )
+        if dtype == torch.float32
+        else []
+    )
     rss = []
     if config.rss_models and device == "cpu":
         baseline = peak_rss_bytes("", "baseline", 1)
@@ -73,10 +102,18 @@ def run_suite(
                 if progress is not None:
                     progress(f"peak RSS {name}/{form}: {peak / 2**20:.0f} MiB")
     result["peak_rss"] = rss
-    result["training"] = run_training_bench(
-        config.training_models, config.training_factors, dict(config.training_batches),
-        repeats=max(3, config.repeats // 2), device=device, progress=progress,
-    ) if config.training_models and dtype == torch.float32 else []
+    result["training"] = (
+        run_training_bench(
+            config.training_models,
+            config.training_factors,
+            dict(config.training_batches),
+            repeats=max(3, config.repeats // 2),
+            device=device,
+            progress=progress,
+        )
+        if config.training_models and dtype == torch.float32
+        else []
+    )
     result["onnx"] = []
     if config.onnx_models and device == "cpu" and dtype == torch.float32:
         try:
@@ -84,6 +121,7 @@ def run_suite(
         except ImportError:
             result["onnx_note"] = "onnxruntime is not installed (pip install 'mpdcompress[onnx]')"
         else:
-            result["onnx"] = run_onnx_bench(config.onnx_models, config.onnx_batches,
-                                            repeats=config.repeats, progress=progress)
+            result["onnx"] = run_onnx_bench(
+                config.onnx_models, config.onnx_batches, repeats=config.repeats, progress=progress
+            )
     return result

@@ -18,8 +18,12 @@ FORMS = {"dense": "dense", "masked": "masked", "compact": "packed"}
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of trainable weights and of the optimizer's state (after at least one step)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     return {"weights": weights, "optimizer": state, "total": weights + state}
 
 
@@ -55,13 +59,19 @@ def run_training_bench(
                 memory[form] = training_state_bytes(model, opt)
                 steps[form] = step
             seconds = interleaved_medians(steps, repeats=repeats, warmup=1, device=device)
-            rows.append({
-                "model": name, "compression": c, "batch": batch, "device": device, "seconds": seconds,
-                "compact_vs_masked": seconds["masked"] / seconds["compact"],
-                "compact_vs_dense": seconds["dense"] / seconds["compact"],
-                "state_bytes": memory,
-                "compact_state_fraction_of_masked": memory["compact"]["total"] / memory["masked"]["total"],
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "compression": c,
+                    "batch": batch,
+                    "device": device,
+                    "seconds": seconds,
+                    "compact_vs_masked": seconds["masked"] / seconds["compact"],
+                    "compact_vs_dense": seconds["dense"] / seconds["compact"],
+                    "state_bytes": memory,
+                    "compact_state_fraction_of_masked": memory["compact"]["total"] / memory["masked"]["total"],
+                }
+            )
             if progress is not None:
                 progress(f"training {name} c={c}: compact {rows[-1]['compact_vs_masked']:.2f}x masked")
     return rows

@@ -35,7 +35,10 @@ def plot_trained_layer(path: Path, layer: MPDLinear) -> Path:
     w = (layer.weight * layer.mask).detach().abs()
     unpermuted = w[layer.row_order][:, layer.col_order]
     fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))
-    for ax, data, title in ((axes[0], w, "trained W∘M (as trained)"), (axes[1], unpermuted, "W* = P_rowᵀ (W∘M) P_colᵀ")):
+    for ax, data, title in (
+        (axes[0], w, "trained W∘M (as trained)"),
+        (axes[1], unpermuted, "W* = P_rowᵀ (W∘M) P_colᵀ"),
+    ):
         ax.imshow((data > 0).numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
         ax.set_title(f"{title}, {tuple(data.shape)}")
     fig.tight_layout()
@@ -64,8 +67,10 @@ def plot_mask_sum(path: Path, mask_sum: torch.Tensor, n_masks: int, density: flo
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3))
     im = ax.imshow(mask_sum.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_title(f"sum of {n_masks} masks: mean {float(mask_sum.float().mean()):.2f} "
-                 f"(expected {n_masks * density:.2f}), min {int(mask_sum.min())}, max {int(mask_sum.max())}")
+    ax.set_title(
+        f"sum of {n_masks} masks: mean {float(mask_sum.float().mean()):.2f} "
+        f"(expected {n_masks * density:.2f}), min {int(mask_sum.min())}, max {int(mask_sum.max())}"
+    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

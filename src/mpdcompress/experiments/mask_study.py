@@ -44,16 +44,20 @@ class _StackedLeNets(nn.Module):
         self.m = len(models)
         width1 = fc1[0].weight_blocks.shape[0] * fc1[0].weight_blocks.shape[1]  # padded outputs per model
         width2 = fc2[0].weight_blocks.shape[0] * fc2[0].weight_blocks.shape[1]
-        self.blocks = nn.ParameterList([
-            nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc1])),
-            nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc2])),
-            nn.Parameter(torch.stack([lin.weight.detach() for lin in classifiers])),
-        ])
-        self.biases = nn.ParameterList([
-            nn.Parameter(torch.cat([layer.bias.detach() for layer in fc1])),
-            nn.Parameter(torch.cat([layer.bias.detach() for layer in fc2])),
-            nn.Parameter(torch.cat([lin.bias.detach() for lin in classifiers])),
-        ])
+        self.blocks = nn.ParameterList(
+            [
+                nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc1])),
+                nn.Parameter(torch.cat([layer.weight_blocks.detach() for layer in fc2])),
+                nn.Parameter(torch.stack([lin.weight.detach() for lin in classifiers])),
+            ]
+        )
+        self.biases = nn.ParameterList(
+            [
+                nn.Parameter(torch.cat([layer.bias.detach() for layer in fc1])),
+                nn.Parameter(torch.cat([layer.bias.detach() for layer in fc2])),
+                nn.Parameter(torch.cat([lin.bias.detach() for lin in classifiers])),
+            ]
+        )
         pads = [None if layer.layout.is_even else layer.layout.padding_mask() for layer in (fc1[0], fc2[0])]
         self.pads = [None if p is None else p.repeat(self.m, 1, 1) for p in pads] + [None]
         self.gathers = [
@@ -85,8 +89,12 @@ def train_mask_study(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
     """Train one LeNet-300-100 per mask seed; returns per-model test accuracies and the masks of fc2."""
-    models = [build_for(TrainConfig(model="lenet300", compression=compression, seed=seed, mask_seed=s,
-                                    init=init, mode="compact")) for s in mask_seeds]
+    models = [
+        build_for(
+            TrainConfig(model="lenet300", compression=compression, seed=seed, mask_seed=s, init=init, mode="compact")
+        )
+        for s in mask_seeds
+    ]
     stacked = _StackedLeNets(models)
     opt = torch.optim.Adam(stacked.parameters(), lr=lr)
     x_all = prepare(train_split.images, dataset)
@@ -97,18 +105,24 @@ def train_mask_study(
         # The same order train() uses for this seed and epoch.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             logits = stacked(x_all[idx])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_all[idx].repeat_interleave(m),
-                                               reduction="sum") / batch_size
+            loss = (
+                nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), y_all[idx].repeat_interleave(m), reduction="sum"
+                )
+                / batch_size
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         accuracies = _evaluate(stacked, test_split, dataset)
         history.append(accuracies)
         if progress is not None:
-            progress(f"mask study epoch {epoch + 1}/{epochs}: min {100 * min(accuracies):.2f} %, "
-                     f"max {100 * max(accuracies):.2f} %")
+            progress(
+                f"mask study epoch {epoch + 1}/{epochs}: min {100 * min(accuracies):.2f} %, "
+                f"max {100 * max(accuracies):.2f} %"
+            )
     return {"accuracies": history[-1], "history": history, "fc2_masks": stacked.fc2_masks}
 
 
@@ -116,6 +130,6 @@ def train_mask_study(
 def _evaluate(model: _StackedLeNets, split: Split, dataset: str) -> list[float]:
     correct = torch.zeros(model.m, dtype=torch.int64)
     for start in range(0, len(split), 1000):
-        logits = model(prepare(split.images[start:start + 1000], dataset))
-        correct += (logits.argmax(-1) == split.labels[start:start + 1000, None]).sum(0)
+        logits = model(prepare(split.images[start : start + 1000], dataset))
+        correct += (logits.argmax(-1) == split.labels[start : start + 1000, None]).sum(0)
     return (correct.double() / len(split)).tolist()

@@ -16,6 +16,14 @@ from .dispatch import (
 from .torch_engine import ChainWeights, run_chain_torch
 
 __all__ = [
-    "ChainWeights", "ENGINES", "EngineUnavailableError", "engine_for", "get_engine", "run_chain",
-    "run_chain_torch", "run_packed", "set_engine", "use_engine",
+    "ChainWeights",
+    "ENGINES",
+    "EngineUnavailableError",
+    "engine_for",
+    "get_engine",
+    "run_chain",
+    "run_chain_torch",
+    "run_packed",
+    "set_engine",
+    "use_engine",
 ]

@@ -20,7 +20,16 @@ from ..errors import EngineUnavailableError, UnknownNameError
 from .torch_engine import ChainWeights, run_chain_torch
 from .tuning import interpreting
 
-__all__ = ["ENGINES", "EngineUnavailableError", "run_chain", "run_packed", "set_engine", "get_engine", "use_engine", "engine_for"]
+__all__ = [
+    "ENGINES",
+    "EngineUnavailableError",
+    "run_chain",
+    "run_packed",
+    "set_engine",
+    "get_engine",
+    "use_engine",
+    "engine_for",
+]
 
 ENGINES = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

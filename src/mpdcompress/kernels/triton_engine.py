@@ -38,6 +38,19 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def _launch_options(cfg: TileConfig, dtype: torch.dtype) -> dict:
+    """Meta-parameters both kernels take: precision, the interpreter's bf16 upcast, tile sizes."""
+    return dict(
+        PRECISION=_precision(dtype),
+        UPCAST=_upcast(dtype),
+        BLOCK_B=cfg.block_b,
+        BLOCK_R=cfg.block_r,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
 def _feature_major(t: Tensor) -> bool:
     return t.shape[0] > 1 and t.stride(0) == 1
 
@@ -48,9 +61,18 @@ def _new_activation(batch: int, features: int, like: Tensor, feature_major: bool
     return like.new_empty((batch, features))
 
 
-def _launch_linear(x: Tensor, in_index: Tensor, weight: Tensor, weight_strides: tuple[int, int, int],
-                   rows: int, cols: int, bias: Optional[Tensor], out_index: Tensor, out: Tensor,
-                   activation: int) -> None:
+def _launch_linear(
+    x: Tensor,
+    in_index: Tensor,
+    weight: Tensor,
+    weight_strides: tuple[int, int, int],
+    rows: int,
+    cols: int,
+    bias: Optional[Tensor],
+    out_index: Tensor,
+    out: Tensor,
+    activation: int,
+) -> None:
     batch = x.shape[0]
     if batch == 0:
         return
@@ -59,11 +81,23 @@ def _launch_linear(x: Tensor, in_index: Tensor, weight: Tensor, weight_strides: 
     def run(cfg: TileConfig) -> None:
         grid = (triton.cdiv(batch, cfg.block_b) * triton.cdiv(rows, cfg.block_r), c)
         tk._block_linear[grid](
-            x, in_index, weight, bias if bias is not None else weight, out_index, out,
-            batch, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1), *weight_strides,
-            HAS_BIAS=bias is not None, ACT=activation, PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-            BLOCK_B=cfg.block_b, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            x,
+            in_index,
+            weight,
+            bias if bias is not None else weight,
+            out_index,
+            out,
+            batch,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            *weight_strides,
+            HAS_BIAS=bias is not None,
+            ACT=activation,
+            **_launch_options(cfg, x.dtype),
         )
 
     key = ("linear", rows, cols, c, x.dtype, _feature_major(x), _feature_major(out), activation)
@@ -78,14 +112,32 @@ def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
         )
 
 
-def _block_linear(x: Tensor, in_index: Tensor, blocks: Tensor, bias: Optional[Tensor], out_index: Tensor,
-                  out_features: int, activation: int, feature_major: bool) -> Tensor:
+def _block_linear(
+    x: Tensor,
+    in_index: Tensor,
+    blocks: Tensor,
+    bias: Optional[Tensor],
+    out_index: Tensor,
+    out_features: int,
+    activation: int,
+    feature_major: bool,
+) -> Tensor:
     """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features)."""
     _check(x, blocks, bias)
     c, rows, cols = blocks.shape
     out = _new_activation(x.shape[0], out_features, x, feature_major)
-    _launch_linear(x, in_index, blocks, (blocks.stride(0), blocks.stride(1), blocks.stride(2)), rows, cols,
-                   bias, out_index, out, activation)
+    _launch_linear(
+        x,
+        in_index,
+        blocks,
+        (blocks.stride(0), blocks.stride(1), blocks.stride(2)),
+        rows,
+        cols,
+        bias,
+        out_index,
+        out,
+        activation,
+    )
     return out
 
 
@@ -98,15 +150,26 @@ def _(x, in_index, blocks, bias, out_index, out_features, activation, feature_ma
 
 
 @torch.library.custom_op("mpdcompress::block_linear_input_grad", mutates_args=())
-def block_linear_input_grad(dz: Tensor, out_index: Tensor, blocks: Tensor, in_index: Tensor,
-                            in_features: int, feature_major: bool) -> Tensor:
+def block_linear_input_grad(
+    dz: Tensor, out_index: Tensor, blocks: Tensor, in_index: Tensor, in_features: int, feature_major: bool
+) -> Tensor:
     """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped."""
     c, rows, cols = blocks.shape
     dx = _new_activation(dz.shape[0], in_features, dz, feature_major)
     if (in_index < 0).any():  # padding columns are never written: they must read as zero
         dx.zero_()
-    _launch_linear(dz, out_index, blocks, (blocks.stride(0), blocks.stride(2), blocks.stride(1)), cols, rows,
-                   None, in_index, dx, tk.ACT_NONE)
+    _launch_linear(
+        dz,
+        out_index,
+        blocks,
+        (blocks.stride(0), blocks.stride(2), blocks.stride(1)),
+        cols,
+        rows,
+        None,
+        in_index,
+        dx,
+        tk.ACT_NONE,
+    )
     return dx
 
 
@@ -125,11 +188,19 @@ def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor
     def run(cfg: TileConfig) -> None:
         grid = (triton.cdiv(rows, cfg.block_r) * triton.cdiv(cols, cfg.block_k), c)
         tk._block_weight_grad[grid](
-            dz, out_index, x, in_index, dw, batch, rows, cols,
-            dz.stride(0), dz.stride(1), x.stride(0), x.stride(1),
-            PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-            BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_B=cfg.block_b,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            dz,
+            out_index,
+            x,
+            in_index,
+            dw,
+            batch,
+            rows,
+            cols,
+            dz.stride(0),
+            dz.stride(1),
+            x.stride(0),
+            x.stride(1),
+            **_launch_options(cfg, x.dtype),
         )
 
     key = ("weight_grad", rows, cols, c, x.dtype, _feature_major(x), _feature_major(dz))

@@ -52,12 +52,29 @@ def _activate(z, ACT: tl.constexpr):
 
 @triton.jit
 def _block_linear(
-    x_ptr, in_index_ptr, w_ptr, bias_ptr, out_index_ptr, y_ptr,
-    batch, ROWS, COLS,
-    stride_xb, stride_xf, stride_yb, stride_yf,
-    stride_wc, stride_wr, stride_wk,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    in_index_ptr,
+    w_ptr,
+    bias_ptr,
+    out_index_ptr,
+    y_ptr,
+    batch,
+    ROWS,
+    COLS,
+    stride_xb,
+    stride_xf,
+    stride_yb,
+    stride_yf,
+    stride_wc,
+    stride_wr,
+    stride_wk,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Program (tile, k): rows ``BLOCK_R`` of block ``k`` for ``BLOCK_B`` batch entries."""
     pid = tl.program_id(0)
@@ -77,8 +94,9 @@ def _block_linear(
     for k0 in range(0, COLS, BLOCK_K):
         ks = k0 + offs_k
         src = tl.load(in_index_ptr + blk * COLS + ks, mask=ks < COLS, other=-1)
-        a = tl.load(x_rows + src.to(tl.int64)[None, :] * stride_xf,
-                    mask=in_batch[:, None] & (src >= 0)[None, :], other=0.0)
+        a = tl.load(
+            x_rows + src.to(tl.int64)[None, :] * stride_xf, mask=in_batch[:, None] & (src >= 0)[None, :], other=0.0
+        )
         w = tl.load(w_block + ks[:, None] * stride_wk, mask=(ks < COLS)[:, None] & in_rows[None, :], other=0.0)
         acc = _mma(a, w, acc, PRECISION, UPCAST)
     if HAS_BIAS:
@@ -91,11 +109,23 @@ def _block_linear(
 
 @triton.jit
 def _block_weight_grad(
-    dz_ptr, out_index_ptr, x_ptr, in_index_ptr, dw_ptr,
-    batch, ROWS, COLS,
-    stride_zb, stride_zf, stride_xb, stride_xf,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    dz_ptr,
+    out_index_ptr,
+    x_ptr,
+    in_index_ptr,
+    dw_ptr,
+    batch,
+    ROWS,
+    COLS,
+    stride_zb,
+    stride_zf,
+    stride_xb,
+    stride_xf,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """Program (tile, k): ``dW_k[rows, cols] = Σ_batch dz[batch, rows]ᵀ x[batch, cols]``, padding zero."""
     pid = tl.program_id(0)

@@ -46,35 +46,37 @@ def batch_bucket(batch: int) -> int:
     return bucket
 
 
+# (block_b, block_r, block_k, num_warps, num_stages). Small batches read weights (GEMV-like):
+# many narrow row tiles so every SM streams weights; large batches are GEMMs: big square tiles.
+# fmt: off
+_WEIGHT_GRAD = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3),
+                (32, 128, 128, 8, 4), (64, 64, 128, 4, 4), (16, 32, 64, 4, 4), (128, 64, 64, 4, 3)]
+_LINEAR_BY_BUCKET = [  # (largest batch bucket, candidates); None: every larger bucket
+    (16, [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 16, 256, 4, 3), (16, 32, 256, 4, 3),
+          (16, 64, 128, 4, 4), (16, 64, 64, 4, 5), (16, 32, 64, 2, 5), (16, 16, 64, 2, 6)]),
+    (128, [(32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
+           (16, 64, 128, 4, 4), (32, 32, 128, 4, 4), (64, 32, 64, 4, 4), (128, 64, 64, 8, 3)]),
+    (None, [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]),
+]
+# fmt: on
+
+
 def candidates(kernel: str, bucket: int) -> list[TileConfig]:
-    """Tiles worth trying. Small batches read weights (GEMV-like): many narrow row tiles so every
-    SM streams weights; large batches are GEMMs: big square tiles."""
+    """Tiles worth trying for ``kernel`` ("linear" or "weight_grad") at this batch bucket."""
     if kernel == "weight_grad":
-        return [TileConfig(b, r, k, w, s) for b, r, k, w, s in (
-            (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3),
-            (32, 128, 128, 8, 4), (64, 64, 128, 4, 4), (16, 32, 64, 4, 4), (128, 64, 64, 4, 3),
-        )]
-    if bucket <= 16:
-        return [TileConfig(16, r, k, w, s) for r, k, w, s in (
-            (32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4),
-            (64, 64, 4, 5), (32, 64, 2, 5), (16, 64, 2, 6),
-        )]
-    if bucket <= 128:
-        return [TileConfig(b, r, k, w, s) for b, r, k, w, s in (
-            (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
-            (16, 64, 128, 4, 4), (32, 32, 128, 4, 4), (64, 32, 64, 4, 4), (128, 64, 64, 8, 3),
-        )]
-    return [TileConfig(b, r, k, w, s) for b, r, k, w, s in (
-        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3),
-    )]
+        rows = _WEIGHT_GRAD
+    else:
+        rows = next(rows for ceiling, rows in _LINEAR_BY_BUCKET if ceiling is None or bucket <= ceiling)
+    return [TileConfig(*row) for row in rows]
 
 
 _chosen: dict[tuple, TileConfig] = {}
 
 
-def choose(kernel: str, batch: int, shape_key: tuple, device: torch.device,
-           run: Callable[[TileConfig], object]) -> TileConfig:
+def choose(
+    kernel: str, batch: int, shape_key: tuple, device: torch.device, run: Callable[[TileConfig], object]
+) -> TileConfig:
     """The tile config for this call; ``run(config)`` launches the kernel (used to time candidates)."""
     if interpreting():
         return _INTERPRETER

@@ -21,9 +21,28 @@ __all__ = ["BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_
 # Modules that act on each feature independently and identically, so they commute with any
 # permutation of the features and may sit between two fused layers.
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Dropout, nn.AlphaDropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.LogSigmoid,
+    nn.Dropout,
+    nn.AlphaDropout,
 )
 
 
@@ -155,8 +174,12 @@ class BlockDiagonalLinear(nn.Module):
     @torch.no_grad()
     def to_masked(self) -> MPDLinear:
         layer = MPDLinear(
-            self.in_features, self.out_features, self.bias is not None, mask=self.mpd_mask,
-            device=self.weight_blocks.device, dtype=self.weight_blocks.dtype,
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            mask=self.mpd_mask,
+            device=self.weight_blocks.device,
+            dtype=self.weight_blocks.dtype,
         )
         layer.weight.copy_(self.dense_weight())
         if self.bias is not None:
@@ -202,6 +225,12 @@ class BlockDiagonalLinear(nn.Module):
         )
 
 
+def _linear_like(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """An ``nn.Linear`` of another shape with ``like``'s bias setting, device and dtype."""
+    w = like.weight
+    return nn.Linear(in_features, out_features, like.bias is not None, device=w.device, dtype=w.dtype)
+
+
 def _ops(gap: nn.Module | None) -> list[nn.Module]:
     if gap is None:
         return []
@@ -241,7 +270,9 @@ class PackedChain(nn.Module):
             raise CompressionError(f"{len(layers)} layers need {len(layers) - 1} activations, got {len(activations)}")
         for i, act in enumerate([*activations, head_gap, tail_gap]):
             if not all(is_elementwise(op) for op in _ops(act)):
-                raise CompressionError(f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain")
+                raise CompressionError(
+                    f"activation {i} ({act}) is not element-wise; it cannot sit inside a fused chain"
+                )
         if (head_gap is not None and head is None) or (tail_gap is not None and tail is None):
             raise CompressionError("head_gap / tail_gap need a head / tail")
         for i in range(len(layers) - 1):
@@ -252,9 +283,13 @@ class PackedChain(nn.Module):
                 )
         first, last = layers[0].layout, layers[-1].layout
         if head is not None and head.out_features != first.compression * first.max_cols:
-            raise CompressionError(f"a folded head must have {first.compression * first.max_cols} outputs, got {head.out_features}")
+            raise CompressionError(
+                f"a folded head must have {first.compression * first.max_cols} outputs, got {head.out_features}"
+            )
         if tail is not None and tail.in_features != last.compression * last.max_rows:
-            raise CompressionError(f"a folded tail must have {last.compression * last.max_rows} inputs, got {tail.in_features}")
+            raise CompressionError(
+                f"a folded tail must have {last.compression * last.max_rows} inputs, got {tail.in_features}"
+            )
         self.layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activations)
         self.head, self.head_gap, self.tail_gap, self.tail = head, head_gap, tail_gap, tail
@@ -282,8 +317,7 @@ class PackedChain(nn.Module):
         """``dense`` with its output rows in the padded order ``first`` reads (zero padding rows)."""
         valid = (first.kernel_in_index >= 0).to(dense.weight.device)
         rows = first.in_gather.to(dense.weight.device)
-        folded = nn.Linear(dense.in_features, rows.numel(), dense.bias is not None,
-                           device=dense.weight.device, dtype=dense.weight.dtype)
+        folded = _linear_like(dense, dense.in_features, rows.numel())
         folded.weight.copy_(dense.weight[rows] * valid[:, None])
         if dense.bias is not None:
             folded.bias.copy_(dense.bias[rows] * valid)
@@ -294,8 +328,7 @@ class PackedChain(nn.Module):
     def fold_tail(dense: nn.Linear, last: BlockDiagonalLinear) -> nn.Linear:
         """``dense`` with its input columns in the padded order ``last`` writes (zero padding columns)."""
         layout = last.layout
-        folded = nn.Linear(layout.compression * layout.max_rows, dense.out_features, dense.bias is not None,
-                           device=dense.weight.device, dtype=dense.weight.dtype)
+        folded = _linear_like(dense, layout.compression * layout.max_rows, dense.out_features)
         folded.weight.zero_()
         folded.weight[:, last.out_gather.to(dense.weight.device)] = dense.weight
         if dense.bias is not None:
@@ -309,8 +342,7 @@ class PackedChain(nn.Module):
         valid = first.kernel_in_index >= 0
         positions[first.in_gather[valid]] = torch.nonzero(valid).flatten()
         head = self.head
-        dense = nn.Linear(head.in_features, first.in_features, head.bias is not None,
-                          device=head.weight.device, dtype=head.weight.dtype)
+        dense = _linear_like(head, head.in_features, first.in_features)
         dense.weight.copy_(head.weight[positions.to(head.weight.device)])
         if head.bias is not None:
             dense.bias.copy_(head.bias[positions.to(head.weight.device)])
@@ -319,8 +351,7 @@ class PackedChain(nn.Module):
     @torch.no_grad()
     def _unfolded_tail(self) -> nn.Linear:
         last, tail = self.layers[-1], self.tail
-        dense = nn.Linear(last.out_features, tail.out_features, tail.bias is not None,
-                          device=tail.weight.device, dtype=tail.weight.dtype)
+        dense = _linear_like(tail, last.out_features, tail.out_features)
         dense.weight.copy_(tail.weight[:, last.out_gather.to(tail.weight.device)])
         if tail.bias is not None:
             dense.bias.copy_(tail.bias)
@@ -338,8 +369,11 @@ class PackedChain(nn.Module):
         positions = torch.arange(first.kernel_in_index.numel(), dtype=torch.int32, device=first.kernel_in_index.device)
         self.register_buffer("head_in_index", torch.where(first.kernel_in_index >= 0, positions, -1), persistent=False)
         rows = last.kernel_out_index.numel()
-        self.register_buffer("tail_out_index", torch.arange(rows, dtype=torch.int32, device=last.kernel_out_index.device),
-                             persistent=False)
+        self.register_buffer(
+            "tail_out_index",
+            torch.arange(rows, dtype=torch.int32, device=last.kernel_out_index.device),
+            persistent=False,
+        )
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """The chain as plain tensors (``kernel_indices``: also what the Triton engine reads)."""
@@ -347,8 +381,12 @@ class PackedChain(nn.Module):
         gathers = [None if self.head is not None else self.layers[0].in_gather]
         gathers += [getattr(self, f"fused_gather_{i}") for i in range(1, n)]
         gathers.append(None if self.tail is not None else self.layers[-1].out_gather)
-        weights = ChainWeights(gathers, [layer.effective_blocks() for layer in self.layers],
-                               [layer.bias for layer in self.layers], list(self.activations))
+        weights = ChainWeights(
+            gathers,
+            [layer.effective_blocks() for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            list(self.activations),
+        )
         if kernel_indices:
             in_index = [layer.kernel_in_index for layer in self.layers]
             out_index = [layer.kernel_out_index for layer in self.layers]
@@ -395,6 +433,7 @@ class PackedChain(nn.Module):
     def unfused(self) -> list[tuple[str, nn.Module]]:
         """The modules this chain computes, with their original keys: ``MPDLinear, act, ...``
         (and the head and tail as the dense layers they were)."""
+
         def restore(slot: nn.Module | int | str) -> nn.Module:
             if slot == "head":
                 return self._unfolded_head()

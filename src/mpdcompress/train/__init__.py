@@ -13,8 +13,24 @@ from .loop import TrainingInterrupted, TrainResult, build_for, evaluate, train
 from .plan import TrainPlan, estimate_step_seconds, make_plan
 
 __all__ = [
-    "TrainConfig", "TrainResult", "train", "evaluate", "prepare", "build_for", "RECIPES", "Recipe",
-    "recipe_for_model", "CheckpointError", "TrainingInterrupted", "DistContext", "DistributedFailure",
-    "MaskMismatchError", "init_from_env", "verify_identical_masks", "TrainPlan", "make_plan",
-    "estimate_step_seconds", "CHECKPOINT_NAME",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "prepare",
+    "build_for",
+    "RECIPES",
+    "Recipe",
+    "recipe_for_model",
+    "CheckpointError",
+    "TrainingInterrupted",
+    "DistContext",
+    "DistributedFailure",
+    "MaskMismatchError",
+    "init_from_env",
+    "verify_identical_masks",
+    "TrainPlan",
+    "make_plan",
+    "estimate_step_seconds",
+    "CHECKPOINT_NAME",
 ]

@@ -36,8 +36,10 @@ def read_checkpoint(path: Path | None, config: TrainConfig, device: torch.device
     except Exception as exc:  # torch raises several unrelated types for damaged files
         raise CheckpointError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this mpdcompress version (format "
-                              f"{state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this mpdcompress version (format "
+            f"{state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT})"
+        )
     if comparable(state["config"]) != comparable(asdict(config)):
         differ = sorted(k for k, v in comparable(asdict(config)).items() if state["config"].get(k) != v)
         raise CheckpointError(f"{path} was made with a different configuration ({', '.join(differ)} differ)")

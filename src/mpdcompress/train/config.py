@@ -34,22 +34,56 @@ class Recipe:
 # does not name an optimizer for the MNIST models; Adam is used there.
 RECIPES: dict[str, Recipe] = {
     "lenet300-mnist": Recipe(
-        "lenet300", "mnist", 10, batch_size=50, lr=1e-3, optimizer="adam", epochs=20,
-        source="paper §3.1: batch 50, lr 1e-3; 20 epochs chosen here"),
+        "lenet300",
+        "mnist",
+        10,
+        batch_size=50,
+        lr=1e-3,
+        optimizer="adam",
+        epochs=20,
+        source="paper §3.1: batch 50, lr 1e-3; 20 epochs chosen here",
+    ),
     "deep-mnist": Recipe(
-        "deep-mnist", "mnist", 10, batch_size=50, lr=1e-4, optimizer="adam", epochs=10,
-        source="TensorFlow 'Deep MNIST for experts': Adam 1e-4, batch 50; 10 epochs here instead of 20k steps"),
+        "deep-mnist",
+        "mnist",
+        10,
+        batch_size=50,
+        lr=1e-4,
+        optimizer="adam",
+        epochs=10,
+        source="TensorFlow 'Deep MNIST for experts': Adam 1e-4, batch 50; 10 epochs here instead of 20k steps",
+    ),
     "tf-cifar10": Recipe(
-        "tf-cifar10", "cifar10", 10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.0, weight_decay=4e-3,
-        epochs=256, lr_step_epochs=350,
+        "tf-cifar10",
+        "cifar10",
+        10,
+        batch_size=128,
+        lr=0.1,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=4e-3,
+        epochs=256,
+        lr_step_epochs=350,
         source="TensorFlow CIFAR-10 tutorial: plain SGD lr 0.1 (x0.1 every 350 epochs), batch 128, L2 4e-3 "
-               "(there on local3/local4 only, here on every parameter), ~86 % after 100k steps = 256 epochs"),
+        "(there on local3/local4 only, here on every parameter), ~86 % after 100k steps = 256 epochs",
+    ),
     "alexnet-bn-imagenet": Recipe(
-        "alexnet-bn", "imagenet", 8, batch_size=512, lr=3e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-        epochs=100, compressed_epoch_factor=2, lr_step_epochs=30,
+        "alexnet-bn",
+        "imagenet",
+        8,
+        batch_size=512,
+        lr=3e-2,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=5e-4,
+        epochs=100,
+        compressed_epoch_factor=2,
+        lr_step_epochs=30,
         source="paper §3.2: batch 512, lr 3e-2 divided by 10 every 30 epochs, 100 epochs dense and twice that "
-               "compressed; momentum 0.9 and weight decay 5e-4 are the usual AlexNet values (not stated)"),
+        "compressed; momentum 0.9 and weight decay 5e-4 are the usual AlexNet values (not stated)",
+    ),
 }
+
 
 def recipe_for_model(model: str) -> Recipe | None:
     """The recipe ``model`` trains with when none is named (its registry entry says which)."""
@@ -95,9 +129,15 @@ class TrainConfig:
         values = asdict(self)
         if recipe is not None:
             factor = recipe.compressed_epoch_factor if self.compression else 1
-            defaults = {"epochs": recipe.epochs * factor, "batch_size": recipe.batch_size, "lr": recipe.lr,
-                        "optimizer": recipe.optimizer, "momentum": recipe.momentum,
-                        "weight_decay": recipe.weight_decay, "lr_step_epochs": recipe.lr_step_epochs}
+            defaults = {
+                "epochs": recipe.epochs * factor,
+                "batch_size": recipe.batch_size,
+                "lr": recipe.lr,
+                "optimizer": recipe.optimizer,
+                "momentum": recipe.momentum,
+                "weight_decay": recipe.weight_decay,
+                "lr_step_epochs": recipe.lr_step_epochs,
+            }
             for key, value in defaults.items():
                 if values[key] is None:
                     values[key] = value

@@ -28,9 +28,20 @@ from torch import nn
 from ..errors import ConfigError, DistributedFailure, MaskMismatchError
 from ..nn import BlockDiagonalLinear, MPDLinear
 
-__all__ = ["DistContext", "init_from_env", "shutdown", "verify_identical_masks", "mask_fingerprints",
-           "MaskMismatchError", "DistributedFailure", "any_rank", "barrier", "sum_over_ranks", "gather_over_ranks",
-           "collective"]
+__all__ = [
+    "DistContext",
+    "init_from_env",
+    "shutdown",
+    "verify_identical_masks",
+    "mask_fingerprints",
+    "MaskMismatchError",
+    "DistributedFailure",
+    "any_rank",
+    "barrier",
+    "sum_over_ranks",
+    "gather_over_ranks",
+    "collective",
+]
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,8 @@ def collective(what: str) -> Iterator[None]:
     except RuntimeError as exc:
         raise DistributedFailure(
             f"rank {dist.get_rank()} could not {what}: another rank died, was killed or lost its connection "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
 
 
 def barrier(ctx: DistContext) -> None:
@@ -165,8 +177,10 @@ def verify_identical_masks(model: nn.Module, ctx: DistContext) -> None:
     prints = mask_fingerprints(model)
     counts = gather_over_ranks(torch.tensor([len(prints)]), ctx)
     if len({int(c) for c in counts}) > 1:
-        raise MaskMismatchError("ranks disagree on how many compressed layers the model has: "
-                                + ", ".join(f"rank {r}: {int(c)}" for r, c in enumerate(counts)))
+        raise MaskMismatchError(
+            "ranks disagree on how many compressed layers the model has: "
+            + ", ".join(f"rank {r}: {int(c)}" for r, c in enumerate(counts))
+        )
     names = list(prints)
     table = gather_over_ranks(torch.tensor(list(prints.values()), dtype=torch.int64), ctx)
     for rank, row in enumerate(table[1:], start=1):
@@ -175,4 +189,5 @@ def verify_identical_masks(model: nn.Module, ctx: DistContext) -> None:
                 raise MaskMismatchError(
                     f"compressed layer {name!r}: rank {rank} built a different mask than rank 0 "
                     f"(fingerprints {theirs:014x} vs {mine:014x}). Every rank must use the same --seed/"
-                    "--mask-seed, compression and mpdcompress version")
+                    "--mask-seed, compression and mpdcompress version"
+                )

@@ -22,8 +22,17 @@ from ..errors import ConfigError
 from ..imagefolder import load_imagenet
 from ..models import model_spec
 
-__all__ = ["prepare", "InMemoryImages", "FakeImages", "open_datasets", "StepPlan", "step_plan",
-           "rank_micro_batches", "batch_loader"]
+__all__ = [
+    "prepare",
+    "InMemoryImages",
+    "FakeImages",
+    "open_datasets",
+    "StepPlan",
+    "step_plan",
+    "rank_micro_batches",
+    "batch_loader",
+]
+
 
 def prepare(images: torch.Tensor, dataset: str) -> torch.Tensor:
     """uint8 images → normalized float tensors (on the images' device)."""
@@ -58,8 +67,11 @@ class InMemoryImages:
             return
         n, (h, w) = len(self), self.split.images.shape[-2:]
         g = torch.Generator().manual_seed(self.seed * 100_019 + epoch)
-        self._params = (torch.randint(0, h - self.size + 1, (n,), generator=g),
-                        torch.randint(0, w - self.size + 1, (n,), generator=g), torch.rand(n, generator=g) < 0.5)
+        self._params = (
+            torch.randint(0, h - self.size + 1, (n,), generator=g),
+            torch.randint(0, w - self.size + 1, (n,), generator=g),
+            torch.rand(n, generator=g) < 0.5,
+        )
 
     def __getitems__(self, indices: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
@@ -115,13 +127,17 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
     shape = spec.input_shape
     size = shape[-1] if len(shape) == 3 else None
     if size is None and config.dataset != "fake":
-        raise ConfigError(f"{config.model} takes {shape[0]}-d feature vectors, not {config.dataset} images; "
-                         "train it on --dataset fake")
+        raise ConfigError(
+            f"{config.model} takes {shape[0]}-d feature vectors, not {config.dataset} images; "
+            "train it on --dataset fake"
+        )
     source = dataset_spec(config.dataset)
     if source.storage == "generated":
         limit = config.train_limit or source.train_images
-        return (FakeImages(shape, spec.num_classes, limit, seed=config.seed),
-                FakeImages(shape, spec.num_classes, source.test_images, seed=config.seed + 1))
+        return (
+            FakeImages(shape, spec.num_classes, limit, seed=config.seed),
+            FakeImages(shape, spec.num_classes, source.test_images, seed=config.seed + 1),
+        )
     if source.storage == "files":
         _check_fits(config, channels=source.channels, side=source.side)
         train = load_imagenet("train", config.data_root, seed=config.seed)
@@ -131,18 +147,26 @@ def open_datasets(config, train_split: Split | None = None, test_split: Split | 
     train_split = train_split or load_dataset(config.dataset, "train", config.data_root)
     test_split = test_split or load_dataset(config.dataset, "test", config.data_root)
     if config.train_limit:
-        train_split = Split(train_split.images[: config.train_limit], train_split.labels[: config.train_limit],
-                            train_split.name, train_split.source)
+        train_split = Split(
+            train_split.images[: config.train_limit],
+            train_split.labels[: config.train_limit],
+            train_split.name,
+            train_split.source,
+        )
     _check_fits(config, channels=train_split.images.shape[1], side=train_split.images.shape[-1])
-    return (InMemoryImages(train_split, size, train=True, seed=config.seed),
-            InMemoryImages(test_split, size, train=False, seed=config.seed))
+    return (
+        InMemoryImages(train_split, size, train=True, seed=config.seed),
+        InMemoryImages(test_split, size, train=False, seed=config.seed),
+    )
 
 
 def _check_fits(config, channels: int, side: int) -> None:
     want = model_spec(config.model).input_shape
     if want[0] != channels or want[-1] > side:
-        raise ConfigError(f"{config.model} takes {want[0]}-channel {want[-1]}x{want[-1]} images; {config.dataset} has "
-                         f"{channels}-channel {side}x{side} ones")
+        raise ConfigError(
+            f"{config.model} takes {want[0]}-channel {want[-1]}x{want[-1]} images; {config.dataset} has "
+            f"{channels}-channel {side}x{side} ones"
+        )
 
 
 @dataclass(frozen=True)
@@ -158,13 +182,17 @@ class StepPlan:
 
 def step_plan(global_batch: int, micro_batch: int | None, world_size: int, train_images: int) -> StepPlan:
     if global_batch % world_size:
-        raise ConfigError(f"the global batch {global_batch} does not split over {world_size} processes; "
-                         "choose a batch size divisible by the process count")
+        raise ConfigError(
+            f"the global batch {global_batch} does not split over {world_size} processes; "
+            "choose a batch size divisible by the process count"
+        )
     per_rank = global_batch // world_size
     micro = micro_batch or per_rank
     if per_rank % micro:
-        raise ConfigError(f"each of the {world_size} processes gets {per_rank} images per step, which --micro-batch "
-                         f"{micro} does not divide; choose a divisor of {per_rank}")
+        raise ConfigError(
+            f"each of the {world_size} processes gets {per_rank} images per step, which --micro-batch "
+            f"{micro} does not divide; choose a divisor of {per_rank}"
+        )
     steps = train_images // global_batch
     if steps == 0:
         raise ConfigError(f"{train_images} training images are fewer than one global batch of {global_batch}")
@@ -179,12 +207,13 @@ def rank_micro_batches(n: int, plan: StepPlan, rank: int, seed: int, epoch: int)
     together then covers exactly positions ``s·B … (s+1)·B - 1`` of that permutation, the
     same images as step ``s`` of a single process with global batch ``B``.
     """
-    sampler = DistributedSampler(range(n), num_replicas=plan.world_size, rank=rank, shuffle=True,
-                                 seed=seed * 100_003, drop_last=True)
+    sampler = DistributedSampler(
+        range(n), num_replicas=plan.world_size, rank=rank, shuffle=True, seed=seed * 100_003, drop_last=True
+    )
     sampler.set_epoch(epoch)
     order = list(sampler)
     m = plan.micro_batch
-    return [order[i:i + m] for i in range(0, plan.steps_per_epoch * plan.accumulation * m, m)]
+    return [order[i : i + m] for i in range(0, plan.steps_per_epoch * plan.accumulation * m, m)]
 
 
 def _as_batch(batch):
@@ -196,5 +225,12 @@ def batch_loader(source, batches: list[list[int]], *, workers: int, pin_memory: 
     workers = workers if source.loads_files else 0
     # Its own generator: a DataLoader otherwise draws a worker seed from the global RNG each time
     # it is iterated, which would shift dropout's random stream on resuming mid-epoch.
-    return DataLoader(source, batch_sampler=batches, num_workers=workers, collate_fn=_as_batch,
-                      pin_memory=pin_memory, prefetch_factor=4 if workers else None, generator=torch.Generator())
+    return DataLoader(
+        source,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_as_batch,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator(),
+    )

@@ -72,8 +72,15 @@ def build_for(config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     model = build_model(config.model)
     if config.compression:
-        model = mpdify_(model, config.compression, filter_fn=paper_filter(model, config.model),
-                        seed=config.mask_seed, permute=config.permute, mode=config.mode, init=config.init)
+        model = mpdify_(
+            model,
+            config.compression,
+            filter_fn=paper_filter(model, config.model),
+            seed=config.mask_seed,
+            permute=config.permute,
+            mode=config.mode,
+            init=config.init,
+        )
     return model
 
 
@@ -81,8 +88,9 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'sgd'")
 
 
@@ -91,8 +99,16 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, dataset: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
-             batch_size: int = 1000, workers: int = 0) -> float:
+def evaluate(
+    model: nn.Module,
+    data,
+    dataset: str,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 1000,
+    workers: int = 0,
+) -> float:
     """Top-1 accuracy of ``model`` on an image source; under DDP each rank scores a slice."""
     ctx = DistContext.current()
     device = torch.device(device)
@@ -107,7 +123,7 @@ def evaluate(model: nn.Module, data, dataset: str, *, device: torch.device | str
             logits = model(prepare(images.to(device), dataset))
         correct += int((logits.argmax(1).cpu() == labels).sum())
     model.train(was_training)
-    total_correct, = sum_over_ranks([correct], ctx)
+    (total_correct,) = sum_over_ranks([correct], ctx)
     return total_correct / n
 
 
@@ -115,17 +131,22 @@ def _wrap_ddp(net: nn.Module, device: torch.device) -> DistributedDataParallel:
     # No buffer broadcast in every forward: the index buffers are large and constant, and
     # BatchNorm statistics stay per rank (rank 0's are the ones saved), as with DDP's default.
     # torch 2.13 renamed the switch.
-    no_sync = ({"forward_sync_buffers": False}
-               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-               else {"broadcast_buffers": False})
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def _restore_rng(state: dict[str, Any], ctx: DistContext, device: torch.device) -> None:
     rng, cuda_rng = state["rng"], state.get("cuda_rng")
     if len(rng) != ctx.world_size:
-        warnings.warn(f"the checkpoint was written by {len(rng)} processes and this run has {ctx.world_size}: "
-                      "data order and weights continue exactly, random draws such as dropout do not", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint was written by {len(rng)} processes and this run has {ctx.world_size}: "
+            "data order and weights continue exactly, random draws such as dropout do not",
+            stacklevel=3,
+        )
         return
     torch.set_rng_state(rng[ctx.rank].cpu())
     if cuda_rng is not None and device.type == "cuda":
@@ -195,11 +216,22 @@ def train(
         rng = gather_over_ranks(torch.get_rng_state(), ctx)
         cuda_rng = gather_over_ranks(torch.cuda.get_rng_state(device), ctx) if device.type == "cuda" else None
         if ctx.is_main:
-            write_checkpoint(ckpt_path, {
-                "config": asdict(config), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched else None, "rng": rng, "cuda_rng": cuda_rng,
-                "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss), "history": result.history,
-                "seconds": seconds})
+            write_checkpoint(
+                ckpt_path,
+                {
+                    "config": asdict(config),
+                    "model": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched else None,
+                    "rng": rng,
+                    "cuda_rng": cuda_rng,
+                    "epoch": epoch,
+                    "step": step,
+                    "epoch_loss": list(epoch_loss),
+                    "history": result.history,
+                    "seconds": seconds,
+                },
+            )
 
     steps_run = 0
     for epoch in range(start_epoch, config.epochs):
@@ -210,8 +242,9 @@ def train(
         net.train()
         train_data.set_epoch(epoch)
         batches = rank_micro_batches(len(train_data), plan, ctx.rank, config.seed, epoch)
-        loader = batch_loader(train_data, batches[first_step * plan.accumulation:], workers=config.workers,
-                              pin_memory=pin)
+        loader = batch_loader(
+            train_data, batches[first_step * plan.accumulation :], workers=config.workers, pin_memory=pin
+        )
         step = first_step
         with collective(f"train epoch {epoch + 1}") if ctx.distributed else nullcontext():
             for k, (images, labels) in enumerate(loader):
@@ -232,16 +265,29 @@ def train(
                 steps_run += 1
                 if progress is not None and ctx.is_main:
                     report = step % LOSS_REPORT_EVERY == 0 or step == plan.steps_per_epoch
-                    progress({"event": "step", "epoch": epoch, "step": step, "steps_per_epoch": plan.steps_per_epoch,
-                              "loss": loss.item() if report else None})
+                    progress(
+                        {
+                            "event": "step",
+                            "epoch": epoch,
+                            "step": step,
+                            "steps_per_epoch": plan.steps_per_epoch,
+                            "loss": loss.item() if report else None,
+                        }
+                    )
                 if max_steps is not None and steps_run >= max_steps:
                     result.model = net
                     return result
                 # Both conditions are the same on every rank, so all ranks join the same collectives.
-                stop = (should_stop is not None and (not ctx.distributed or step % STOP_CHECK_EVERY == 0)
-                        and any_rank(should_stop(), ctx))
-                due = (bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-                       and step < plan.steps_per_epoch)
+                stop = (
+                    should_stop is not None
+                    and (not ctx.distributed or step % STOP_CHECK_EVERY == 0)
+                    and any_rank(should_stop(), ctx)
+                )
+                due = (
+                    bool(config.checkpoint_every)
+                    and step % config.checkpoint_every == 0
+                    and step < plan.steps_per_epoch
+                )
                 if ckpt_path is not None and (stop or due):
                     save(epoch, step, (loss_acc.item(), micro_count), result.seconds + time.perf_counter() - began)
                 if stop:
@@ -250,11 +296,13 @@ def train(
             if sched is not None:
                 sched.step()
             loss_total, micro_total = sum_over_ranks([loss_acc.item(), micro_count], ctx)
-            accuracy = evaluate(net, test_data, config.dataset, device=device, precision=config.precision,
-                                workers=config.workers)
+            accuracy = evaluate(
+                net, test_data, config.dataset, device=device, precision=config.precision, workers=config.workers
+            )
             result.seconds += time.perf_counter() - began
-            result.history.append({"epoch": epoch + 1, "train_loss": loss_total / max(micro_total, 1),
-                                   "test_accuracy": accuracy})
+            result.history.append(
+                {"epoch": epoch + 1, "train_loss": loss_total / max(micro_total, 1), "test_accuracy": accuracy}
+            )
             if ckpt_path is not None:
                 save(epoch + 1, 0, (0.0, 0), result.seconds)
         if progress is not None and ctx.is_main:

@@ -18,7 +18,6 @@ from .inputs import step_plan
 __all__ = ["TrainPlan", "make_plan", "estimate_step_seconds"]
 
 
-
 @dataclass
 class TrainPlan:
     model: str
@@ -77,16 +76,37 @@ def make_plan(config: TrainConfig, world_size: int = 1) -> TrainPlan:
         images = min(images, config.train_limit)
     steps = step_plan(config.batch_size, config.micro_batch, world_size, images)
     dense, trained, fc_dense, fc_kept = _parameter_counts(config)
-    schedule = (f"x0.1 every {config.lr_step_epochs} epochs" if config.lr_step_epochs and
-                config.lr_step_epochs < config.epochs else "constant")
+    schedule = (
+        f"x0.1 every {config.lr_step_epochs} epochs"
+        if config.lr_step_epochs and config.lr_step_epochs < config.epochs
+        else "constant"
+    )
     return TrainPlan(
-        model=config.model, dataset=config.dataset, data_location=location, data_present=present,
-        compression=config.compression, mode=config.mode, precision=config.precision, parameters_dense=dense,
-        parameters_trained=trained, fc_weights_dense=fc_dense, fc_weights_kept=fc_kept, train_images=images,
-        epochs=config.epochs, steps_per_epoch=steps.steps_per_epoch, total_steps=steps.steps_per_epoch * config.epochs,
-        world_size=world_size, global_batch=steps.global_batch, micro_batch=steps.micro_batch,
-        accumulation=steps.accumulation, optimizer=config.optimizer, lr=config.lr, lr_schedule=schedule,
-        momentum=config.momentum, weight_decay=config.weight_decay)
+        model=config.model,
+        dataset=config.dataset,
+        data_location=location,
+        data_present=present,
+        compression=config.compression,
+        mode=config.mode,
+        precision=config.precision,
+        parameters_dense=dense,
+        parameters_trained=trained,
+        fc_weights_dense=fc_dense,
+        fc_weights_kept=fc_kept,
+        train_images=images,
+        epochs=config.epochs,
+        steps_per_epoch=steps.steps_per_epoch,
+        total_steps=steps.steps_per_epoch * config.epochs,
+        world_size=world_size,
+        global_batch=steps.global_batch,
+        micro_batch=steps.micro_batch,
+        accumulation=steps.accumulation,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        lr_schedule=schedule,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
 
 
 def estimate_step_seconds(config: TrainConfig, *, steps: int = 5, warmup: int = 2) -> list[float]:
@@ -103,4 +123,4 @@ def estimate_step_seconds(config: TrainConfig, *, steps: int = 5, warmup: int = 
             stamps.append(time.perf_counter())
 
     train(config, progress=progress, max_steps=warmup + steps)
-    return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+    return [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
