@@ -34,7 +34,7 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(tmp_path, builder, s
 
 
 def test_export_rejects_old_opset(tmp_path):
-    with pytest.raises(ValueError, match="opset must be >= 17"):
+    with pytest.raises(ValueError, match=r"opset must be in 17\.\."):
         export_onnx(mc.pack(mc.mpdify_(fc_stack([8, 8]), 2)), torch.randn(1, 8), tmp_path / "m.onnx", opset=13)
 
 

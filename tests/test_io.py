@@ -13,6 +13,7 @@ from torch import nn
 
 import mpdcompress as mc
 from mpdcompress.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
+from mpdcompress.modelfile import manifest_digest, tensor_digest
 from mpdcompress.models import build_model, fc_stack, paper_filter
 
 
@@ -123,19 +124,32 @@ def join_file(path: Path, header: dict, data: bytes) -> Path:
     [
         (lambda m: m.update(format_version=99), "format version 99 is not supported"),
         (lambda m: m.update(format="other"), "does not declare format"),
-        (lambda m: m["layers"]["1.layers.0"].update(compression=1000), r"layer '1.layers.0'.*out of range"),
-        (lambda m: m["layers"]["1.layers.0"].update(compression=5), "do not match"),
+        (lambda m: m["layers"]["1.layers.0"].update(compression=1000), r"layer '1.layers.0'.*exceeds"),
+        (lambda m: m["layers"]["1.layers.0"].update(compression=5), r"declares weight_blocks of shape \(5, "),
         (lambda m: m["sha256"].update({"1.layers.0.weight_blocks": "0" * 64}), "SHA-256"),
         (lambda m: m.pop("sha256"), "lacks 'sha256'"),
+        (lambda m: m["layers"]["1.layers.0"].update(bias="yes"), "malformed"),
+        (lambda m: m.update(user=["x"]), "'user' is malformed"),
     ],
-    ids=["version", "format", "bad-factor", "factor-vs-blocks", "hash", "no-hashes"],
+    ids=["version", "format", "bad-factor", "factor-vs-blocks", "hash", "no-hashes", "bias-type", "user-type"],
 )
 def test_inconsistent_manifest_is_refused(tmp_path, lenet_file, edit, message):
+    """Edits re-signed with the manifest's own digest, as a forger would: the deeper checks hold."""
     header, data = split_file(lenet_file[0])
     manifest = json.loads(header["__metadata__"]["mpdcompress"])
     edit(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     header["__metadata__"]["mpdcompress"] = json.dumps(manifest)
     with pytest.raises(ModelFileError, match=message):
+        load(join_file(tmp_path / "bad.safetensors", header, data))
+
+
+def test_an_unsigned_manifest_edit_fails_the_manifest_digest(tmp_path, lenet_file):
+    header, data = split_file(lenet_file[0])
+    manifest = json.loads(header["__metadata__"]["mpdcompress"])
+    manifest["architecture"]["children"][0][1]["args"]["start_dim"] = 0  # would load a different model
+    header["__metadata__"]["mpdcompress"] = json.dumps(manifest)
+    with pytest.raises(ModelFileError, match="manifest fails its SHA-256 check"):
         load(join_file(tmp_path / "bad.safetensors", header, data))
 
 
@@ -150,7 +164,7 @@ def save_with_tensor(tmp_path, key, value):
     """A well-formed file (valid hashes) whose tensor ``key`` was replaced by ``value``."""
     from safetensors.torch import save as st_save
 
-    from mpdcompress.io import _digest, _index_dtype
+    from mpdcompress.io import _index_dtype
 
     path = save(packed_lenet(), tmp_path / "edited.safetensors")
     header, _ = split_file(path)
@@ -161,7 +175,8 @@ def save_with_tensor(tmp_path, key, value):
         for k, v in state.items()
         if not k.endswith("num_blocks")
     }
-    manifest["sha256"] = {k: _digest(t) for k, t in tensors.items()}
+    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     path.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
     return path
 

@@ -20,7 +20,15 @@ from .masks import MPDMask
 from .nn.masked import MPDLinear
 from .nn.packed import ELEMENTWISE_MODULES, BlockDiagonalLinear, PackedChain
 
-__all__ = ["describe", "build", "UnsupportedArchitectureError", "SUPPORTED_LAYERS"]
+__all__ = [
+    "describe",
+    "build",
+    "UnsupportedArchitectureError",
+    "SUPPORTED_LAYERS",
+    "CONTAINERS",
+    "CHAIN_PARTS",
+    "tuple_args",
+]
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
@@ -52,7 +60,7 @@ SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
         nn.Dropout2d,
     )
 }
-_CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
+CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 # Constructor arguments that are not stored under their own name, or are not JSON values.
 _SKIP_ARGS = {"device", "dtype", "self", "args", "kwargs", "_weight", "_freeze", "init"}
 
@@ -81,13 +89,13 @@ def _layer_args(module: nn.Module) -> dict[str, Any]:
 
 
 # Optional parts of a PackedChain: folded dense neighbours and the element-wise modules beside them.
-_CHAIN_PARTS = ("head", "head_gap", "tail_gap", "tail")
+CHAIN_PARTS = ("head", "head_gap", "tail_gap", "tail")
 
 
 def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
     """JSON description of ``module``'s tree (types and constructor arguments, no tensors)."""
     kind = type(module).__name__
-    if type(module) in _CONTAINERS.values():
+    if type(module) in CONTAINERS.values():
         return {
             "type": kind,
             "children": [[key, describe(child, f"{name}.{key}".strip("."))] for key, child in module._modules.items()],
@@ -99,7 +107,7 @@ def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
             "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
             "source_keys": list(module.source_keys),
         }
-        for part in _CHAIN_PARTS:
+        for part in CHAIN_PARTS:
             if getattr(module, part) is not None:
                 spec[part] = describe(getattr(module, part), f"{name}.{part}")
         return spec
@@ -121,7 +129,7 @@ def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
     )
 
 
-def _tuple_args(args: dict[str, Any]) -> dict[str, Any]:
+def tuple_args(args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
@@ -133,14 +141,14 @@ def build(spec: dict[str, Any]) -> nn.Module:
     if not isinstance(spec, dict) or "type" not in spec:
         raise ModelFileError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
     kind = spec["type"]
-    if kind in _CONTAINERS:
+    if kind in CONTAINERS:
         children = spec.get("children", [])
-        container = _CONTAINERS[kind]()
+        container = CONTAINERS[kind]()
         for key, child in children:
             container.add_module(str(key), build(child))
         return container
     if kind == "PackedChain":
-        parts = {part: build(spec[part]) for part in _CHAIN_PARTS if spec.get(part) is not None}
+        parts = {part: build(spec[part]) for part in CHAIN_PARTS if spec.get(part) is not None}
         return PackedChain(
             [build(s) for s in spec["layers"]],
             [build(s) for s in spec["activations"]],
@@ -158,7 +166,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
         return BlockDiagonalLinear(mask, blocks, bias)
     if kind in SUPPORTED_LAYERS:
         try:
-            return SUPPORTED_LAYERS[kind](**_tuple_args(spec.get("args", {})))
+            return SUPPORTED_LAYERS[kind](**tuple_args(spec.get("args", {})))
         except TypeError as exc:
             raise ModelFileError(f"cannot build {kind} from {spec.get('args')}: {exc}") from None
     raise ModelFileError(f"architecture names an unsupported module type {kind!r}")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .cli_train import add_train_parser
+from .cli_types import nonnegative_int, opset, positive_int
 from .errors import ConfigError, MPDCompressError, UnknownNameError
 from .models import MODELS
 
@@ -92,6 +93,11 @@ def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
     if args.no_rss:
         changes["rss_models"] = ()
     config = dataclasses.replace(QUICK if args.quick else FULL, **changes)
+    if not any(c <= min(d_out, d_in) for _, d_out, d_in in config.shapes for c in config.factors):
+        raise ConfigError(
+            f"no layer shape takes the factors {list(config.factors)}: each must be at most the "
+            "smaller dimension of some shape"
+        )
     result = run_suite(config, device=args.device, dtype=dtype, command=command, progress=progress)
     return write_bench_report(result, args.out)
 
@@ -230,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="mask, train, pack and check a small model on synthetic data")
-    demo.add_argument("--compression", "-c", type=int, default=10)
-    demo.add_argument("--steps", type=int, default=400)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--compression", "-c", type=positive_int, default=10)
+    demo.add_argument("--steps", type=positive_int, default=400)
+    demo.add_argument("--seed", type=nonnegative_int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
@@ -247,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU; fp32 and bf16 on a GPU"
     )
     bench.add_argument("--shapes", nargs="+", help="layer shapes by name (default: all)")
-    bench.add_argument("--factors", nargs="+", type=int, help="compression factors")
-    bench.add_argument("--batches", nargs="+", type=int, help="layer batch sizes")
+    bench.add_argument("--factors", nargs="+", type=positive_int, help="compression factors")
+    bench.add_argument("--batches", nargs="+", type=positive_int, help="layer batch sizes")
     bench.add_argument("--models", nargs="+", help="model stacks (default: all)")
     bench.add_argument(
         "--compile",
@@ -256,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also torch.compile every model form with this mode (default, reduce-overhead, max-autotune)",
     )
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bench.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=_cmd_bench)
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="fewer epochs and masks (minutes instead of hours)")
     rp.add_argument("--out", default="results/reproduction")
     rp.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
-    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--seed", type=nonnegative_int, default=0)
     rp.add_argument("--quiet", action="store_true")
     rp.add_argument(
         "--render-only", action="store_true", help="only rewrite report.md from the results.json in --out (no training)"
@@ -282,14 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="layers, factors, parameter counts and size of a model file or paper model")
     ins.add_argument("file", nargs="?")
     ins.add_argument("--model", choices=list(MODELS), help="a registered model instead of a file")
-    ins.add_argument("--compression", "-c", type=int)
+    ins.add_argument("--compression", "-c", type=positive_int)
     ins.set_defaults(func=_cmd_inspect)
 
     ex = sub.add_parser("export", help="export a model file to ONNX")
     ex.add_argument("file")
     ex.add_argument("-o", "--output", required=True)
-    ex.add_argument("--input-shape", nargs="+", type=int, help="input shape without the batch dimension")
-    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--input-shape", nargs="+", type=positive_int, help="input shape without the batch dimension")
+    ex.add_argument("--opset", type=opset, default=18)
     ex.set_defaults(func=_cmd_export)
     return parser
 

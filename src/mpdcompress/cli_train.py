@@ -10,6 +10,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from .cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
+
 __all__ = ["add_train_parser"]
 
 
@@ -30,7 +32,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         choices=list(DATASETS),
         help="default: the model's; 'fake' = random images of the model's input shape",
     )
-    tr.add_argument("--compression", "-c", type=int, help="0 trains the dense baseline (default: the paper's factor)")
+    tr.add_argument(
+        "--compression", "-c", type=nonnegative_int, help="0 trains the dense baseline (default: the paper's factor)"
+    )
     tr.add_argument(
         "--no-permute", dest="permute", action="store_false", help="plain block-diagonal masks (the paper's ablation)"
     )
@@ -46,22 +50,26 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         default="block",
         help="block: fan-in = block width (default); dense: nn.Linear's initialization",
     )
-    tr.add_argument("--seed", type=int, default=0, help="initialization and data order")
-    tr.add_argument("--mask-seed", type=int, help="masks (default: --seed)")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int, help="global batch per optimizer step, summed over all processes")
+    tr.add_argument("--seed", type=nonnegative_int, default=0, help="initialization and data order")
+    tr.add_argument("--mask-seed", type=nonnegative_int, help="masks (default: --seed)")
+    tr.add_argument("--epochs", type=positive_int)
+    tr.add_argument(
+        "--batch-size", type=positive_int, help="global batch per optimizer step, summed over all processes"
+    )
     tr.add_argument(
         "--micro-batch",
-        type=int,
+        type=positive_int,
         help="images per process per forward pass; smaller than batch/processes accumulates gradients",
     )
-    tr.add_argument("--lr", type=float)
+    tr.add_argument("--lr", type=positive_float)
     tr.add_argument("--optimizer", choices=["adam", "sgd"])
-    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--weight-decay", type=nonnegative_float)
     tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CPU and CUDA)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the (DDP-wrapped) model")
-    tr.add_argument("--train-limit", type=int, help="use only the first N training images")
-    tr.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (ImageNet folders)")
+    tr.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
+    tr.add_argument(
+        "--workers", type=nonnegative_int, default=4, help="image-decoding processes per rank (ImageNet folders)"
+    )
     tr.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's local GPU)")
     tr.add_argument("--data", dest="data_root", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
     tr.add_argument(
@@ -69,10 +77,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         default="runs/train",
         help="folder for checkpoint.pt, result.json and the model file (shared by all ranks)",
     )
-    tr.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps within an epoch")
+    tr.add_argument(
+        "--checkpoint-every", type=positive_int, help="also checkpoint every N optimizer steps within an epoch"
+    )
     tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tr.add_argument("--dry-run", action="store_true", help="print the whole plan and exit; needs no data")
-    tr.add_argument("--nproc", type=int, help="with --dry-run outside torchrun: plan for this many processes")
+    tr.add_argument("--nproc", type=positive_int, help="with --dry-run outside torchrun: plan for this many processes")
     tr.add_argument(
         "--estimate",
         action="store_true",

@@ -146,11 +146,17 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     nothing at run time. The result computes the same function as the masked model. Unless
     ``inplace``, ``model`` is untouched.
     """
+    masked = [m for m in model.modules() if isinstance(m, MPDLinear)]
+    if not masked:
+        raise CompressionError("nothing to pack: the model has no MPDLinear layer (mpdify_ it first)")
+    if any(m.weight.device.type == "meta" for m in masked):
+        raise CompressionError("cannot pack a model on the meta device: its weights have no values yet")
     if not inplace:
         model = _copy_except(model, MPDLinear)
     with torch.no_grad():
+        shared = _shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-            _fuse_sequential(seq, fold_dense)
+            _fuse_sequential(seq, fold_dense, shared)
         return _replace_modules(
             model, lambda m: BlockDiagonalLinear.from_masked(m) if isinstance(m, MPDLinear) else None
         )
@@ -158,6 +164,8 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
 
 def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Inverse of :func:`pack`: packed layers back to :class:`MPDLinear` (masked dense form)."""
+    if not any(isinstance(m, (BlockDiagonalLinear, PackedChain)) for m in model.modules()):
+        raise CompressionError("nothing to unpack: the model has no packed layer")
     if not inplace:
         model = _copy_except(model, (BlockDiagonalLinear, PackedChain))
     with torch.no_grad():
@@ -201,6 +209,17 @@ def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def _shared_modules(model: nn.Module) -> set[int]:
+    """Ids of modules that sit at more than one place in ``model``."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for parent in model.modules():
+        for child in parent._modules.values():
+            if child is not None:
+                (shared if id(child) in seen else seen).add(id(child))
+    return shared
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
@@ -216,12 +235,21 @@ def _gap(modules: list[nn.Module]) -> nn.Module | None:
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
-def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
+def _fuse_sequential(seq: nn.Sequential, fold_dense: bool, shared: set[int]) -> None:
+    """``shared``: ids of modules referenced from more than one place; fusing one of them would
+    give each place its own copy and untie it, so they stay standalone (and shared) layers."""
     items = list(seq._modules.items())
+
+    def masked(module: nn.Module) -> bool:
+        return isinstance(module, MPDLinear) and id(module) not in shared
+
+    def dense(module: nn.Module) -> bool:
+        return _is_plain_linear(module) and id(module) not in shared
+
     out: list[tuple[str, nn.Module]] = []
     i = 0
     while i < len(items):
-        if not isinstance(items[i][1], MPDLinear):
+        if not masked(items[i][1]):
             out.append(items[i])
             i += 1
             continue
@@ -229,7 +257,7 @@ def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
         j = i + 1
         while True:
             k = _skip_elementwise(items, j, 1)
-            if k >= len(items) or not isinstance(items[k][1], MPDLinear):
+            if k >= len(items) or not masked(items[k][1]):
                 break
             acts.append(_gap([m for _, m in items[j:k]]))
             layers.append(items[k][1])
@@ -241,13 +269,13 @@ def _fuse_sequential(seq: nn.Sequential, fold_dense: bool) -> None:
             # The dense layer before the run (and the gap after it) must still be the last modules
             # emitted, not folded into the previous run as its tail.
             emitted = out[len(out) - (i - h) :] if 0 <= h and len(out) >= i - h else []
-            if emitted and _is_plain_linear(items[h][1]) and all(a[1] is b[1] for a, b in zip(emitted, items[h:i])):
+            if emitted and dense(items[h][1]) and all(a[1] is b[1] for a, b in zip(emitted, items[h:i])):
                 head, start = items[h][1], h
                 gap = [m for _, m in items[h + 1 : i]]
                 head_gap = _gap(gap) if gap else None
                 out = out[: len(out) - (i - h)]
             t = _skip_elementwise(items, j, 1)
-            if t < len(items) and _is_plain_linear(items[t][1]):
+            if t < len(items) and dense(items[t][1]):
                 tail, stop = items[t][1], t + 1
                 gap = [m for _, m in items[j:t]]
                 tail_gap = _gap(gap) if gap else None

@@ -12,10 +12,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import ConfigError, ExportError
 from .kernels import use_engine
 
-__all__ = ["export_onnx", "ExportError"]
+__all__ = ["export_onnx", "ExportError", "MIN_OPSET", "max_opset"]
+
+MIN_OPSET = 17  # LayerNormalization and the batched MatMul patterns the packed graph uses
+
+
+def max_opset() -> int:
+    """The newest opset the installed ``onnx`` package knows (torch exports up to it or refuses)."""
+    try:
+        import onnx
+    except ImportError:
+        return MIN_OPSET + 1
+    return int(onnx.defs.onnx_opset_version())
 
 
 def export_onnx(
@@ -32,8 +44,8 @@ def export_onnx(
     (the block GEMMs) and ``Add``, which every ONNX runtime executes natively: the export always
     traces the PyTorch engine, whatever engine runs the model in this process.
     """
-    if opset < 17:
-        raise ConfigError(f"opset must be >= 17, got {opset}")
+    if not MIN_OPSET <= opset <= max_opset():
+        raise ConfigError(f"opset must be in {MIN_OPSET}..{max_opset()}, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
@@ -65,5 +77,7 @@ def export_onnx(
         logger.setLevel(level)
         for module, training in modes:
             module.training = training
-    program.save(str(path))
-    return path
+    written = dict(program.model.opset_imports).get("", opset)
+    if written != opset:  # torch falls back to another opset without failing
+        raise ExportError(f"ONNX export wrote opset {written} where opset {opset} was asked for")
+    return atomic_path(path, lambda tmp: program.save(str(tmp)))

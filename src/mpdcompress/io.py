@@ -2,14 +2,15 @@
 
 Nothing is unpickled. The manifest records the format version, the form (``packed`` or
 ``masked``), every compressed layer (shape, factor, bias), the architecture when it can be
-described (:mod:`.architecture`), and a SHA-256 of every tensor's bytes. Loading checks all of
-it before any tensor reaches a module, so a damaged or hand-edited file raises
+described (:mod:`.architecture`), the compression config, and a SHA-256 of every tensor; it is
+covered by its own digest. :mod:`.modelfile` checks the header before anything is built, and
+loading checks every tensor before it reaches a module, so a damaged or hand-edited file raises
 :class:`ModelFileError` naming the problem instead of yielding a wrong model.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
 import warnings
@@ -28,19 +29,27 @@ from .errors import (
     CompressionError,
     ConfigError,
     ModelFileError,
-    ModelFileNotFoundError,
     MPDCompressError,
     NonFiniteWeightsWarning,
 )
 from .layout import BlockLayout
 from .masks import check_permutation
+from .modelfile import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_declared_size,
+    manifest_digest,
+    parse_manifest,
+    read_header,
+    tensor_digest,
+)
 from .nn.packed import PackedChain
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
 
-FORMAT_NAME = "mpdcompress"
-FORMAT_VERSION = 1
 _INDEX_SUFFIXES = ("row_order", "col_order")
+# What a model file may hold: what load can read back and check.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -52,12 +61,6 @@ def _index_dtype(n: int) -> torch.dtype:
     if n <= 2**31:
         return torch.int32
     return torch.int64
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(
-        tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    ).hexdigest()
 
 
 def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -113,9 +116,23 @@ def save(
     except UnsupportedArchitectureError:
         architecture = None
     tensors: dict[str, torch.Tensor] = {}
+    storages: dict[tuple[int, int], str] = {}
     for key, value in model.state_dict().items():
         if key.endswith(".num_blocks"):
             continue  # the manifest carries the factor
+        if value.is_floating_point() and value.dtype not in _FLOAT_DTYPES or value.is_complex():
+            raise UnsupportedArchitectureError(
+                f"cannot save {key!r} of dtype {value.dtype}: model files hold float16, bfloat16, float32 and float64"
+            )
+        if value.device.type == "meta":
+            raise UnsupportedArchitectureError(f"cannot save {key!r}: it is on the meta device (it has no values)")
+        where = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if value.numel() and where in storages:
+            raise UnsupportedArchitectureError(
+                f"{key!r} and {storages[where]!r} share their tensor (a tied or shared layer); model files do not "
+                "record ties yet: untie them (or save the state_dict yourself)"
+            )
+        storages[where] = key
         if key.endswith(_INDEX_SUFFIXES):
             value = value.to(_index_dtype(value.numel()))
         tensors[key] = value.detach().cpu().contiguous()
@@ -126,83 +143,20 @@ def save(
         "form": "packed" if kinds == {"BlockDiagonalLinear"} else "masked",
         "layers": layers,
         "architecture": architecture,
-        "sha256": {key: _digest(t) for key, t in tensors.items()},
+        "sha256": {key: tensor_digest(t) for key, t in tensors.items()},
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
         "config": config.to_json() if isinstance(config := getattr(model, "mpd_config", None), MPDConfig) else None,
-        "user": dict(metadata or {}),
+        "user": {str(k): str(v) for k, v in (metadata or {}).items()},
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
     return write_atomic(path, lambda f: f.write(payload))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The validated manifest of a model file (no tensors are read)."""
-    return _parse_manifest(_read_header(Path(path)), Path(path))
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse the safetensors header by hand, so a damaged file gives a precise error."""
-    if not path.is_file():
-        raise ModelFileNotFoundError(f"no model file at {path}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelFileError(f"{path}: file is {size} bytes, too short to be a safetensors file")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise ModelFileError(f"{path}: header length {n} does not fit in the {size}-byte file (truncated?)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: header is not valid JSON ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: header is not a JSON object")
-    data_len = size - 8 - n
-    end = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ModelFileError(f"{path}: tensor {key!r} has no valid data_offsets")
-        end = max(end, offsets[1])
-    if end != data_len:
-        raise ModelFileError(
-            f"{path}: tensor data should be {end} bytes but the file holds {data_len} (truncated or padded)"
-        )
-    return header
-
-
-def _parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
-    meta = header.get("__metadata__") or {}
-    if FORMAT_NAME not in meta:
-        raise ModelFileError(f"{path}: not an mpdcompress model file (no '{FORMAT_NAME}' manifest in the header)")
-    try:
-        manifest = json.loads(meta[FORMAT_NAME])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: manifest is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: manifest does not declare format '{FORMAT_NAME}'")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format version {version!r} is not supported (this mpdcompress reads version {FORMAT_VERSION})"
-        )
-    for key in ("form", "layers", "sha256"):
-        if key not in manifest:
-            raise ModelFileError(f"{path}: manifest lacks '{key}'")
-    if manifest["form"] not in ("packed", "masked"):
-        raise ModelFileError(f"{path}: unknown form {manifest['form']!r}")
-    if not isinstance(manifest["layers"], dict) or not manifest["layers"]:
-        raise ModelFileError(f"{path}: manifest lists no compressed layers")
-    for name, layer in manifest["layers"].items():
-        try:
-            BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: layer {name!r} in the manifest is invalid: {exc}") from None
-    return manifest
+    """The validated manifest of a model file (only the header is read)."""
+    path = Path(path)
+    return parse_manifest(read_header(path), path)
 
 
 def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> nn.Module:
@@ -214,17 +168,46 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
             )
         try:
             return build(manifest["architecture"])
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ModelFileError(f"{path}: cannot rebuild the architecture: {exc}") from None
+        except Exception as exc:  # sizes are checked already; this is a malformed entry of any kind
+            raise ModelFileError(f"{path}: cannot rebuild the architecture: {type(exc).__name__}: {exc}") from None
+    # The caller's model is a template: it is copied, so a file that does not fit leaves it as it was.
+    model = copy.deepcopy(model)
     if compressed_layers(model):
         return model
     # A dense instance of the architecture: compress the layers the file names, pack if it is packed.
+    factors = {layer["source"]: layer["compression"] for layer in manifest["layers"].values()}
     try:
-        factors = {layer["source"]: layer["compression"] for layer in manifest["layers"].values()}
-    except (KeyError, TypeError):
-        raise ModelFileError(f"{path}: manifest layers lack their 'source' names") from None
-    mpdify_(model, factors)
+        mpdify_(model, factors)
+    except MPDCompressError as exc:
+        raise ModelFileError(f"{path}: the file's layers do not fit this model: {exc}") from None
     return pack(model, inplace=True) if manifest["form"] == "packed" else model
+
+
+def _check_digests(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    hashes = manifest["sha256"]
+    if set(hashes) != set(tensors):
+        raise ModelFileError(f"{path}: the manifest's digests do not name the file's tensors")
+    for key, tensor in tensors.items():
+        if hashes[key] != tensor_digest(tensor):
+            raise ModelFileError(f"{path}: tensor {key!r} fails its SHA-256 check (corrupted file)")
+
+
+def _check_padding(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    """Padding entries of uneven packed layers must be zero, or the packed model would compute
+    something else than its masked form (and differently with and without autograd)."""
+    for name, layer in manifest["layers"].items():
+        layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
+        if layer["kind"] != "BlockDiagonalLinear" or layout.is_even:
+            continue
+        blocks = state[f"{name}.weight_blocks"]
+        if bool((blocks * (1 - layout.padding_mask().to(blocks.dtype))).any()):
+            raise ModelFileError(f"{path}: padding entries of {name}.weight_blocks are not zero")
+        if layer["bias"]:
+            bias = state[f"{name}.bias"]
+            padded = torch.ones(bias.numel(), dtype=torch.bool)
+            padded[layout.padded_row_positions()] = False
+            if bool(bias[padded].any()):
+                raise ModelFileError(f"{path}: padding entries of {name}.bias are not zero")
 
 
 def _check_tensors(
@@ -234,7 +217,6 @@ def _check_tensors(
     path: Path,
     on_nonfinite: str,
 ) -> dict[str, torch.Tensor]:
-    hashes = manifest["sha256"]
     wanted = {k for k in expected if not k.endswith(".num_blocks")}
     missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or extra:
@@ -243,8 +225,6 @@ def _check_tensors(
         )
     state = {}
     for key, tensor in tensors.items():
-        if hashes.get(key) != _digest(tensor):
-            raise ModelFileError(f"{path}: tensor {key!r} fails its SHA-256 check (corrupted file)")
         ref = expected[key]
         if tuple(tensor.shape) != tuple(ref.shape):
             raise ModelFileError(
@@ -256,7 +236,7 @@ def _check_tensors(
             except (TypeError, ValueError) as exc:
                 raise ModelFileError(str(exc)) from None
         elif ref.dtype.is_floating_point:
-            if not tensor.dtype.is_floating_point:
+            if tensor.dtype not in _FLOAT_DTYPES:
                 raise ModelFileError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a floating type")
             if not bool(torch.isfinite(tensor).all()):
                 message = f"{path}: tensor {key!r} contains NaN or Inf"
@@ -293,18 +273,23 @@ def load(
     if on_nonfinite not in ("error", "warn", "ignore"):
         raise ConfigError(f"on_nonfinite must be 'error', 'warn' or 'ignore', got {on_nonfinite!r}")
     path = Path(path)
-    manifest = _parse_manifest(_read_header(path), path)
-    skeleton = _skeleton(manifest, model, path)
-    if _compressed_manifest(skeleton) != manifest["layers"]:
-        raise ModelFileError(f"{path}: the compressed layers in the file do not match the model's")
+    header = read_header(path)
+    manifest = parse_manifest(header, path)
+    if model is None:
+        check_declared_size(manifest, header, path)  # before anything is allocated
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{path}: cannot read tensors: {exc}") from None
+    _check_digests(tensors, manifest, path)
+    skeleton = _skeleton(manifest, model, path)
+    if _compressed_manifest(skeleton) != manifest["layers"]:
+        raise ModelFileError(f"{path}: the compressed layers in the file do not match the model's")
     expected = skeleton.state_dict()
     state = _check_tensors(tensors, manifest, expected, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
+    _check_padding(state, manifest, path)
     skeleton.load_state_dict(state, strict=True, assign=True)
     if manifest.get("config") is not None:
         skeleton.mpd_config = _recorded_config(manifest["config"], path)

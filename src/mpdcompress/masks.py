@@ -10,7 +10,7 @@ import torch
 from .errors import CompressionError, CompressionTypeError, ConfigError
 from .layout import BlockLayout
 
-__all__ = ["MPDMask", "make_mask", "layer_seed", "check_permutation", "inverse_permutation"]
+__all__ = ["check_incoming_mask", "MPDMask", "make_mask", "layer_seed", "check_permutation", "inverse_permutation"]
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -131,3 +131,17 @@ def make_mask(
     row_order = torch.randperm(layout.d_out, generator=generator)
     col_order = torch.randperm(layout.d_in, generator=generator)
     return MPDMask(layout, row_order, col_order)
+
+
+def check_incoming_mask(state_dict: dict, prefix: str, d_out: int, d_in: int, compression: int) -> None:
+    """Validate the mask a ``load_state_dict`` is about to put into a compressed layer, before any
+    of its buffers is replaced: a refused load leaves the layer as it was."""
+    rows, cols = state_dict.get(prefix + "row_order"), state_dict.get(prefix + "col_order")
+    blocks = state_dict.get(prefix + "num_blocks", compression)
+    if rows is None or cols is None:
+        return  # missing keys: load_state_dict reports them itself
+    try:
+        c = int(blocks)
+    except (TypeError, ValueError, RuntimeError):
+        raise CompressionTypeError(f"{prefix}num_blocks must be one integer, got {blocks!r}"[:200]) from None
+    MPDMask(BlockLayout.create(d_out, d_in, c, prefix.rstrip(".") or None), rows, cols)

@@ -273,9 +273,17 @@ def _command_cell(row: dict[str, Any]) -> str:
 def rerender_report(out_dir: str | Path) -> Path:
     """Write ``report.md`` again from ``results.json`` (after a change to the report's text)."""
     out = Path(out_dir)
-    results = json.loads((out / "results.json").read_text())
+    try:
+        results = json.loads((out / "results.json").read_text())
+        report = render_report(results)
+    except FileNotFoundError:
+        raise ConfigError(f"no results.json in {out} to render a report from") from None
+    except (ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise ConfigError(
+            f"{out / 'results.json'} is not a reproduction's results ({type(exc).__name__}: {exc})"
+        ) from None
     path = out / "report.md"
-    path.write_text(render_report(results))
+    path.write_text(report)
     return path
 
 

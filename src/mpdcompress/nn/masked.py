@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import CompressionError, CompressionTypeError
 from ..layout import BlockLayout
-from ..masks import MPDMask, make_mask
+from ..masks import MPDMask, check_incoming_mask, make_mask
 
 __all__ = ["MPDLinear"]
 
@@ -92,6 +92,10 @@ class MPDLinear(nn.Linear):
     def apply_mask_(self) -> None:
         """Zero the stored weight off the mask (in place)."""
         self.weight.mul_(self.mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        check_incoming_mask(state_dict, prefix, self.out_features, self.in_features, self.compression)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight * self.mask, self.bias)

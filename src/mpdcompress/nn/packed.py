@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import CompressionError
 from ..kernels import ChainWeights, run_packed
 from ..layout import BlockLayout
-from ..masks import MPDMask
+from ..masks import MPDMask, check_incoming_mask
 from .masked import MPDLinear
 
 __all__ = ["BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]
@@ -204,6 +204,10 @@ class BlockDiagonalLinear(nn.Module):
         self.register_buffer("kernel_out_index", kernel_out.to(torch.int32).to(device), persistent=False)
         padding = None if layout.is_even else layout.padding_mask().to(device)
         self.register_buffer("padding_mask", padding, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        check_incoming_mask(state_dict, prefix, self.out_features, self.in_features, self.compression)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """This layer as a one-layer chain (``kernel_indices``: also what the Triton engine reads)."""

@@ -34,7 +34,8 @@ def read_checkpoint(path: Path | None, config: TrainConfig, device: torch.device
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for damaged files
-        raise CheckpointError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+        # torch's own text would advise weights_only=False, i.e. running the file's code: not here.
+        raise CheckpointError(f"{path}: not a readable mpdcompress checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path}: not a checkpoint of this mpdcompress version (format "

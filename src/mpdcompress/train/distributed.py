@@ -89,12 +89,12 @@ def init_from_env(device: str, timeout_minutes: float = 30.0) -> DistContext:
 
     Returns a single-process context when the process was not started by torchrun.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but torch.cuda.is_available() is False")
     if not launched_by_torchrun():
         return DistContext()
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda under torchrun, but torch.cuda.is_available() is False")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))

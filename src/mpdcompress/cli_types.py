@@ -1,0 +1,44 @@
+"""Argument types of the command line: values that make no sense are refused at parse time,
+with argparse's one-line usage error (exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "opset"]
+
+
+def _number(kind, text: str, ok, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def opset(text: str) -> int:
+    from .export import MIN_OPSET, max_opset
+
+    top = max_opset()
+    return _number(
+        int, text, lambda v: MIN_OPSET <= v <= top, f"an ONNX opset this exporter writes ({MIN_OPSET}..{top})"
+    )

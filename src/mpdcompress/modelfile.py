@@ -1,0 +1,264 @@
+"""Reading and checking a model file's header before anything is built from it.
+
+A model file is a safetensors file whose header carries the manifest. Everything here reads
+only the header (a few kilobytes) and bounds what a later build may allocate by what the file
+actually holds:
+
+* the manifest is covered by its own SHA-256 (``manifest_sha256``, over the canonical JSON of
+  everything else), and every tensor's digest covers its dtype and shape as well as its bytes,
+  so no edit of the header or the data goes unnoticed;
+* every field has the type it must have; JSON constants (NaN, Infinity) and deep nesting are
+  refused;
+* every compressed layer's sizes are checked against the shapes of its tensors in the header,
+  and the architecture's declared number of values against the values the file holds, before
+  any module or tensor is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelFileError, ModelFileNotFoundError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "read_header",
+    "parse_manifest",
+    "manifest_digest",
+    "tensor_digest",
+    "check_declared_size",
+    "header_shapes",
+]
+
+FORMAT_NAME = "mpdcompress"
+# 2: the manifest carries its own digest and tensor digests cover dtype and shape.
+FORMAT_VERSION = 2
+_LAYER_KINDS = ("BlockDiagonalLinear", "MPDLinear")
+_MAX_DIM = 2**40  # no tensor dimension in a real model comes near this
+
+
+def _fail(path: Path, message: str) -> ModelFileError:
+    return ModelFileError(f"{path}: {message}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _json(raw: bytes | str, path: Path, what: str) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise _fail(path, f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the manifest without its own digest."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (a dtype edit in the header changes it too)."""
+    h = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}".encode())
+    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header, parsed by hand so that a damaged file gives a precise error."""
+    if not path.is_file():
+        raise ModelFileNotFoundError(f"no model file at {path}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"file is {size} bytes, too short to be a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise _fail(path, f"header length {n} does not fit in the {size}-byte file (truncated?)")
+        header = _json(f.read(n), path, "header")
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    data_len, end = size - 8 - n, 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise _fail(path, "header metadata is not a map of strings")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise _fail(path, f"tensor {key!r} has no valid data_offsets")
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
+            raise _fail(path, f"tensor {key!r} has no valid shape")
+        end = max(end, offsets[1])
+    if end != data_len:
+        raise _fail(path, f"tensor data should be {end} bytes but the file holds {data_len} (truncated or padded)")
+    return header
+
+
+def header_shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+
+
+def _is_int(value: Any, low: int = 1) -> bool:
+    return type(value) is int and low <= value < _MAX_DIM
+
+
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+    checks = {
+        "form": lambda v: v in ("packed", "masked"),
+        "layers": lambda v: isinstance(v, dict) and len(v) > 0,
+        "sha256": lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(d, str) and len(d) == 64 for k, d in v.items())
+        ),
+        "architecture": lambda v: v is None or isinstance(v, dict),
+        "input_shape": lambda v: v is None or (isinstance(v, list) and all(_is_int(d) for d in v)),
+        "config": lambda v: v is None or isinstance(v, dict),
+        "user": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(s, str) for k, s in v.items()),
+    }
+    for key, ok in checks.items():
+        if key not in manifest:
+            raise _fail(path, f"manifest lacks '{key}'")
+        if not ok(manifest[key]):
+            raise _fail(path, f"manifest field '{key}' is malformed: {json.dumps(manifest[key])[:120]}")
+    for name, layer in manifest["layers"].items():
+        if not (
+            isinstance(layer, dict)
+            and layer.get("kind") in _LAYER_KINDS
+            and isinstance(layer.get("source"), str)
+            and all(_is_int(layer.get(k)) for k in ("d_out", "d_in", "compression"))
+            and type(layer.get("bias")) is bool
+        ):
+            raise _fail(path, f"layer {name!r} in the manifest is malformed: {json.dumps(layer)[:160]}")
+        if layer["compression"] > min(layer["d_out"], layer["d_in"]):
+            raise _fail(path, f"layer {name!r}: compression {layer['compression']} exceeds its dimensions")
+    kinds = {layer["kind"] for layer in manifest["layers"].values()}
+    if kinds != {"BlockDiagonalLinear" if manifest["form"] == "packed" else "MPDLinear"}:
+        raise _fail(path, f"a {manifest['form']} file lists layers of kinds {sorted(kinds)}")
+
+
+def _check_layers_against_tensors(manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Each compressed layer's declared sizes must be the sizes of its tensors in the file."""
+    for name, layer in manifest["layers"].items():
+        d_out, d_in, c = layer["d_out"], layer["d_in"], layer["compression"]
+        rows, cols = -(-d_out // c), -(-d_in // c)
+        if layer["kind"] == "BlockDiagonalLinear":
+            expected = {"weight_blocks": (c, rows, cols), "bias": (c * rows,)}
+        else:
+            expected = {"weight": (d_out, d_in), "bias": (d_out,)}
+        expected.update({"row_order": (d_out,), "col_order": (d_in,)})
+        if not layer["bias"]:
+            del expected["bias"]
+        for suffix, shape in expected.items():
+            found = shapes.get(f"{name}.{suffix}")
+            if found != shape:
+                raise _fail(path, f"layer {name!r} declares {suffix} of shape {shape}, the file holds {found}")
+
+
+def parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The manifest, with its digest, every field's type and the layers' sizes checked."""
+    meta = header.get("__metadata__") or {}
+    if FORMAT_NAME not in meta:
+        raise _fail(path, f"not an mpdcompress model file (no '{FORMAT_NAME}' manifest in the header)")
+    manifest = _json(meta[FORMAT_NAME], path, "manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise _fail(path, f"manifest does not declare format '{FORMAT_NAME}'")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = " (written by mpdcompress 0.1: load it there and save it again)" if version == 1 else ""
+        raise _fail(path, f"format version {version!r} is not supported; this mpdcompress reads {FORMAT_VERSION}{hint}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise _fail(path, "the manifest fails its SHA-256 check (the header was edited or damaged)")
+    _check_fields(manifest, path)
+    _check_layers_against_tensors(manifest, header_shapes(header), path)
+    return manifest
+
+
+def _module_values(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.state_dict().values())
+
+
+def _check_arg_types(cls: type, args: dict[str, Any], path: Path) -> None:
+    """An argument whose default is a number must be a number (torch stores ``eps="0.1"`` as given)."""
+    params = inspect.signature(cls.__init__).parameters
+    for name, value in args.items():
+        if name not in params:
+            raise _fail(path, f"{cls.__name__} has no argument {name!r}")
+        default = params[name].default
+        # None stays allowed where the default is a number (BatchNorm's momentum=None, for one).
+        if (
+            type(default) in (int, float)
+            and value is not None
+            and not (type(value) in (int, float) and math.isfinite(value))
+        ):
+            raise _fail(path, f"{cls.__name__}.{name} must be a number, got {json.dumps(value)[:60]}")
+        if type(default) is bool and type(value) is not bool:
+            raise _fail(path, f"{cls.__name__}.{name} must be true or false, got {json.dumps(value)[:60]}")
+
+
+def declared_values(spec: Any, path: Path) -> int:
+    """How many values the architecture ``spec`` holds in its state dict, computed without
+    allocating: plain layers are built on the meta device, compressed layers from their sizes."""
+    from .architecture import CHAIN_PARTS, CONTAINERS, SUPPORTED_LAYERS, tuple_args
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise _fail(path, f"architecture entry is not an object with a 'type': {json.dumps(spec)[:120]}")
+    kind = spec["type"]
+    if kind in CONTAINERS:
+        children = spec.get("children", [])
+        if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 for c in children):
+            raise _fail(path, f"architecture {kind} has malformed children")
+        return sum(declared_values(child, path) for _, child in children)
+    if kind == "PackedChain":
+        parts = [*(spec.get("layers") or []), *(spec.get("activations") or [])]
+        parts += [spec[p] for p in CHAIN_PARTS if spec.get(p) is not None]
+        return sum(declared_values(part, path) for part in parts)
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise _fail(path, f"architecture {kind} has malformed args")
+    if kind in ("BlockDiagonalLinear", "MPDLinear"):
+        if not (all(_is_int(args.get(k)) for k in ("d_out", "d_in", "compression")) and type(args.get("bias")) is bool):
+            raise _fail(path, f"architecture {kind} has malformed args {json.dumps(args)[:120]}")
+        d_out, d_in, c = args["d_out"], args["d_in"], args["compression"]
+        if c > min(d_out, d_in):
+            raise _fail(path, f"architecture {kind}: compression {c} exceeds its dimensions")
+        rows, cols = -(-d_out // c), -(-d_in // c)
+        weights = c * rows * cols if kind == "BlockDiagonalLinear" else d_out * d_in
+        bias = (c * rows if kind == "BlockDiagonalLinear" else d_out) if args["bias"] else 0
+        return weights + bias + d_out + d_in  # num_blocks is not stored
+    if kind not in SUPPORTED_LAYERS:
+        raise _fail(path, f"architecture names an unsupported module type {kind!r}")
+    _check_arg_types(SUPPORTED_LAYERS[kind], args, path)
+    try:
+        with torch.device("meta"):
+            module = SUPPORTED_LAYERS[kind](**tuple_args(args))
+    except Exception as exc:  # whatever the constructor rejects (TypeError, AssertionError, ...)
+        raise _fail(path, f"cannot build {kind} from {json.dumps(args)[:120]}: {type(exc).__name__}: {exc}") from None
+    return _module_values(module)
+
+
+def check_declared_size(manifest: dict[str, Any], header: dict[str, Any], path: Path) -> None:
+    """The architecture may hold exactly the values the file's tensors hold: a header that
+    describes a larger model than its data is refused before anything is allocated."""
+    if manifest.get("architecture") is None:
+        return
+    try:
+        declared = declared_values(manifest["architecture"], path)
+    except RecursionError:
+        raise _fail(path, "the architecture is nested too deeply") from None
+    held = sum(math.prod(shape) for shape in header_shapes(header).values())
+    if declared != held:
+        raise _fail(path, f"the architecture declares {declared:,} values but the file holds {held:,}")

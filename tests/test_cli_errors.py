@@ -1,0 +1,78 @@
+"""Bad command lines: each one exits 2 with a single line on stderr, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import mpdcompress as mpd
+
+BAD_COMMAND_LINES = [
+    ["demo", "--steps", "0"],
+    ["demo", "-c", "0"],
+    ["train", "--batch-size", "0", "--dry-run"],
+    ["train", "--batch-size", "-5", "--dry-run"],
+    ["train", "--epochs", "0", "--dry-run"],
+    ["train", "--lr", "inf", "--dry-run"],
+    ["train", "--lr", "nan", "--dry-run"],
+    ["train", "--lr", "-1", "--dry-run"],
+    ["train", "--weight-decay", "-0.1", "--dry-run"],
+    ["train", "--checkpoint-every", "-1", "--dry-run"],
+    ["train", "--micro-batch", "0", "--dry-run"],
+    ["train", "--dry-run", "--nproc", "-2"],
+    ["train", "--model", "bogus"],
+    ["inspect", "-c", "0", "--model", "lenet300"],
+    ["inspect", "--model", "bogus"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--opset", "99"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--opset", "12"],
+    ["bench", "--factors", "100000", "--shapes", "lenet-fc1", "--quiet", "--out", "{tmp}/b"],
+    ["bench", "--batches", "0"],
+    ["bench", "--shapes", "bogus", "--quiet", "--out", "{tmp}/b"],
+    ["pack", "{file}", "-o", "{tmp}"],  # output is a directory
+    ["pack", "{file}", "-o", "{file}/under/a/file.safetensors"],
+    ["pack", "{tmp}/missing.safetensors", "-o", "{tmp}/x.safetensors"],
+    ["pack", "{png}", "-o", "{tmp}/x.safetensors"],
+    ["inspect", "{png}"],
+    ["train", "--resume", "--out", "{png_dir}", "--train-limit", "100", "--epochs", "1"],
+    ["reproduce", "--render-only", "--out", "{tmp}"],
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2)
+    file = mpd.save(model, tmp / "m.safetensors", input_shape=(8,))
+    png_dir = tmp / "png"
+    png_dir.mkdir()
+    (png_dir / "checkpoint.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (tmp / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    return {"file": str(file), "tmp": str(tmp), "png": str(tmp / "x.png"), "png_dir": str(png_dir)}
+
+
+@pytest.mark.parametrize("argv", BAD_COMMAND_LINES, ids=lambda a: " ".join(a)[:60])
+def test_bad_command_line_is_one_line_and_status_2(argv, paths):
+    argv = [a.format(**paths) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "mpdcompress", *argv], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-600:])
+    assert "Traceback" not in proc.stderr
+    # argparse prints its usage line before the error; ours print the error alone
+    lines = [line for line in err if not line.startswith(("usage:", " "))]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    assert "weights_only" not in proc.stderr and "Errno" not in proc.stderr
+
+
+def test_train_on_cuda_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpdcompress", "train", "--device", "cuda", "--dataset", "fake", "--train-limit", "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "torch.cuda.is_available() is False" in proc.stderr
+    assert "Traceback" not in proc.stderr
