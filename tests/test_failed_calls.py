@@ -104,3 +104,53 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     mpd.save(mpd.mpdify_(nn.Sequential(nn.Linear(4, 4)), 2), tmp_path / "m.safetensors")
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to a write still running
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "build,culprit",
+    [
+        (lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "self_attn.out_proj"),
+        (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), "weight_norm"),
+    ],
+    ids=["multihead-attention", "weight-norm"],
+)
+def test_layers_the_mask_cannot_reach_are_refused_and_nothing_changes(build, culprit):
+    torch.manual_seed(0)
+    model = build()
+    before, types = _state(model), [type(m) for m in model.modules()]
+    with pytest.raises(CompressionError, match=culprit if "." in culprit else "parametrized"):
+        mpd.mpdify_(model, 2)
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_head_tied_to_an_embedding_is_refused_and_the_embedding_kept():
+    class LanguageModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(40, 16)
+            self.mlp = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = LanguageModel()
+    before = _state(model)
+    with pytest.raises(CompressionError, match="layer 'head' shares its weight with embed.weight"):
+        mpd.mpdify_(model, 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    mpd.mpdify_(model, 4, filter_fn=lambda m, name: name != "head")  # the way out the message names
+    assert isinstance(model.mlp, mpd.MPDLinear) and torch.equal(model.embed.weight, before["embed.weight"])
+
+
+def test_packed_models_pickle():
+    import pickle
+
+    model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2))
+    again = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))

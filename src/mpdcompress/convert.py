@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import MPDConfig
 from .errors import CompressionError, UnknownNameError
@@ -73,6 +74,7 @@ def mpdify_(
         if not linears and compressed_layers(model):
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
         raise CompressionError("no nn.Linear layer was selected for compression")
+    _refuse_unsafe_layers(model, {name: linears[name] for name in factors})
 
     replacements: dict[int, MPDLinear] = {}
     for name, c in factors.items():
@@ -120,6 +122,34 @@ def mpdify(
     )
     filter_fn = None if filter is None else (lambda module, name: filter(name, module))
     return mpdify_(model, MPDConfig(compression, seed=seed, permute=permute, mode=mode, init=init), filter_fn=filter_fn)
+
+
+def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> None:
+    """Refuse, before changing anything, every selected layer whose mask would not be applied
+    everywhere its weight is read, so compressing it would silently give a wrong model."""
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: a name it has there}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
+    for name, linear in selected.items():
+        label = name or type(model).__name__
+        hint = "; leave it out with filter_fn"
+        if parametrize.is_parametrized(linear):
+            raise CompressionError(f"layer {label!r} has a parametrized weight (weight_norm, ...)" + hint)
+        if type(linear) is not nn.Linear:
+            raise CompressionError(
+                f"layer {label!r} is a {type(linear).__module__}.{type(linear).__name__}, not a plain nn.Linear: "
+                "its own forward, or its parent module (nn.MultiheadAttention reads out_proj.weight directly), "
+                "would bypass the mask" + hint
+            )
+        # The same module used at several places is fine (one mask for every use); another module
+        # holding the same tensor is a tie the mask would break.
+        tied = sorted(other for owner, other in owners.get(id(linear.weight), {}).items() if owner != id(linear))
+        if tied:
+            raise CompressionError(
+                f"layer {label!r} shares its weight with {', '.join(tied)} (tied weights): masking it would zero "
+                "entries of the other use too" + hint
+            )
 
 
 @torch.no_grad()
