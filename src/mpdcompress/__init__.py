@@ -12,6 +12,7 @@ from .export import ExportError, export_onnx
 from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from .kernels import EngineUnavailableError, set_engine, use_engine
 from .layout import BlockLayout, validate_compression
+from .mask_search import kept_mass, mask_from_weight
 from .masks import MPDMask, layer_seed, make_mask
 from .nn import BlockDiagonalLinear, MPDLinear, PackedChain
 
@@ -23,6 +24,8 @@ __all__ = [
     "BlockDiagonalLinear",
     "PackedChain",
     "make_mask",
+    "mask_from_weight",
+    "kept_mass",
     "layer_seed",
     "validate_compression",
     "MPDConfig",

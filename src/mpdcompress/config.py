@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .errors import CompressionTypeError, ConfigError
 
-__all__ = ["MPDConfig", "MODES", "INITS", "check_choice"]
+__all__ = ["MPDConfig", "MODES", "INITS", "MASKS", "check_choice"]
 
 Mode = Literal["masked", "compact"]
 Init = Literal["dense", "block"]
@@ -17,6 +17,9 @@ MODES: tuple[str, ...] = ("masked", "compact")
 # dense: keep the weights as they are (masked); block: rescale to the block width's fan-in
 # (nn.Linear's initialization for a layer whose fan-in is what a masked row really sees).
 INITS: tuple[str, ...] = ("dense", "block")
+# random: seeded random permutations (the paper); weights: chosen to keep the most of the trained
+# weight's squared mass (mask_search.py), for compressing a model that is already trained.
+MASKS: tuple[str, ...] = ("random", "weights")
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -33,7 +36,8 @@ class MPDConfig:
     (only those layers). ``seed``: masks are drawn from ``layer_seed(seed, name)``, the same in
     every process. ``permute=False`` gives plain block-diagonal masks (the paper's ablation).
     ``mode="compact"`` packs right away so the blocks train directly. ``init="dense"`` (default)
-    never changes the kept weights; ``"block"`` is for training from scratch.
+    never changes the kept weights; ``"block"`` is for training from scratch. ``masks="weights"``
+    chooses each mask to keep the most of the layer's trained weight instead of at random.
     """
 
     compression: int | Mapping[str, int]
@@ -41,10 +45,14 @@ class MPDConfig:
     permute: bool = True
     mode: Mode = "masked"
     init: Init = "dense"
+    masks: Literal["random", "weights"] = "random"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
         check_choice("init", self.init, INITS)
+        check_choice("masks", self.masks, MASKS)
+        if self.masks == "weights" and not self.permute:
+            raise ConfigError("masks='weights' chooses the permutations; it cannot be combined with permute=False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if not isinstance(self.permute, bool):
@@ -66,4 +74,5 @@ class MPDConfig:
             "permute": self.permute,
             "mode": self.mode,
             "init": self.init,
+            "masks": self.masks,
         }

@@ -15,6 +15,8 @@ from torch.nn.utils import parametrize
 
 from .config import MPDConfig
 from .errors import CompressionError, UnknownNameError
+from .layout import validate_compression
+from .mask_search import mask_from_weight
 from .masks import layer_seed, make_mask
 from .nn.masked import MPDLinear
 from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
@@ -81,14 +83,18 @@ def mpdify_(
         linear = linears[name]
         if id(linear) in replacements:
             continue
-        mask = make_mask(
-            linear.out_features,
-            linear.in_features,
-            c,
-            seed=layer_seed(config.seed, name),
-            permute=config.permute,
-            name=name or type(model).__name__,
-        )
+        if config.masks == "weights":
+            validate_compression(linear.out_features, linear.in_features, c, name or type(model).__name__)
+            mask = mask_from_weight(linear.weight, c, seed=layer_seed(config.seed, name))
+        else:
+            mask = make_mask(
+                linear.out_features,
+                linear.in_features,
+                c,
+                seed=layer_seed(config.seed, name),
+                permute=config.permute,
+                name=name or type(model).__name__,
+            )
         replacements[id(linear)] = MPDLinear.from_linear(linear, mask)
         if config.init == "block":
             _block_fan_in_(replacements[id(linear)])

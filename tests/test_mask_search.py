@@ -1,0 +1,65 @@
+"""Masks chosen from trained weights keep more of the weight than random masks."""
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mpdcompress as mpd
+from mpdcompress.errors import ConfigError
+from mpdcompress.mask_search import kept_mass, mask_from_weight
+
+from .helpers import shapes_and_factor
+
+
+def hidden_block_weight(d_out, d_in, c, seed, noise=0.05):
+    """A weight that IS an MPD-masked matrix (a random mask) plus small noise everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    mask = mpd.make_mask(d_out, d_in, c, seed=seed).dense(torch.float32)
+    return torch.randn(d_out, d_in, generator=g) * (mask + noise)
+
+
+@pytest.mark.parametrize("d_out,d_in,c", [(60, 90, 3), (100, 300, 10), (64, 64, 8), (37, 53, 4)])
+def test_search_recovers_a_hidden_block_structure(d_out, d_in, c):
+    weight = hidden_block_weight(d_out, d_in, c, seed=1)
+    found = kept_mass(weight, mask_from_weight(weight, c, seed=0))
+    random = kept_mass(weight, mpd.make_mask(d_out, d_in, c, seed=7))
+    ideal = kept_mass(weight, mpd.make_mask(d_out, d_in, c, seed=1))
+    assert found >= 0.9 * ideal and found > random + 0.3, (found, ideal, random)
+
+
+@settings(max_examples=10)
+@given(shapes_and_factor(max_dim=24), st.integers(0, 1000))
+def test_search_gives_a_valid_mask_that_beats_random_on_any_weight(sdc, seed):
+    d_out, d_in, c = sdc
+    weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed))
+    mask = mask_from_weight(weight, c, seed=seed, restarts=1)
+    assert mask.shape == (d_out, d_in) and mask.compression == c
+    assert int(mask.dense().sum()) == mask.layout.nnz
+    # greedy co-clustering never does worse than the 1/c a random mask keeps on average
+    assert kept_mass(weight, mask) >= mask.density - 1e-9
+    assert torch.equal(mask_from_weight(weight, c, seed=seed, restarts=1).row_order, mask.row_order)  # seeded
+
+
+def test_mpdify_with_weight_chosen_masks_keeps_weights_and_records_the_choice():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(90, 60), nn.ReLU(), nn.Linear(60, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(hidden_block_weight(60, 90, 3, seed=2))
+    before = model[0].weight.detach().clone()
+    mpd.mpdify_(model, 3, masks="weights")
+    assert model.mpd_config.masks == "weights"
+    assert kept_mass(before, model[0].mpd_mask) > 0.9
+    assert torch.equal(model[0].weight[model[0].mask], before[model[0].mask])
+    with pytest.raises(ConfigError, match="permute=False"):
+        mpd.MPDConfig(3, masks="weights", permute=False)
+
+
+def test_llm_sized_layer_is_searched_in_well_under_a_minute():
+    weight = torch.randn(1024, 3584)  # a quarter of a 4096x14336 MLP layer in each dimension
+    started = time.perf_counter()
+    mask_from_weight(weight, 8, restarts=1)
+    assert time.perf_counter() - started < 30
