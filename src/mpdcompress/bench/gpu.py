@@ -10,7 +10,8 @@ unpermuted block-diagonal weight as torch BSR). Then whole FC stacks and a train
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -47,9 +48,7 @@ class GpuProfile:
     training_models: tuple[str, ...] = ("alexnet-fc",)
     training_batch: int = 512
     repeats: int = 10
-    candidates: tuple[str, ...] = field(
-        default=("dense", "packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr")
-    )
+    candidates: tuple[str, ...] = ("dense", "packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr")
 
 
 GPU_FULL = GpuProfile()
@@ -111,8 +110,6 @@ def _bsr(blocks: torch.Tensor, bias: torch.Tensor | None, even: bool) -> Callabl
     # 512x2048 blocks made torch's Triton BSR kernel tune for minutes on an H100).
     if not even:
         raise ValueError("uneven blocks: BSR needs equal block sizes")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         sparse = torch.block_diag(*blocks.unbind(0)).to_sparse_bsr((64, 64))
