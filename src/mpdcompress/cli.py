@@ -69,63 +69,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
+def _bench_profile(args: argparse.Namespace, base, shapes, what: str, **changes):
+    """``base`` (a frozen benchmark profile) with the command line's shapes, factors, batches and
+    models; unknown shape names and factors that fit no shape are refused."""
     import dataclasses
 
-    import torch
-
-    from .bench.report import write_bench_report
-    from .bench.suite import FULL, QUICK, run_suite
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or "fp32"]
-    changes: dict = {}
     if args.shapes:
-        known = {s[0]: s for s in FULL.shapes}
+        known = {s[0]: s for s in shapes}
         unknown = sorted(set(args.shapes) - set(known))
         if unknown:
-            raise UnknownNameError(f"unknown layer shapes {unknown}; choose from {sorted(known)}")
+            raise UnknownNameError(f"unknown {what}layer shapes {unknown}; choose from {sorted(known)}")
         changes["shapes"] = tuple(known[name] for name in args.shapes)
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
             changes[key] = tuple(getattr(args, key))
+    profile = dataclasses.replace(base, **changes)
+    if not any(c <= min(d_out, d_in) for _, d_out, d_in in profile.shapes for c in profile.factors):
+        raise ConfigError(
+            f"no layer shape takes the factors {list(profile.factors)}: each must be at most the "
+            "smaller dimension of some shape"
+        )
+    return profile
+
+
+def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
+    from .bench.gpu import DTYPES
+    from .bench.report import write_bench_report
+    from .bench.suite import FULL, QUICK, run_suite
+
+    changes: dict = {}
     if args.compile:
         changes["compile_mode"] = args.compile
     if args.no_rss:
         changes["rss_models"] = ()
-    config = dataclasses.replace(QUICK if args.quick else FULL, **changes)
-    if not any(c <= min(d_out, d_in) for _, d_out, d_in in config.shapes for c in config.factors):
-        raise ConfigError(
-            f"no layer shape takes the factors {list(config.factors)}: each must be at most the "
-            "smaller dimension of some shape"
-        )
+    config = _bench_profile(args, QUICK if args.quick else FULL, FULL.shapes, "", **changes)
+    dtype = DTYPES[args.dtype or "fp32"]
     result = run_suite(config, device=args.device, dtype=dtype, command=command, progress=progress)
     return write_bench_report(result, args.out)
 
 
 def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
-    import dataclasses
-
     from .bench.gpu import GPU_FULL, GPU_QUICK, GPU_SHAPES, run_gpu_suite
     from .bench.gpu_report import write_gpu_report
 
     if args.compile:
         raise ConfigError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
-    profile = GPU_QUICK if args.quick else GPU_FULL
-    changes: dict = {}
-    if args.shapes:
-        known = {s[0]: s for s in GPU_SHAPES}
-        unknown = sorted(set(args.shapes) - set(known))
-        if unknown:
-            raise UnknownNameError(f"unknown GPU layer shapes {unknown}; choose from {sorted(known)}")
-        changes["shapes"] = tuple(known[name] for name in args.shapes)
-    for key in ("factors", "batches", "models"):
-        if getattr(args, key):
-            changes[key] = tuple(getattr(args, key))
-    if args.dtype:
-        changes["dtypes"] = (args.dtype,)
-    result = run_gpu_suite(
-        dataclasses.replace(profile, **changes), device=args.device, command=command, progress=progress
-    )
+    changes = {"dtypes": (args.dtype,)} if args.dtype else {}
+    profile = _bench_profile(args, GPU_QUICK if args.quick else GPU_FULL, GPU_SHAPES, "GPU ", **changes)
+    result = run_gpu_suite(profile, device=args.device, command=command, progress=progress)
     return write_gpu_report(result, args.out)
 
 

@@ -120,7 +120,7 @@ def save(
     for key, value in model.state_dict().items():
         if key.endswith(".num_blocks"):
             continue  # the manifest carries the factor
-        if value.is_floating_point() and value.dtype not in _FLOAT_DTYPES or value.is_complex():
+        if (value.is_floating_point() and value.dtype not in _FLOAT_DTYPES) or value.is_complex():
             raise UnsupportedArchitectureError(
                 f"cannot save {key!r} of dtype {value.dtype}: model files hold float16, bfloat16, float32 and float64"
             )

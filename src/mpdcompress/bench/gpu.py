@@ -129,6 +129,14 @@ def _ratios(seconds: dict[str, float | None]) -> dict[str, float | None]:
     return {k: (None if v is None or dense is None else dense / v) for k, v in seconds.items()}
 
 
+def _eager_and_graph(fns: dict[str, Callable], x: torch.Tensor, device: str, repeats: int) -> dict:
+    """Seconds and speed-ups over dense of every candidate on ``x``, eager and as CUDA-graph replay."""
+    calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
+    with torch.no_grad():
+        seconds = {mode: _time(calls, device, mode == "graph", repeats) for mode in ("eager", "graph")}
+    return {"seconds": seconds, "speedup_vs_dense": {mode: _ratios(t) for mode, t in seconds.items()}}
+
+
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
@@ -144,9 +152,6 @@ def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], N
                     x = torch.randn(batch, d_in, device=device, dtype=dtype)
                     with torch.no_grad():
                         error = _rel_error(fns["packed"](x), fns["packed_torch"](x))
-                        calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
-                        eager = _time(calls, device, False, profile.repeats)
-                        graph = _time(calls, device, True, profile.repeats)
                     rows.append(
                         {
                             "shape": name,
@@ -155,8 +160,7 @@ def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], N
                             "compression": c,
                             "batch": batch,
                             "dtype": dtype_name,
-                            "seconds": {"eager": eager, "graph": graph},
-                            "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
+                            **_eager_and_graph(fns, x, device, profile.repeats),
                             "packed_vs_torch_engine_error": error,
                             "notes": notes,
                         }
@@ -178,17 +182,12 @@ def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], N
             fns = {"dense": dense, "packed": _engine(packed, "triton"), "packed_torch": _engine(packed, "torch")}
             for batch in profile.batches:
                 x = torch.randn(batch, *shape, device=device, dtype=dtype)
-                with torch.no_grad():
-                    calls = {k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}
-                    eager = _time(calls, device, False, profile.repeats)
-                    graph = _time(calls, device, True, profile.repeats)
                 rows.append(
                     {
                         "model": name,
                         "dtype": dtype_name,
                         "batch": batch,
-                        "seconds": {"eager": eager, "graph": graph},
-                        "speedup_vs_dense": {"eager": _ratios(eager), "graph": _ratios(graph)},
+                        **_eager_and_graph(fns, x, device, profile.repeats),
                     }
                 )
                 if progress is not None:
