@@ -90,3 +90,13 @@ def test_estimate_on_fake_data_projects_the_recipes_real_dataset(capsys):
     )
     out = capsys.readouterr().out
     assert "for 20,018 steps over imagenet's 1,281,167 training images (fake images timed)" in out
+
+
+def test_a_model_without_a_recipe_takes_its_registry_factor(capsys):
+    flags = ["--epochs", "1", "--batch-size", "64", "--lr", "1e-3", "--optimizer", "adam", "--dry-run"]
+    assert main(["train", "--model", "transformer-mlp", *flags]) == 0
+    assert "plan: transformer-mlp on fake (MPD c=8, masked mode" in capsys.readouterr().out
+    assert main(["train", "--model", "transformer-mlp", "-c", "0", *flags]) == 0
+    assert "plan: transformer-mlp on fake (dense" in capsys.readouterr().out
+    assert main(["train", "--model", "transformer-mlp", "--dry-run"]) == 2
+    assert "has no recipe; give epochs, batch_size, lr, optimizer" in capsys.readouterr().err

@@ -105,8 +105,10 @@ def _config(args: argparse.Namespace):
         spec = model_spec(args.model or "lenet300")
         given["model"] = spec.name
         given["dataset"] = args.dataset or spec.dataset
-        if spec.recipe is None:
-            return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        if spec.recipe is None:  # the registry's factor, as a recipe would give it; -c 0: dense
+            factor = spec.compression if given["compression"] is None else given["compression"] or None
+            values = {k: v for k, v in given.items() if v is not None}
+            return TrainConfig(**{**values, "compression": factor})
     return TrainConfig.from_recipe(args.recipe or model_spec(given["model"]).recipe, **given)
 
 
