@@ -27,7 +27,7 @@ def test_pack_on_the_meta_device_says_why():
         mpd.pack(model)
 
 
-def test_a_shared_linear_stays_shared_and_save_says_why():
+def test_a_shared_linear_stays_shared_through_save_and_load(tmp_path):
     torch.manual_seed(0)
     shared = nn.Linear(6, 6)
     model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), shared, nn.ReLU(), shared), 2)
@@ -38,8 +38,11 @@ def test_a_shared_linear_stays_shared_and_save_says_why():
     layers = [m for m in packed.modules() if isinstance(m, mpd.BlockDiagonalLinear)]
     assert len({id(m) for m in layers}) == len(layers)  # modules() yields a shared module once
     assert packed[2] is packed[4]
-    with pytest.raises(UnsupportedArchitectureError, match="share their tensor"):
-        mpd.save(packed, "/nonexistent/never.safetensors")
+    mpd.save(packed, tmp_path / "shared.safetensors")
+    loaded = mpd.load(tmp_path / "shared.safetensors", model=packed)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), packed(x), rtol=0, atol=0)
+    assert loaded[2].weight_blocks is loaded[4].weight_blocks  # one parameter, as saved
 
 
 def test_complex_weights_are_refused_at_save(tmp_path):

@@ -117,6 +117,8 @@ def save(
         architecture = None
     tensors: dict[str, torch.Tensor] = {}
     storages: dict[tuple[int, int], str] = {}
+    ties: dict[str, str] = {}  # state_dict key -> the key whose tensor it is
+    originals: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if key.endswith(".num_blocks"):
             continue  # the manifest carries the factor
@@ -128,11 +130,16 @@ def save(
             raise UnsupportedArchitectureError(f"cannot save {key!r}: it is on the meta device (it has no values)")
         where = (value.untyped_storage().data_ptr(), value.storage_offset())
         if value.numel() and where in storages:
-            raise UnsupportedArchitectureError(
-                f"{key!r} and {storages[where]!r} share their tensor (a tied or shared layer); model files do not "
-                "record ties yet: untie them (or save the state_dict yourself)"
-            )
+            first = storages[where]
+            ref = originals[first]
+            if (value.shape, value.stride(), value.dtype) != (ref.shape, ref.stride(), ref.dtype):
+                raise UnsupportedArchitectureError(
+                    f"{key!r} and {first!r} overlap in memory without being the same tensor; save a copy of one"
+                )
+            ties[key] = first  # a tied weight (a language model's head) or a shared module: stored once
+            continue
         storages[where] = key
+        originals[key] = value
         if key.endswith(_INDEX_SUFFIXES):
             value = value.to(_index_dtype(value.numel()))
         tensors[key] = value.detach().cpu().contiguous()
@@ -147,6 +154,7 @@ def save(
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
         "config": config.to_json() if isinstance(config := getattr(model, "mpd_config", None), MPDConfig) else None,
         "user": {str(k): str(v) for k, v in (metadata or {}).items()},
+        "ties": ties,
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
@@ -287,13 +295,35 @@ def load(
     if _compressed_manifest(skeleton) != manifest["layers"]:
         raise ModelFileError(f"{path}: the compressed layers in the file do not match the model's")
     expected = skeleton.state_dict()
-    state = _check_tensors(tensors, manifest, expected, path, on_nonfinite)
+    ties = manifest.get("ties", {})
+    _check_ties(ties, expected, tensors, path)
+    state = _check_tensors(tensors, manifest, {k: v for k, v in expected.items() if k not in ties}, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
     _check_padding(state, manifest, path)
-    skeleton.load_state_dict(state, strict=True, assign=True)
+    skeleton.load_state_dict({**state, **{alias: state[key] for alias, key in ties.items()}}, strict=True, assign=True)
+    _retie(skeleton, ties)
     if manifest.get("config") is not None:
         skeleton.mpd_config = _recorded_config(manifest["config"], path)
     return skeleton.to(device)
+
+
+def _check_ties(ties: dict[str, str], expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
+    for alias, key in ties.items():
+        if alias not in expected or key not in tensors or alias in tensors:
+            raise ModelFileError(f"{path}: the tie {alias!r} -> {key!r} does not fit the model's tensors")
+        if tuple(expected[alias].shape) != tuple(tensors[key].shape):
+            raise ModelFileError(f"{path}: tied tensors {alias!r} and {key!r} differ in shape")
+
+
+def _retie(model: nn.Module, ties: dict[str, str]) -> None:
+    """``load_state_dict(assign=True)`` gives every key its own parameter object; tied keys must
+    share one again, as the saved model's did, or training would move the copies apart."""
+    for alias, key in ties.items():
+        owner, _, name = alias.rpartition(".")
+        target_owner, _, target_name = key.rpartition(".")
+        source = model.get_submodule(target_owner)
+        tensor = source._parameters.get(target_name, source._buffers.get(target_name))
+        setattr(model.get_submodule(owner), name, tensor)
 
 
 def _recorded_config(entry: Any, path: Path) -> MPDConfig:

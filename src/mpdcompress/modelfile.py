@@ -129,6 +129,11 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         "config": lambda v: v is None or isinstance(v, dict),
         "user": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(s, str) for k, s in v.items()),
     }
+    if "ties" in manifest and not (  # absent from files written before ties were recorded
+        isinstance(manifest["ties"], dict)
+        and all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in manifest["ties"].items())
+    ):
+        raise _fail(path, f"manifest field 'ties' is malformed: {json.dumps(manifest['ties'])[:120]}")
     for key, ok in checks.items():
         if key not in manifest:
             raise _fail(path, f"manifest lacks '{key}'")
@@ -259,6 +264,9 @@ def check_declared_size(manifest: dict[str, Any], header: dict[str, Any], path: 
         declared = declared_values(manifest["architecture"], path)
     except RecursionError:
         raise _fail(path, "the architecture is nested too deeply") from None
-    held = sum(math.prod(shape) for shape in header_shapes(header).values())
+    shapes = header_shapes(header)
+    # A tied tensor is stored once but counted at each place the architecture holds it.
+    held = sum(math.prod(shape) for shape in shapes.values())
+    held += sum(math.prod(shapes.get(key, ())) for key in manifest.get("ties", {}).values())
     if declared != held:
         raise _fail(path, f"the architecture declares {declared:,} values but the file holds {held:,}")
