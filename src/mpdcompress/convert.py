@@ -34,7 +34,8 @@ def mpdify_(
     filter_fn: LayerFilter | None = None,
     **options: Any,
 ) -> nn.Module:
-    """Compress ``model`` in place: selected ``nn.Linear`` layers become :class:`MPDLinear`.
+    """Compress ``model`` in place: selected ``nn.Linear`` layers (and ``transformers``' ``Conv1D``,
+    GPT-2's transposed linear) become :class:`MPDLinear`.
 
     ``config`` is an :class:`MPDConfig`, or its ``compression`` (one factor, or a mapping from
     qualified layer names to factors) with the other options as keywords: ``seed``,
@@ -50,7 +51,11 @@ def mpdify_(
 
     Each layer's mask is drawn from ``layer_seed(seed, name)``, so the same seed gives the same
     masks in every process. Existing parameter objects are kept, so an optimizer built before
-    this call stays valid. Returns ``model`` (or the new layer when ``model`` itself is an
+    this call stays valid (except a ``Conv1D``'s weight, which is transposed into a new
+    parameter: build the optimizer after compressing GPT-2). Layers can be selected by what they
+    do in a transformer with ``filter_fn=select_roles("mlp")`` (see :mod:`mpdcompress.roles`).
+    A model built on the meta device gets its masks back when ``to_empty`` materializes it.
+    Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
     if not isinstance(config, MPDConfig):
@@ -60,7 +65,7 @@ def mpdify_(
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, MPDLinear)
+        if (isinstance(module, nn.Linear) and not isinstance(module, MPDLinear)) or is_transposed_linear(module)
     }
     compression = config.compression
     if isinstance(compression, Mapping):
@@ -77,12 +82,20 @@ def mpdify_(
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
         raise CompressionError("no nn.Linear layer was selected for compression")
     _refuse_unsafe_layers(model, {name: linears[name] for name in factors})
+    if config.masks == "weights" and any(linears[name].weight.device.type == "meta" for name in factors):
+        raise CompressionError(
+            "masks='weights' chooses masks from the weights, and a model on the meta device has none yet: "
+            "load its weights first"
+        )
 
     replacements: dict[int, MPDLinear] = {}
     for name, c in factors.items():
         linear = linears[name]
         if id(linear) in replacements:
             continue
+        original = linear
+        if is_transposed_linear(linear):
+            linear = _linear_from_transposed(linear)
         if config.masks == "weights":
             validate_compression(linear.out_features, linear.in_features, c, name or type(model).__name__)
             mask = mask_from_weight(linear.weight, c, seed=layer_seed(config.seed, name))
@@ -95,9 +108,9 @@ def mpdify_(
                 permute=config.permute,
                 name=name or type(model).__name__,
             )
-        replacements[id(linear)] = MPDLinear.from_linear(linear, mask)
+        replacements[id(original)] = MPDLinear.from_linear(linear, mask)
         if config.init == "block":
-            _block_fan_in_(replacements[id(linear)])
+            _block_fan_in_(replacements[id(original)])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
     if config.mode == "compact":
         # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
@@ -142,7 +155,7 @@ def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> N
         hint = "; leave it out with filter_fn"
         if parametrize.is_parametrized(linear):
             raise CompressionError(f"layer {label!r} has a parametrized weight (weight_norm, ...)" + hint)
-        if type(linear) is not nn.Linear:
+        if type(linear) is not nn.Linear and not is_transposed_linear(linear):
             raise CompressionError(
                 f"layer {label!r} is a {type(linear).__module__}.{type(linear).__name__}, not a plain nn.Linear: "
                 "its own forward, or its parent module (nn.MultiheadAttention reads out_proj.weight directly), "
@@ -156,6 +169,29 @@ def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> N
                 f"layer {label!r} shares its weight with {', '.join(tied)} (tied weights): masking it would zero "
                 "entries of the other use too" + hint
             )
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2's linear layer, weight stored
+    ``d_in x d_out``), recognised without importing ``transformers``."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and tuple(module.weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def _linear_from_transposed(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a ``Conv1D`` computes. Its weight is a new parameter
+    (the transpose of the old one), so an optimizer must be built after compression; the bias
+    parameter is kept."""
+    linear = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device="meta")
+    with torch.no_grad():
+        weight = conv.weight.detach().t().contiguous()
+    linear.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    linear.bias = conv.bias
+    return linear
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ __all__ = [
     "MaskMismatchError",
     "DistributedFailure",
     "NonFiniteWeightsWarning",
+    "MissingDependencyError",
 ]
 
 
@@ -58,6 +59,10 @@ class ModelFileError(MPDCompressError, ValueError):
 
 class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
     """No model file at the path given."""
+
+
+class MissingDependencyError(MPDCompressError, ImportError):
+    """An optional dependency (an extra of the package) that the call needs is not installed."""
 
 
 class UnsupportedArchitectureError(MPDCompressError, TypeError):

@@ -87,6 +87,21 @@ class MPDLinear(nn.Linear):
         self.register_buffer("mask", mask.dense().to(index_device), persistent=False)
         if device.type != "meta":
             self.apply_mask_()
+        # A model built on the meta device is materialized with to_empty(), which gives every
+        # tensor, the mask's own buffers included, uninitialized memory; _apply restores them.
+        self._meta_mask = mask if device.type == "meta" else None
+
+    def _apply(self, fn, recurse=True):
+        materializing = self._meta_mask is not None and self.weight.device.type == "meta"
+        super()._apply(fn, recurse)
+        if materializing and self.weight.device.type != "meta":
+            mask, self._meta_mask = self._meta_mask, None
+            with torch.no_grad():
+                self.row_order.copy_(mask.row_order)
+                self.col_order.copy_(mask.col_order)
+                self.num_blocks.fill_(mask.compression)
+            self.mask = mask.dense().to(self.weight.device)
+        return self
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
