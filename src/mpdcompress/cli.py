@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_distill import add_distill_parser
 from .cli_train import add_train_parser
 from .cli_types import nonnegative_int, opset, positive_int
 from .errors import ConfigError, MPDCompressError, UnknownNameError
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     add_train_parser(sub)
+    add_distill_parser(sub)
 
     rp = sub.add_parser("reproduce", help="run the paper's experiments on real data and write a report")
     rp.add_argument("--quick", action="store_true", help="fewer epochs and masks (minutes instead of hours)")

@@ -1,0 +1,99 @@
+"""``mpdcompress distill``: compress a registered pretrained sentence encoder and recover it by
+distillation on real text, then save it (config.json + model file) and report the agreement."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli_types import positive_float, positive_int
+from .config import MASKS, MODES
+from .roles import ROLE_GROUPS, ROLES
+from .sentence import PRETRAINED
+from .text import CORPORA
+
+__all__ = ["add_distill_parser"]
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import copy
+
+    from tqdm import tqdm
+
+    from .convert import mpdify_, pack
+    from .experiments.pretrained import freeze_embeddings_
+    from .hf import save_compressed
+    from .roles import select_roles
+    from .sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement, pretrained_spec
+    from .text import held_out_split, load_corpus
+    from .train.distill import DistillConfig, distill
+
+    spec = pretrained_spec(args.model)
+    roles = args.roles or list(spec.roles)
+    compression = args.compression or spec.compression
+    teacher, tokenizer = load_sentence_encoder(args.model, args.model_dir)
+    train, test = held_out_split(load_corpus(args.corpus or spec.corpus, args.corpus_dir))
+    test = test[: args.eval_sentences]
+    reference = embed(teacher, tokenizer, test)
+    student = mpdify_(
+        copy.deepcopy(teacher), compression, filter_fn=select_roles(roles), masks=args.masks, seed=args.seed
+    )
+    before = neighbour_agreement(embed(student, tokenizer, test), reference)
+    print(f"compressed {', '.join(roles)} layers at {compression}x ({args.masks} masks): " + _agreement(before))
+    if args.mode == "compact":
+        pack(student, inplace=True, fold_dense=False)
+    freeze_embeddings_(student)
+    config = DistillConfig(steps=args.steps, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    bar = tqdm(total=args.steps, desc="distilling", unit="step", disable=args.quiet)
+
+    def progress(event: dict) -> None:
+        bar.n = event["step"]
+        bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+        bar.update(0)
+
+    batches = length_batches(tokenizer, train, args.batch_size, args.seed)
+    result = distill(
+        student,
+        teacher,
+        batches,
+        config,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        progress=progress,
+    )
+    bar.close()
+    after = neighbour_agreement(embed(student, tokenizer, test), reference)
+    print(f"after {result.steps} steps ({result.seconds / 60:.1f} min): " + _agreement(after))
+    packed = pack(student) if args.mode == "masked" else student
+    folder = save_compressed(packed.encoder, args.output)
+    print(f"saved the packed encoder to {folder} (load with mpdcompress.hf.load_compressed)")
+    return 0
+
+
+def _agreement(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def add_distill_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="compress a pretrained sentence encoder and recover it by distillation on real text",
+    )
+    p.add_argument("--model", choices=list(PRETRAINED), default="all-minilm-l6-v2")
+    p.add_argument("--model-dir", help="folder with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--compression", "-c", type=positive_int, help="default: the model's registry factor")
+    p.add_argument("--masks", choices=MASKS, default="weights")
+    p.add_argument("--roles", nargs="+", choices=[*ROLE_GROUPS, *ROLES], help="layers to compress (default: mlp)")
+    p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")
+    p.add_argument("--corpus", choices=list(CORPORA), help="distillation and held-out text (default: wordnet)")
+    p.add_argument("--corpus-dir", help="where the corpus's files are, if not where Debian installs them")
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=3e-4)
+    p.add_argument("--eval-sentences", type=positive_int, default=1000, help="held-out sentences to evaluate on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="checkpoint file, written every --checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=positive_int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("-o", "--output", required=True, help="folder for config.json and the compressed model file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_distill)

@@ -1,0 +1,273 @@
+"""Distillation (loss, schedule, checkpoints and resume), the text corpora, sentence-encoder
+agreement metrics, the pretrained study and `mpdcompress distill`, on tiny random models and
+small files in the corpora's real formats."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mpdcompress as mpd
+from mpdcompress.cli import main
+from mpdcompress.errors import CheckpointError, ConfigError, DataUnavailableError
+from mpdcompress.experiments.pretrained import PretrainedProfile, magnitude_prune_, run_pretrained_study
+from mpdcompress.roles import select_roles
+from mpdcompress.sentence import embed, length_batches, neighbour_agreement
+from mpdcompress.text import corpus, held_out_split
+from mpdcompress.train.distill import DistillConfig, distill, distillation_loss
+
+WORDS = "the a cat dog sat ran on under mat tree house red big small quick slow bird sang loud soft".split()
+
+
+def sentences(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (3 + k % 9,), generator=g)) for k in range(n)]
+
+
+def mlp_pair(seed=0):
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    student = mpd.mpdify_(copy.deepcopy(teacher), 4, masks="weights")
+    return teacher, student
+
+
+def batches(n=64):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 16, generator=g) for _ in range(n)]
+
+
+def test_distillation_brings_the_student_closer_to_the_teacher():
+    teacher, student = mlp_pair()
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        before = float(distillation_loss(student(x), teacher(x)))
+    result = distill(student, teacher, batches(), DistillConfig(steps=150, lr=3e-3))
+    with torch.no_grad():
+        after = float(distillation_loss(student(x), teacher(x)))
+    assert after < 0.5 * before
+    assert len(result.history) == 150 and not student.training
+    assert float((student[0].weight * ~student[0].mask).abs().max()) == 0.0  # still the masked model
+
+
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
+    teacher, student = mlp_pair()
+    config = DistillConfig(steps=40, lr=1e-3, checkpoint_every=15, dropout=True)
+    whole = copy.deepcopy(student)
+    distill(whole, teacher, batches(), config)
+    # A run killed after step 30 (its last checkpoint), then resumed from a fresh student.
+    ckpt = tmp_path / "distill.pt"
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, teacher, batches(), config, checkpoint=ckpt, progress=_stop_at(31))
+    resumed = mlp_pair()[1]
+    result = distill(resumed, teacher, batches(), config, checkpoint=ckpt, resume=True)
+    assert [h["step"] for h in result.history] == list(range(1, 41))
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _stop_at(step):
+    def progress(event):
+        if event["step"] == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    teacher, student = mlp_pair()
+    ckpt = tmp_path / "d.pt"
+    distill(student, teacher, batches(4), DistillConfig(steps=4), checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="lr differ"):
+        distill(student, teacher, batches(4), DistillConfig(steps=4, lr=1.0), checkpoint=ckpt, resume=True)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        distill(student, teacher, batches(4), DistillConfig(steps=4), checkpoint=tmp_path / "no.pt", resume=True)
+
+
+def test_logits_are_matched_by_kl_and_other_outputs_by_relative_mse():
+    t = {"logits": torch.tensor([[2.0, 0.0, -1.0]]), "hidden": torch.full((2, 3), 10.0)}
+    assert float(distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-7)
+    s = {"logits": t["logits"], "hidden": torch.full((2, 3), 11.0)}
+    assert float(distillation_loss(s, t)) == pytest.approx(0.5 * (1 / 100))  # mean of KL 0 and MSE 1/100
+    with pytest.raises(ConfigError, match="differ in structure"):
+        distillation_loss({"logits": t["logits"]}, t)
+
+
+def test_distill_refuses_what_cannot_work():
+    teacher, student = mlp_pair()
+    with pytest.raises(ConfigError, match="separate"):
+        distill(teacher, teacher, batches(), DistillConfig(steps=1))
+    with pytest.raises(ConfigError, match="steps"):
+        DistillConfig(steps=0)
+    with pytest.raises(ConfigError, match="no batches"):
+        distill(student, teacher, [], DistillConfig(steps=1))
+
+
+def test_batches_from_a_dataloader_cycle_and_skip_on_resume(tmp_path):
+    teacher, student = mlp_pair()
+    loader = torch.utils.data.DataLoader(torch.randn(48, 16), batch_size=16)  # 3 batches
+    with torch.no_grad():
+        sums = [float(teacher(b).sum()) for b in loader]
+    config = DistillConfig(steps=5, checkpoint_every=3)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        distill(
+            student,
+            teacher,
+            loader,
+            config,
+            loss_fn=_recording(seen),
+            checkpoint=tmp_path / "c.pt",
+            progress=_stop_at(4),
+        )
+    distill(student, teacher, loader, config, loss_fn=_recording(seen), checkpoint=tmp_path / "c.pt", resume=True)
+    # Steps 1-4, then steps 4-5 again after resuming from the checkpoint of step 3.
+    assert seen == pytest.approx([sums[i % 3] for i in (0, 1, 2, 0, 0, 1)])
+
+
+def _recording(seen):
+    def loss(student_out, teacher_out):
+        seen.append(float(teacher_out.sum()))
+        return (student_out - teacher_out).square().mean()
+
+    return loss
+
+
+def test_neighbour_agreement_is_perfect_for_the_teacher_and_low_for_noise():
+    emb = torch.randn(200, 16)
+    assert neighbour_agreement(emb, emb) == {"cosine": pytest.approx(1.0), "recall@10": 1.0}
+    noise = neighbour_agreement(torch.randn(200, 16), emb)
+    assert noise["recall@10"] < 0.2 and abs(noise["cosine"]) < 0.1
+
+
+def test_magnitude_pruning_keeps_the_largest_weights_at_the_density():
+    layer = nn.Sequential(nn.Linear(40, 20))
+    original = layer[0].weight.detach().clone()
+    magnitude_prune_(layer, 0.25, lambda m, n: True)
+    kept = layer[0].weight != 0
+    assert int(kept.sum()) == 200
+    assert original.abs()[kept].min() >= original.abs()[~kept].max()
+
+
+# --- text corpora in their Debian formats -----------------------------------------------------
+
+
+def write_wordnet(folder, glosses):
+    folder.mkdir(parents=True)
+    licence = "  1 This software and database is being provided to you, the LICENSEE, by\n"
+    for part in ("noun", "verb", "adj", "adv"):
+        lines = [f"0000{i:04d} 03 n 01 word 0 000 | {g}\n" for i, g in enumerate(glosses) if hash(part) or True]
+        (folder / f"data.{part}").write_text(licence + ("".join(lines) if part == "noun" else ""))
+
+
+def test_wordnet_glosses_are_read_without_the_licence_header(tmp_path):
+    write_wordnet(tmp_path / "wn", ["a small dog", "a big cat; `the cat sat'"])
+    assert corpus("wordnet").load(tmp_path / "wn") == ["a small dog", "a big cat; `the cat sat'"]
+
+
+def test_fortunes_are_split_on_percent_lines(tmp_path):
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    (folder / "fortunes").write_text("A first saying, long enough.\n%\nA second\n  one, also long enough.\n%\n")
+    (folder / "fortunes.dat").write_bytes(b"\x00\x01binary index")
+    assert corpus("fortunes").load(folder) == ["A first saying, long enough.", "A second one, also long enough."]
+
+
+def test_a_missing_corpus_says_how_to_install_it(tmp_path):
+    with pytest.raises(DataUnavailableError, match="apt-get install wordnet"):
+        corpus("wordnet").load(tmp_path)
+
+
+def test_the_held_out_split_depends_on_each_sentence_only():
+    text = sentences(400)
+    train, test = held_out_split(text, 0.2)
+    assert set(train) | set(test) == set(text) and not set(train) & set(test)
+    assert held_out_split(list(reversed(text)), 0.2)[1] == list(reversed(test))
+
+
+# --- a tiny sentence encoder in the pretrained model's file layout -----------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path_factory.mktemp("tiny-minilm")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    transformers.BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_encoder(encoder_dir):
+    from mpdcompress.sentence import load_sentence_encoder
+
+    return load_sentence_encoder("all-minilm-l6-v2", encoder_dir)
+
+
+def test_length_batches_hold_every_sentence_once_in_similar_lengths(tiny_encoder):
+    _, tokenizer = tiny_encoder
+    text = sentences(100)
+    out = length_batches(tokenizer, text, 16, seed=0)
+    assert sum(int(b["attention_mask"].sum()) for b in out) == sum(len(s.split()) + 2 for s in text)
+    assert max(b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).min()) for b in out) <= 2
+
+
+def test_embeddings_are_in_sentence_order_and_unit_length(tiny_encoder):
+    model, tokenizer = tiny_encoder
+    text = sentences(50)
+    emb = embed(model, tokenizer, text, batch_size=8)
+    one = embed(model, tokenizer, [text[7]])
+    torch.testing.assert_close(emb[7], one[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(50))
+
+
+def test_the_pretrained_study_measures_every_row(tiny_encoder):
+    model, tokenizer = tiny_encoder
+    profile = PretrainedProfile(factors=(2, 4), eval_sentences=60, distilled=(("weights", 4),), steps=30, lr=1e-3)
+    results = run_pretrained_study(model, tokenizer, sentences(300), sentences(60, seed=1), profile)
+    rows = {(r["masks"], r["compression"]): r for r in results["rows"]}
+    assert set(rows) == {(m, c) for m in ("random", "weights") for c in (2, 4)}
+    for c in (2, 4):  # the search keeps more of the weights than a random mask does
+        assert rows["weights", c]["kept_mass_mean"] > rows["random", c]["kept_mass_mean"]
+    distilled = rows["weights", 4]
+    assert distilled["after"]["cosine"] > distilled["before"]["cosine"]
+    assert [b["compression"] for b in results["baselines"]] == [2, 4]
+    assert results["speed"][0]["file_vs_dense"] < 1.0
+
+
+def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, capsys):
+    write_wordnet(tmp_path / "wn", sentences(200, seed=2))
+    out = tmp_path / "student"
+    argv = ["distill", "--model-dir", str(encoder_dir), "--corpus-dir", str(tmp_path / "wn"), "-c", "2"]
+    argv += ["--steps", "6", "--eval-sentences", "20", "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed mlp layers at 2x (weights masks)" in printed and "after 6 steps" in printed
+    loaded = mpd.hf.load_compressed(out)
+    assert len(mpd.compressed_layers(loaded)) == 4
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 32
+    assert main([*argv, "--resume", "--quiet"]) == 0  # resumes at its last step: nothing left to do
+    assert "after 6 steps" in capsys.readouterr().out
+
+
+def test_the_distill_command_reports_a_missing_model_in_one_line(tmp_path, capsys):
+    assert main(["distill", "--model-dir", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_select_roles_accepts_groups_and_roles():
+    f = select_roles(["mlp_up"], "attention")
+    assert f(None, "encoder.layer.0.intermediate.dense") and f(None, "encoder.layer.0.attention.self.key")
+    assert not f(None, "encoder.layer.0.output.dense")
