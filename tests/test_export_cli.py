@@ -76,3 +76,83 @@ def test_export_leaves_the_callers_model_and_logging_as_they_were(tmp_path):
     assert [m.training for m in model.modules()] == modes
     assert logger.level == logging.INFO
     logger.setLevel(logging.NOTSET)
+
+
+CUSTOM = """
+import torch
+from torch import nn
+
+
+class TokenEncoder(nn.Module):
+    def __init__(self, vocab=50, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.mlp(self.emb(input_ids))
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+"""
+
+
+@pytest.fixture
+def custom_model_file(tmp_path):
+    source = tmp_path / "custom_models.py"
+    source.write_text(CUSTOM)
+    namespace = {}
+    exec(compile(CUSTOM, str(source), "exec"), namespace)
+    torch.manual_seed(0)
+    model = mc.pack(mc.mpdify_(namespace["TokenEncoder"](vocab=50, width=16), 4)).eval()
+    save(model, tmp_path / "custom.safetensors")
+    return model, f"{source}:TokenEncoder"
+
+
+def test_the_cli_builds_custom_models_from_their_class(tmp_path, custom_model_file, capsys):
+    model, spec = custom_model_file
+    file = str(tmp_path / "custom.safetensors")
+    assert main(["export", file, "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "--model-class" in capsys.readouterr().err  # the file cannot rebuild a custom class itself
+    argv = ["export", file, "-o", str(tmp_path / "m.onnx"), "--model-class", spec, "--model-kwargs", '{"vocab": 50}']
+    argv += ["--input-shape", "6", "--input-dtype", "int64", "--dynamic-dims", "0=batch", "1=sequence"]
+    assert main(argv) == 0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 50, (3, 11))  # another batch and another sequence length
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": ids.numpy()})[0], model(ids).numpy(), atol=1e-5)
+
+
+def test_the_cli_exports_with_the_users_example_inputs_by_name(tmp_path, custom_model_file):
+    from safetensors.torch import save_file
+
+    model, spec = custom_model_file
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    save_file({"input_ids": torch.randint(0, 50, (2, 5)), "attention_mask": mask}, tmp_path / "example.safetensors")
+    argv = ["export", str(tmp_path / "custom.safetensors"), "-o", str(tmp_path / "m.onnx"), "--model-class", spec]
+    argv += ["--example-inputs", str(tmp_path / "example.safetensors"), "--dynamic-dims", "0=batch", "1=sequence"]
+    assert main(argv) == 0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    ids, mask = torch.randint(0, 50, (4, 9)), torch.ones(4, 9, dtype=torch.int64)
+    mask[0, 5:] = 0
+    out = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(ids, mask).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model-class", "nonexistent_module_xyz:Net"], "cannot import 'nonexistent_module_xyz'"),
+        (["--model-class", "torch.nn:NoSuchNet"], "has no 'NoSuchNet'"),
+        (["--model-class", "just-a-name"], "MODULE:CLASS"),
+        (["--model-class", "torch.nn:Linear", "--model-kwargs", "[1, 2]"], "JSON object"),
+        (["--dynamic-dims", "batch"], "AXIS=NAME"),
+    ],
+)
+def test_bad_model_classes_and_dims_are_one_line_errors(tmp_path, custom_model_file, capsys, extra, message):
+    argv = ["export", str(tmp_path / "custom.safetensors"), "-o", str(tmp_path / "m.onnx"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .cli_distill import add_distill_parser
+from .cli_models import add_model_class_arguments
 from .cli_train import add_train_parser
 from .cli_types import nonnegative_int, opset, positive_int
 from .errors import ConfigError, MPDCompressError, UnknownNameError
@@ -122,13 +123,14 @@ def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    from .cli_models import load_model_file
     from .convert import pack
-    from .io import load, read_manifest, save
+    from .io import read_manifest, save
 
     manifest = read_manifest(args.checkpoint)
     if manifest["form"] == "packed":
         raise ConfigError(f"{args.checkpoint} is already packed")
-    model = load(args.checkpoint)
+    model = load_model_file(args.checkpoint, args)
     out = save(pack(model), args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
     import os
 
@@ -174,28 +176,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
+    from .cli_models import example_inputs, load_model_file, parse_dynamic_dims
     from .export import export_onnx
-    from .io import load, read_manifest
+    from .io import read_manifest
 
-    model = load(args.file)
+    dims = parse_dynamic_dims(args.dynamic_dims)
+    model = load_model_file(args.file, args)
     recorded = read_manifest(args.file).get("input_shape")
-    shape = tuple(args.input_shape or recorded or _input_shape(model))
-    path = export_onnx(model, torch.randn(2, *shape), args.output, opset=args.opset)
-    print(f"wrote {path} (input shape (batch, {', '.join(map(str, shape))}), opset {args.opset})")
+    shape = args.input_shape or recorded or _input_shape(model)
+    inputs = example_inputs(model, args, tuple(shape) if shape else None)
+    path = export_onnx(model, inputs, args.output, opset=args.opset, dynamic_dims=dims)
+    described = (
+        ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+        if isinstance(inputs, dict)
+        else f"input shape (batch, {', '.join(map(str, shape))})"
+    )
+    print(f"wrote {path} ({described}; dynamic {', '.join(f'{a}={n}' for a, n in dims.items())}; opset {args.opset})")
     return 0
 
 
-def _input_shape(model) -> tuple[int, ...]:
+def _input_shape(model) -> tuple[int, ...] | None:
     from torch import nn
 
     first = next((m for m in model.modules() if not isinstance(m, (nn.Sequential, nn.ModuleList))), None)
-    if isinstance(first, nn.Flatten) or first is None:
-        raise ConfigError("the file does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28")
-    if hasattr(first, "in_features"):
-        return (first.in_features,)
-    raise ConfigError("the file does not record its input shape; pass --input-shape")
+    return (first.in_features,) if first is not None and hasattr(first, "in_features") else None
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")
     pk.add_argument("checkpoint", help="masked model file written by mpdcompress (save or train)")
     pk.add_argument("-o", "--output", required=True)
+    add_model_class_arguments(pk)
     pk.set_defaults(func=_cmd_pack)
 
     ins = sub.add_parser("inspect", help="layers, factors, parameter counts and size of a model file or paper model")
@@ -289,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--input-shape", nargs="+", type=positive_int, help="input shape without the batch dimension")
     ex.add_argument("--opset", type=opset, default=18)
+    ex.add_argument(
+        "--example-inputs",
+        metavar="FILE",
+        help="safetensors file of example input tensors, passed to forward by name (input_ids, attention_mask...)",
+    )
+    ex.add_argument(
+        "--input-dtype",
+        choices=("float32", "int64"),
+        default="float32",
+        help="random example's dtype; int64 draws token ids for a model that starts with an embedding",
+    )
+    ex.add_argument(
+        "--dynamic-dims",
+        nargs="+",
+        default=["0=batch"],
+        metavar="AXIS=NAME",
+        help="dimensions of every input that may change at run time (default 0=batch; e.g. 0=batch 1=sequence)",
+    )
+    add_model_class_arguments(ex)
     ex.set_defaults(func=_cmd_export)
     return parser
 

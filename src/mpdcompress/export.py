@@ -30,15 +30,27 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+DynamicDims = dict[int, str]
+
+
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_inputs: Inputs,
     path: str | os.PathLike,
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
+    dynamic_dims: DynamicDims | tuple[DynamicDims, ...] | dict[str, DynamicDims] | None = None,
 ) -> Path:
-    """Export ``model`` (packed or not) to ONNX with a dynamic batch dimension; returns the path.
+    """Export ``model`` (packed or not) to ONNX; returns the path.
+
+    ``example_inputs``: one tensor, a tuple of positional tensors, or a dict of keyword tensors
+    (``{"input_ids": ..., "attention_mask": ...}``), with the dtypes the model takes (token ids
+    for a model that starts with an embedding). ``dynamic_dims`` names the dimensions that may
+    change at run time, per input (``{0: "batch", 1: "sequence"}``; a tuple or dict of those for
+    several inputs); a name used by several inputs is one dimension. By default (and with
+    ``dynamic_batch``) dimension 0 of every input is the dynamic ``batch``.
 
     The packed forward traces to ``Gather`` (permutations), ``MatMul`` on ``(c, ., .)`` tensors
     (the block GEMMs) and ``Add``, which every ONNX runtime executes natively: the export always
@@ -48,9 +60,12 @@ def export_onnx(
         raise ConfigError(f"opset must be in {MIN_OPSET}..{max_opset()}, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    if dynamic_batch:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
+    args, kwargs = _split_inputs(example_inputs)
+    names = [*(["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]), *kwargs]
+    options = {"input_names": names}
+    dims = _dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch)
+    if dims is not None:
+        options["dynamic_shapes"] = dims
     # The exporter reports progress on stdout, logs and warns about optional packages; a library
     # stays quiet, and leaves the caller's model mode and logging as it found them.
     logger = logging.getLogger("torch.onnx")
@@ -62,14 +77,14 @@ def export_onnx(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
-                (example_input,),
+                args,
+                kwargs=kwargs or None,
                 dynamo=True,
                 opset_version=opset,
                 external_data=False,
-                input_names=["input"],
                 output_names=["output"],
                 verbose=False,
-                **kwargs,
+                **options,
             )
     except Exception as exc:  # the exporter raises many unrelated types; one precise one for callers
         raise ExportError(f"ONNX export failed: {exc}") from exc
@@ -81,3 +96,59 @@ def export_onnx(
     if written != opset:  # torch falls back to another opset without failing
         raise ExportError(f"ONNX export wrote opset {written} where opset {opset} was asked for")
     return atomic_path(path, lambda tmp: program.save(str(tmp)))
+
+
+def _split_inputs(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, dict):
+        values = inputs.items()
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        values = enumerate(inputs)
+        args, kwargs = tuple(inputs), {}
+    else:
+        raise ConfigError(f"example inputs must be a tensor, a tuple or a dict of tensors, not {type(inputs).__name__}")
+    for key, value in values:
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"example input {key!r} is a {type(value).__name__}, not a tensor")
+    if not args and not kwargs:
+        raise ConfigError("no example inputs")
+    return args, kwargs
+
+
+def _dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch: bool):
+    """torch.export's ``dynamic_shapes`` for the inputs: one ``Dim`` per distinct name."""
+    count = len(args) + len(kwargs)
+    if dynamic_dims is None:
+        if not dynamic_batch:
+            return None
+        per_input = [{0: "batch"}] * count
+    elif isinstance(dynamic_dims, dict) and all(isinstance(k, int) for k in dynamic_dims):
+        per_input = [dynamic_dims] * count  # one spec for every input
+    elif isinstance(dynamic_dims, dict):
+        unknown = sorted(set(dynamic_dims) - set(kwargs))
+        if unknown:
+            raise ConfigError(f"dynamic_dims names inputs the example does not have: {unknown}")
+        per_input = [dynamic_dims.get(name, {}) for name in kwargs]
+    else:
+        per_input = list(dynamic_dims)
+        if len(per_input) != count:
+            raise ConfigError(f"dynamic_dims has {len(per_input)} entries for {count} inputs")
+    dims: dict[str, torch.export.Dim] = {}
+    tensors = [*args, *kwargs.values()]
+    specs = []
+    for tensor, spec in zip(tensors, per_input):
+        for axis in spec:
+            if not 0 <= axis < tensor.dim():
+                raise ConfigError(f"dynamic dimension {axis} does not exist on an input of shape {tuple(tensor.shape)}")
+            if tensor.shape[axis] < 2:
+                # torch.export treats sizes 0 and 1 as special and would fix the dimension.
+                raise ConfigError(f"the example's size along dynamic dimension {axis} must be at least 2")
+        specs.append(
+            {axis: dims.setdefault(name, torch.export.Dim(name, min=1, max=1 << 20)) for axis, name in spec.items()}
+        )
+    # Inputs come either all positional or all by keyword (_split_inputs).
+    if kwargs:
+        return dict(zip(kwargs, specs))
+    return tuple(specs)

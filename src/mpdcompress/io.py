@@ -172,7 +172,7 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
         if manifest.get("architecture") is None:
             raise ModelFileError(
                 f"{path} does not describe its architecture (the model had custom modules); "
-                "pass the model: load(path, model=MyNet())"
+                "pass the model: load(path, model=MyNet()) (on the command line: --model-class MODULE:CLASS)"
             )
         try:
             return build(manifest["architecture"])
