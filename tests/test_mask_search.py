@@ -63,3 +63,48 @@ def test_llm_sized_layer_is_searched_in_well_under_a_minute():
     started = time.perf_counter()
     mask_from_weight(weight, 8, restarts=1)
     assert time.perf_counter() - started < 30
+
+
+def hidden_sub_mlps(d_in, hidden, d_out, c, seed, noise=0.05):
+    """An MLP that IS c independent sub-MLPs under hidden permutations, plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    order_in, order_h, order_out = (torch.randperm(n, generator=g) for n in (d_in, hidden, d_out))
+    group = lambda n: torch.arange(n) * c // n  # noqa: E731
+    up_mask = (group(hidden)[:, None] == group(d_in)[None, :]).float()[order_h][:, order_in]
+    down_mask = (group(d_out)[:, None] == group(hidden)[None, :]).float()[order_out][:, order_h]
+    return (
+        torch.randn(hidden, d_in, generator=g) * (up_mask + noise),
+        torch.randn(d_out, hidden, generator=g) * (down_mask + noise),
+    )
+
+
+def test_joint_masks_find_sub_mlps_and_share_the_hidden_order():
+    from mpdcompress.mask_search import masks_for_layers
+
+    up, down = hidden_sub_mlps(48, 96, 40, 4, seed=3)
+    masks = masks_for_layers({"up": up, "down": down}, [("up", "down")], 4, seed=0)
+    assert torch.equal(masks["up"].row_order, masks["down"].col_order)
+    assert kept_mass(up, masks["up"]) > 0.9 and kept_mass(down, masks["down"]) > 0.9
+
+
+def test_joined_layers_must_agree_on_their_hidden_width():
+    from mpdcompress.errors import CompressionError
+    from mpdcompress.mask_search import masks_for_layers
+
+    with pytest.raises(CompressionError, match="cannot be joined"):
+        masks_for_layers({"a": torch.randn(8, 4), "b": torch.randn(4, 6)}, [("a", "b")], 2)
+
+
+def test_weights_joint_masks_leave_no_permutation_inside_a_packed_stack():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16))
+    x = torch.randn(5, 32)
+    mpd.mpdify_(model, 4, masks="weights-joint")
+    layers = list(mpd.compressed_layers(model).values())
+    assert torch.equal(layers[0].row_order, layers[1].col_order)
+    assert torch.equal(layers[1].row_order, layers[2].col_order)
+    packed = mpd.pack(model)
+    chain = packed[0]
+    assert chain.fused_gather_1 is None and chain.fused_gather_2 is None
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x))

@@ -170,3 +170,14 @@ def test_weight_chosen_masks_need_the_weights():
         model = bert()
     with pytest.raises(CompressionError, match="meta"):
         mpd.mpdify_(model, 4, filter_fn=select_roles("mlp"), masks="weights")
+
+
+def test_joint_weight_masks_group_a_gated_mlps_hidden_units_once():
+    torch.manual_seed(0)
+    model = llama()
+    mpd.mpdify_(model, 4, filter_fn=select_roles("mlp"), masks="weights-joint")
+    for block in model.model.layers:
+        mlp = block.mlp
+        assert torch.equal(mlp.gate_proj.row_order, mlp.down_proj.col_order)
+        assert torch.equal(mlp.up_proj.row_order, mlp.down_proj.col_order)
+    assert_close_to_scale(first_output(mpd.pack(model)), first_output(model), 1e-5)

@@ -18,8 +18,10 @@ MODES: tuple[str, ...] = ("masked", "compact")
 # (nn.Linear's initialization for a layer whose fan-in is what a masked row really sees).
 INITS: tuple[str, ...] = ("dense", "block")
 # random: seeded random permutations (the paper); weights: chosen to keep the most of the trained
-# weight's squared mass (mask_search.py), for compressing a model that is already trained.
-MASKS: tuple[str, ...] = ("random", "weights")
+# weight's squared mass (mask_search.py), for compressing a model that is already trained;
+# weights-joint: the same, with the hidden units between layers that feed each other (an MLP's
+# up and down projections) grouped once for both, so no permutation is left between them.
+MASKS: tuple[str, ...] = ("random", "weights", "weights-joint")
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:

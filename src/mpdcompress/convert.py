@@ -16,10 +16,11 @@ from torch.nn.utils import parametrize
 from .config import MPDConfig
 from .errors import CompressionError, UnknownNameError
 from .layout import validate_compression
-from .mask_search import mask_from_weight
-from .masks import layer_seed, make_mask
+from .mask_search import mask_from_weight, masks_for_layers
+from .masks import MPDMask, layer_seed, make_mask
 from .nn.masked import MPDLinear
 from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
+from .roles import mlp_pairs
 
 __all__ = ["mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers", "LayerFilter"]
 
@@ -82,12 +83,13 @@ def mpdify_(
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
         raise CompressionError("no nn.Linear layer was selected for compression")
     _refuse_unsafe_layers(model, {name: linears[name] for name in factors})
-    if config.masks == "weights" and any(linears[name].weight.device.type == "meta" for name in factors):
+    if config.masks.startswith("weights") and any(linears[name].weight.device.type == "meta" for name in factors):
         raise CompressionError(
             "masks='weights' chooses masks from the weights, and a model on the meta device has none yet: "
             "load its weights first"
         )
 
+    joint = _joint_weight_masks(model, linears, factors, config.seed) if config.masks == "weights-joint" else {}
     replacements: dict[int, MPDLinear] = {}
     for name, c in factors.items():
         linear = linears[name]
@@ -96,7 +98,9 @@ def mpdify_(
         original = linear
         if is_transposed_linear(linear):
             linear = _linear_from_transposed(linear)
-        if config.masks == "weights":
+        if name in joint:
+            mask = joint[name]
+        elif config.masks.startswith("weights"):
             validate_compression(linear.out_features, linear.in_features, c, name or type(model).__name__)
             mask = mask_from_weight(linear.weight, c, seed=layer_seed(config.seed, name))
         else:
@@ -169,6 +173,49 @@ def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> N
                 f"layer {label!r} shares its weight with {', '.join(tied)} (tied weights): masking it would zero "
                 "entries of the other use too" + hint
             )
+
+
+def _joint_weight_masks(
+    model: nn.Module, linears: dict[str, nn.Module], factors: dict[str, int], seed: int
+) -> dict[str, MPDMask]:
+    """Weight-chosen masks of the selected layers that feed each other through element-wise
+    modules (an MLP's up/gate and down projections; consecutive layers of a Sequential), chosen
+    together so that the hidden units between them are grouped once (mask_search.masks_for_layers)."""
+    pairs = [*mlp_pairs(factors), *_sequential_pairs(model, factors)]
+    pairs = [(a, b) for a, b in pairs if factors[a] == factors[b] and linears[a] is not linears[b]]
+    # Layers joined directly or through others are searched together.
+    group = {name: {name} for name in factors}
+    for a, b in pairs:
+        if group[a] is not group[b]:
+            merged = group[a] | group[b]
+            for name in merged:
+                group[name] = merged
+    masks: dict[str, MPDMask] = {}
+    for members in {id(g): g for g in group.values() if len(g) > 1}.values():
+        names = sorted(members)
+        weights = {n: linears[n].weight.t() if is_transposed_linear(linears[n]) else linears[n].weight for n in names}
+        joined = [(a, b) for a, b in pairs if a in members]
+        masks.update(masks_for_layers(weights, joined, factors[names[0]], seed=layer_seed(seed, names[0])))
+    return masks
+
+
+def _sequential_pairs(model: nn.Module, selected: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``(producer, consumer)`` layers of ``selected`` that follow each other in an ``nn.Sequential``
+    with only element-wise modules between them."""
+    pairs = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        previous = None
+        for key, child in seq.named_children():
+            name = f"{prefix}.{key}" if prefix else key
+            if name in selected:
+                if previous is not None:
+                    pairs.append((previous, name))
+                previous = name
+            elif not is_elementwise(child):
+                previous = None
+    return pairs
 
 
 def is_transposed_linear(module: nn.Module) -> bool:

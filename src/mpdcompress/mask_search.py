@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CompressionTypeError
+from .errors import CompressionError, CompressionTypeError
 from .layout import BlockLayout
 from .masks import MPDMask
 
-__all__ = ["mask_from_weight", "kept_mass"]
+__all__ = ["mask_from_weight", "masks_for_layers", "kept_mass"]
 
 
 def kept_mass(weight: torch.Tensor, mask: MPDMask) -> float:
@@ -82,33 +82,115 @@ def _orders(labels: torch.Tensor) -> torch.Tensor:
     return torch.argsort(labels, stable=True)
 
 
+def _partition(
+    sizes: dict[str, torch.Tensor],
+    edges: list[tuple[torch.Tensor, str, str]],
+    c: int,
+    *,
+    seed: int,
+    restarts: int,
+    iterations: int,
+) -> dict[str, torch.Tensor]:
+    """Group labels of every axis that keep the most mass: ``edges`` are ``(mass, row axis, column
+    axis)``, an entry kept when its row and column fall in the same group. Each axis in turn is
+    reassigned given the others (greedy balanced assignment, then swaps), until the kept mass
+    stops growing; the best of a few seeded restarts wins."""
+    generator = torch.Generator().manual_seed(seed)
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    for _ in range(max(1, restarts)):
+        # The first axis is assigned first, from random labels of the others.
+        labels = {
+            axis: torch.repeat_interleave(torch.arange(c), n)[torch.randperm(int(n.sum()), generator=generator)]
+            for axis, n in list(sizes.items())[1:]
+        }
+        kept = -1.0
+        for _ in range(max(1, iterations)):
+            for axis in sizes:
+                scores = torch.zeros(int(sizes[axis].sum()), c)
+                for mass, rows, cols in edges:
+                    if rows == axis:
+                        scores += mass @ _one_hot(labels[cols], c)
+                    if cols == axis:
+                        scores += mass.t() @ _one_hot(labels[rows], c)
+                labels[axis] = _swap_refine(_balanced_assign(scores, sizes[axis]), scores)
+            now = sum(
+                float(((_one_hot(labels[rows], c).t() @ mass) * _one_hot(labels[cols], c).t()).sum())
+                for mass, rows, cols in edges
+            )
+            if now <= kept:
+                break
+            kept = now
+        if best is None or kept > best[0]:
+            best = (kept, labels)
+    return best[1]
+
+
+def _mass(weight: object) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise CompressionTypeError("weight must be a 2-D tensor (d_out x d_in)")
+    return weight.detach().float().square().cpu()  # float32: an LLM-size layer's W² is 235 MB already
+
+
 def mask_from_weight(
     weight: torch.Tensor, compression: int, *, seed: int = 0, restarts: int = 3, iterations: int = 20
 ) -> MPDMask:
     """The MPD mask of factor ``compression`` that keeps the most of ``weight``'s squared mass
     this search finds; deterministic for a seed."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise CompressionTypeError("weight must be a 2-D tensor (d_out x d_in)")
-    d_out, d_in = weight.shape
-    layout = BlockLayout.create(d_out, d_in, compression)
-    c = layout.compression
-    mass = weight.detach().float().square().cpu()  # float32: an LLM-size layer's W² is 235 MB already
-    row_sizes, col_sizes = torch.tensor(layout.row_sizes), torch.tensor(layout.col_sizes)
-    generator = torch.Generator().manual_seed(seed)
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for _ in range(max(1, restarts)):
-        cols = torch.repeat_interleave(torch.arange(c), col_sizes)[torch.randperm(d_in, generator=generator)]
-        kept = -1.0
-        for _ in range(max(1, iterations)):
-            row_scores = mass @ _one_hot(cols, c)
-            rows = _swap_refine(_balanced_assign(row_scores, row_sizes), row_scores)
-            col_scores = mass.t() @ _one_hot(rows, c)
-            cols = _swap_refine(_balanced_assign(col_scores, col_sizes), col_scores)
-            now = float(((_one_hot(rows, c).t() @ mass) * _one_hot(cols, c).t()).sum())
-            if now <= kept:
-                break
-            kept = now
-        if best is None or kept > best[0]:
-            best = (kept, rows, cols)
-    _, rows, cols = best
-    return MPDMask(layout, _orders(rows), _orders(cols))
+    mass = _mass(weight)
+    layout = BlockLayout.create(*mass.shape, compression)
+    sizes = {"rows": torch.tensor(layout.row_sizes), "cols": torch.tensor(layout.col_sizes)}
+    labels = _partition(
+        sizes, [(mass, "rows", "cols")], layout.compression, seed=seed, restarts=restarts, iterations=iterations
+    )
+    return MPDMask(layout, _orders(labels["rows"]), _orders(labels["cols"]))
+
+
+def masks_for_layers(
+    weights: dict[str, torch.Tensor],
+    joined: list[tuple[str, str]],
+    compression: int,
+    *,
+    seed: int = 0,
+    restarts: int = 3,
+    iterations: int = 20,
+) -> dict[str, MPDMask]:
+    """Masks for layers of which some are joined by element-wise operations: for each
+    ``(producer, consumer)`` in ``joined``, the producer's outputs are the consumer's inputs (an
+    MLP's up and gate projections feed its down projection; one layer of a stack feeds the next).
+    Those hidden units can be regrouped freely, so one grouping serves the producer's rows and the
+    consumer's columns, chosen for the mass of every layer together, and both masks put a group's
+    units in the same order: the permutation between the layers is then a no-op."""
+    masses = {name: _mass(w) for name, w in weights.items()}
+    axis = {(name, side): (name, side) for name in masses for side in ("in", "out")}
+
+    def root(key):
+        while axis[key] != key:
+            key = axis[key]
+        return key
+
+    for producer, consumer in joined:
+        if producer not in masses or consumer not in masses:
+            raise CompressionError(f"joined layers {producer!r} -> {consumer!r} are not among the weights")
+        if masses[producer].shape[0] != masses[consumer].shape[1]:
+            raise CompressionError(
+                f"{producer!r} writes {masses[producer].shape[0]} features but {consumer!r} reads "
+                f"{masses[consumer].shape[1]}: they cannot be joined"
+            )
+        axis[root((consumer, "in"))] = root((producer, "out"))
+    layouts = {name: BlockLayout.create(*m.shape, compression, name) for name, m in masses.items()}
+    sizes: dict[str, torch.Tensor] = {}
+    edges = []
+    for name, mass in masses.items():
+        rows, cols = (f"{root((name, side))}" for side in ("out", "in"))
+        sizes[rows] = torch.tensor(layouts[name].row_sizes)
+        sizes[cols] = torch.tensor(layouts[name].col_sizes)
+        edges.append((mass, rows, cols))
+    # Joined axes first: they are the ones many layers pull on.
+    shared = {str(root(k)) for k in axis if root(k) != k}
+    sizes = {a: sizes[a] for a in sorted(sizes, key=lambda a: a not in shared)}
+    c = next(iter(layouts.values())).compression
+    labels = _partition(sizes, edges, c, seed=seed, restarts=restarts, iterations=iterations)
+    return {
+        name: MPDMask(layouts[name], _orders(labels[rows]), _orders(labels[cols]))
+        for (_, rows, cols), name in zip(edges, masses)
+    }

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UnknownNameError
 
-__all__ = ["ROLES", "ROLE_GROUPS", "layer_role", "select_roles", "roles_of"]
+__all__ = ["ROLES", "ROLE_GROUPS", "layer_role", "role_and_block", "mlp_pairs", "select_roles", "roles_of"]
 
 # Name suffix -> role. Longer suffixes win, so BERT's "attention.output.dense" (attention output)
 # is told apart from its "output.dense" (MLP down projection).
@@ -77,10 +77,28 @@ ROLE_GROUPS = {"mlp": ("mlp_up", "mlp_gate", "mlp_down"), "attention": ("attn_qk
 
 def layer_role(name: str) -> str | None:
     """The role of the layer with qualified ``name``, or ``None`` when no known family names it so."""
+    return role_and_block(name)[0]
+
+
+def role_and_block(name: str) -> tuple[str | None, str | None]:
+    """The layer's role and the qualified name of the transformer block it belongs to (what is
+    left of ``name`` without the role's suffix): BERT's ``encoder.layer.3.intermediate.dense``
+    and ``encoder.layer.3.output.dense`` are the MLP of block ``encoder.layer.3``."""
     for suffix, role in _ORDERED:
         if name == suffix or name.endswith("." + suffix):
-            return role
-    return None
+            return role, name[: -len(suffix)].rstrip(".")
+    return None, None
+
+
+def mlp_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """``(up or gate, down)`` pairs of the same block among ``names``: the layers whose hidden
+    units are joined by the MLP's activation."""
+    by_block: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        role, block = role_and_block(name)
+        if role in ROLE_GROUPS["mlp"]:
+            by_block.setdefault(block, {}).setdefault("down" if role == "mlp_down" else "up", []).append(name)
+    return [(up, down) for parts in by_block.values() for down in parts.get("down", []) for up in parts.get("up", [])]
 
 
 def roles_of(model: nn.Module) -> dict[str, str]:

@@ -29,7 +29,8 @@ class ChainWeights:
     """Everything the forward needs, as plain tensors (no modules), in packed padded order.
 
     ``gathers[0]`` picks the padded block inputs of layer 0 from the original input features;
-    ``gathers[i]`` (0 < i < n) picks layer i's padded inputs from layer i-1's padded outputs;
+    ``gathers[i]`` (0 < i < n) picks layer i's padded inputs from layer i-1's padded outputs
+    (None: they are the same, as jointly chosen masks make them);
     ``gathers[n]`` picks the original output features from the last layer's padded outputs.
     ``gathers[0]`` / ``gathers[n]`` are None where a folded dense neighbour reads or writes the
     padded order directly (the input is then already ``(..., c * max_cols)``, the output stays
@@ -103,7 +104,8 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
         for i in range(1, n):
             blocks = weights.blocks[i]
             c, _, cols = blocks.shape
-            h = weights.activations[i - 1](h).index_select(0, weights.gathers[i]).view(c, cols, batch)
+            h = weights.activations[i - 1](h)
+            h = (h if weights.gathers[i] is None else h.index_select(0, weights.gathers[i])).view(c, cols, batch)
             if i < n - 1:
                 h = _block_gemm_to_feature_major(h, blocks, weights.biases[i])
             else:

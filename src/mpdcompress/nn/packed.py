@@ -365,7 +365,9 @@ class PackedChain(nn.Module):
     def _build_fused_gathers(self) -> None:
         for i in range(1, len(self.layers)):
             fused = self.layers[i - 1].out_gather[self.layers[i].in_gather]
-            self.register_buffer(f"fused_gather_{i}", fused, persistent=False)
+            # Masks chosen jointly (masks="weights-joint") leave nothing to permute between layers.
+            identity = torch.equal(fused, torch.arange(fused.numel(), device=fused.device, dtype=fused.dtype))
+            self.register_buffer(f"fused_gather_{i}", None if identity else fused, persistent=False)
         # With a folded head the first layer reads its input in place (padding columns skipped);
         # with a folded tail the last layer writes every padded row in place (the tail's padding
         # columns are zero).
