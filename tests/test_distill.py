@@ -238,7 +238,7 @@ def test_the_pretrained_study_measures_every_row(tiny_encoder):
     profile = PretrainedProfile(factors=(2, 4), eval_sentences=60, distilled=(("weights", 4),), steps=30, lr=1e-3)
     results = run_pretrained_study(model, tokenizer, sentences(300), sentences(60, seed=1), profile)
     rows = {(r["masks"], r["compression"]): r for r in results["rows"]}
-    assert set(rows) == {(m, c) for m in ("random", "weights") for c in (2, 4)}
+    assert set(rows) == {(m, c) for m in ("random", "weights", "weights-joint") for c in (2, 4)}
     for c in (2, 4):  # the search keeps more of the weights than a random mask does
         assert rows["weights", c]["kept_mass_mean"] > rows["random", c]["kept_mass_mean"]
     distilled = rows["weights", 4]

@@ -39,10 +39,11 @@ class PretrainedProfile:
     model: str = "all-minilm-l6-v2"
     corpus: str = "wordnet"
     factors: tuple[int, ...] = (2, 4, 8)
+    masks: tuple[str, ...] = ("random", "weights", "weights-joint")
     roles: tuple[str, ...] = ("mlp",)
     eval_sentences: int = 2000  # held-out sentences for cosine and recall@10
     distilled: tuple[tuple[str, int], ...] = (("weights", 4), ("random", 4), ("weights", 8))
-    steps: int = 1000  # distillation steps per distilled student
+    steps: int = 1500  # distillation steps per distilled student
     batch_size: int = 32
     lr: float = 3e-4
     mode: str = "compact"
@@ -50,7 +51,7 @@ class PretrainedProfile:
 
 
 QUICK_PROFILE = PretrainedProfile(
-    factors=(4,), eval_sentences=300, distilled=(("weights", 4), ("random", 4)), steps=100
+    factors=(4,), masks=("random", "weights"), eval_sentences=300, distilled=(("weights", 4), ("random", 4)), steps=100
 )
 
 
@@ -108,7 +109,7 @@ def run_pretrained_study(
         results["baselines"].append(
             {"method": "magnitude", "compression": c, **neighbour_agreement(embed(pruned, tokenizer, test), reference)}
         )
-        for masks in ("random", "weights"):
+        for masks in profile.masks:
             say(f"compressing at {c}x with {masks} masks")
             started = time.perf_counter()
             student = mpdify_(copy.deepcopy(teacher), c, filter_fn=filter_fn, masks=masks, seed=profile.seed)
