@@ -108,3 +108,18 @@ def test_weights_joint_masks_leave_no_permutation_inside_a_packed_stack():
     assert chain.fused_gather_1 is None and chain.fused_gather_2 is None
     with torch.no_grad():
         torch.testing.assert_close(packed(x), model(x))
+
+
+@settings(max_examples=10)
+@given(st.integers(2, 5), st.lists(st.integers(8, 30), min_size=3, max_size=4), st.integers(0, 99))
+def test_joint_masks_are_valid_for_any_stack(c, dims, seed):
+    from mpdcompress.mask_search import masks_for_layers
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {f"l{i}": torch.randn(dims[i + 1], dims[i], generator=g) for i in range(len(dims) - 1)}
+    joined = [(f"l{i}", f"l{i + 1}") for i in range(len(dims) - 2)]
+    masks = masks_for_layers(weights, joined, c, seed=seed)
+    for a, b in joined:
+        assert torch.equal(masks[a].row_order, masks[b].col_order)
+    for name, w in weights.items():
+        assert masks[name].shape == tuple(w.shape) and masks[name].compression == c
