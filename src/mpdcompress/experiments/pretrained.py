@@ -131,6 +131,7 @@ def run_pretrained_study(
                 say(f"distilling the {c}x {masks}-mask student ({profile.steps} steps)")
                 student = _distilled(student, teacher, batches, profile, say)
                 row["after"] = neighbour_agreement(embed(student, tokenizer, test), reference)
+                say(f"  after: cosine {row['after']['cosine']:.3f}, recall@10 {row['after']['recall@10']:.3f}")
                 row["distill_steps"] = profile.steps
                 row["distill_seconds"] = student.distill_seconds
                 students[(masks, c)] = student
