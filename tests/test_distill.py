@@ -245,6 +245,10 @@ def test_the_pretrained_study_measures_every_row(tiny_encoder):
     assert distilled["after"]["cosine"] > distilled["before"]["cosine"]
     assert [b["compression"] for b in results["baselines"]] == [2, 4]
     assert results["speed"][0]["file_vs_dense"] < 1.0
+    from mpdcompress.experiments.pretrained import render_pretrained_report
+
+    report = render_pretrained_report(results, "cmd", {"cpu": "test"})
+    assert "At 4x, weight-chosen masks keep more of W² than random masks on 4 of 4 layers." in report
 
 
 def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, capsys):

@@ -114,14 +114,16 @@ def run_pretrained_study(
             started = time.perf_counter()
             student = mpdify_(copy.deepcopy(teacher), c, filter_fn=filter_fn, masks=masks, seed=profile.seed)
             seconds = time.perf_counter() - started
-            kept = [
-                kept_mass(teacher.get_submodule(name).weight, layer.mpd_mask)
+            per_layer = {
+                name: kept_mass(teacher.get_submodule(name).weight, layer.mpd_mask)
                 for name, layer in compressed_layers(student).items()
-            ]
+            }
+            kept = list(per_layer.values())
             row = {
                 "masks": masks,
                 "compression": c,
                 "layers": len(kept),
+                "kept_mass": per_layer,
                 "kept_mass_mean": sum(kept) / len(kept),
                 "kept_mass_min": min(kept),
                 "seconds_to_compress": seconds,
@@ -207,6 +209,14 @@ def render_pretrained_report(results: dict[str, Any], command: str, machine: dic
             f"| {_fmt(after['cosine']) if after else '—'} | {_fmt(after['recall@10']) if after else '—'} "
             f"| {minutes} |"
         )
+    for c in profile["factors"]:
+        by_kind = {r["masks"]: r["kept_mass"] for r in results["rows"] if r["compression"] == c}
+        if "random" in by_kind and "weights" in by_kind:
+            wins = sum(by_kind["weights"][n] > by_kind["random"][n] for n in by_kind["random"])
+            lines.append(
+                f"\nAt {c}x, weight-chosen masks keep more of W² than random masks on {wins} of "
+                f"{len(by_kind['random'])} layers."
+            )
     lines += ["", "Post-hoc baseline, no fine-tuning (unstructured magnitude pruning to density 1/c, same layers):", ""]
     lines += ["| c | cosine | recall@10 |", "|---|---|---|"]
     lines += [f"| {b['compression']} | {_fmt(b['cosine'])} | {_fmt(b['recall@10'])} |" for b in results["baselines"]]
