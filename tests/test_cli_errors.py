@@ -37,6 +37,13 @@ BAD_COMMAND_LINES = [
     ["inspect", "{png}"],
     ["train", "--resume", "--out", "{png_dir}", "--train-limit", "100", "--epochs", "1"],
     ["reproduce", "--render-only", "--out", "{tmp}"],
+    ["distill", "--resume", "-o", "{tmp}/student"],
+    ["distill", "--model-dir", "{tmp}", "-o", "{tmp}/student"],
+    ["distill", "--steps", "0", "-o", "{tmp}/student"],
+    ["distill", "--masks", "magnitude", "-o", "{tmp}/student"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--dynamic-dims", "0:batch"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--example-inputs", "{png}"],
+    ["pack", "{file}", "-o", "{tmp}/p.safetensors", "--model-class", "os:path"],
 ]
 
 

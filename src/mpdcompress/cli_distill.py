@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import positive_float, positive_int
+from .cli_types import nonnegative_int, positive_float, positive_int
 from .config import MASKS, MODES
+from .errors import ConfigError
 from .roles import ROLE_GROUPS, ROLES
 from .sentence import PRETRAINED
 from .text import CORPORA
@@ -27,6 +28,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from .text import held_out_split, load_corpus
     from .train.distill import DistillConfig, distill
 
+    if args.resume and not args.checkpoint:
+        raise ConfigError("--resume continues from --checkpoint: give the checkpoint file")
     spec = pretrained_spec(args.model)
     roles = args.roles or list(spec.roles)
     compression = args.compression or spec.compression
@@ -90,7 +93,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=3e-4)
     p.add_argument("--eval-sentences", type=positive_int, default=1000, help="held-out sentences to evaluate on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written every --checkpoint-every steps")
     p.add_argument("--checkpoint-every", type=positive_int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")

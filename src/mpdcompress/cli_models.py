@@ -47,6 +47,8 @@ def _user_class(spec: str):
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"--model-class: {module_name!r} has no {class_name!r}")
+    if not isinstance(cls, type):
+        raise ConfigError(f"--model-class: {spec!r} is a {type(cls).__name__}, not a class")
     return cls
 
 
@@ -64,7 +66,11 @@ def load_model_file(path: str, args: argparse.Namespace):
         raise ConfigError(f"--model-kwargs is not JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise ConfigError("--model-kwargs must be a JSON object")
-    template = _user_class(args.model_class)(**kwargs)
+    cls = _user_class(args.model_class)
+    try:
+        template = cls(**kwargs)
+    except TypeError as exc:  # the keywords do not fit the class's constructor
+        raise ConfigError(f"--model-class: cannot build {cls.__name__}(**{kwargs}): {exc}") from None
     if not isinstance(template, nn.Module):
         raise ConfigError(f"--model-class built a {type(template).__name__}, not a torch.nn.Module")
     return load(path, model=template)

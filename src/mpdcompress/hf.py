@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import ModelFileNotFoundError
+from .errors import CompressionTypeError, ModelFileNotFoundError
 from .io import load, save
 
 __all__ = ["MODEL_FILE", "save_compressed", "load_compressed"]
@@ -29,7 +29,7 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, config=None)
     folder = Path(folder)
     config = config if config is not None else getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
-        raise TypeError("save_compressed needs a transformers model (with .config) or config=")
+        raise CompressionTypeError("save_compressed needs a transformers model (with .config) or config=")
     folder.mkdir(parents=True, exist_ok=True)
     save(model, folder / MODEL_FILE)  # first: a model that cannot be saved leaves no half folder
     config.save_pretrained(str(folder))

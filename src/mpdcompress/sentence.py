@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataUnavailableError, MissingDependencyError, UnknownNameError
+from .errors import ConfigError, DataUnavailableError, MissingDependencyError, UnknownNameError
 
 __all__ = [
     "PretrainedSpec",
@@ -168,12 +168,12 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     mean cosine of each pair, and recall@k, the share of each sentence's k nearest neighbours
     under the teacher (itself excluded) that are also among its k nearest under the student."""
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(
+        raise ConfigError(
             f"embeddings must be two matrices of one shape, got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     n = student.shape[0]
     if n <= k:
-        raise ValueError(f"recall@{k} needs more than {k} sentences, got {n}")
+        raise ConfigError(f"recall@{k} needs more than {k} sentences, got {n}")
     s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
     cosine = float((s * t).sum(-1).mean())
     eye = torch.eye(n, dtype=torch.bool)

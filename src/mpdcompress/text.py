@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataUnavailableError, UnknownNameError
+from .errors import ConfigError, DataUnavailableError, UnknownNameError
 
 __all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split"]
 
@@ -105,7 +105,7 @@ def load_corpus(name: str, root: str | os.PathLike | None = None) -> list[str]:
 def held_out_split(sentences: list[str], held_out: float = 0.1) -> tuple[list[str], list[str]]:
     """(train, held-out) by a hash of each sentence: stable when the corpus grows or is reordered."""
     if not 0 < held_out < 1:
-        raise ValueError("held_out must be a fraction between 0 and 1")
+        raise ConfigError(f"held_out must be a fraction between 0 and 1, got {held_out!r}")
     train, test = [], []
     for s in sentences:
         h = int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little") / 2**32
