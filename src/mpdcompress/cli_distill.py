@@ -91,7 +91,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus-dir", help="where the corpus's files are, if not where Debian installs them")
     p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=3e-4)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--eval-sentences", type=positive_int, default=1000, help="held-out sentences to evaluate on")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written every --checkpoint-every steps")

@@ -43,9 +43,9 @@ class PretrainedProfile:
     roles: tuple[str, ...] = ("mlp",)
     eval_sentences: int = 2000  # held-out sentences for cosine and recall@10
     distilled: tuple[tuple[str, int], ...] = (("weights", 4), ("random", 4), ("weights", 8))
-    steps: int = 1500  # distillation steps per distilled student
+    steps: int = 2000  # distillation steps per distilled student
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     mode: str = "compact"
     seed: int = 0
 

@@ -38,7 +38,7 @@ _FORMAT = 1
 @dataclass(frozen=True)
 class DistillConfig:
     steps: int
-    lr: float = 2e-4
+    lr: float = 1e-3  # best of 3e-4, 1e-3, 3e-3 in a 300-step A/B on MiniLM at c=4 (cosine 0.825, 0.851, 0.837)
     weight_decay: float = 0.0
     warmup: float = 0.05  # share of the steps with a linear warm-up; then cosine decay to zero
     temperature: float = 2.0  # softening of logits (KL terms only)
