@@ -21,12 +21,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .convert import mpdify_, pack
-    from .experiments.pretrained import freeze_embeddings_
+    from .experiments.pretrained import distill_encoder
     from .hf import save_compressed
     from .roles import select_roles
     from .sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement, pretrained_spec
     from .text import held_out_split, load_corpus
-    from .train.distill import DistillConfig, distill
+    from .train.distill import DistillConfig
 
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume continues from --checkpoint: give the checkpoint file")
@@ -42,9 +42,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     )
     before = neighbour_agreement(embed(student, tokenizer, test), reference)
     print(f"compressed {', '.join(roles)} layers at {compression}x ({args.masks} masks): " + _agreement(before))
-    if args.mode == "compact":
-        pack(student, inplace=True, fold_dense=False)
-    freeze_embeddings_(student)
     config = DistillConfig(steps=args.steps, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
     bar = tqdm(total=args.steps, desc="distilling", unit="step", disable=args.quiet)
 
@@ -54,11 +51,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         bar.update(0)
 
     batches = length_batches(tokenizer, train, args.batch_size, args.seed)
-    result = distill(
+    result = distill_encoder(
         student,
         teacher,
         batches,
         config,
+        mode=args.mode,
         checkpoint=args.checkpoint,
         resume=args.resume,
         progress=progress,

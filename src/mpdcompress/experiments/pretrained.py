@@ -29,9 +29,16 @@ from ..nn import MPDLinear
 from ..roles import select_roles
 from ..sentence import embed, length_batches, neighbour_agreement, tokenize
 from ..timing import interleaved_medians
-from ..train.distill import DistillConfig, distill
+from ..train.distill import DistillConfig, DistillResult, distill
 
-__all__ = ["PretrainedProfile", "QUICK_PROFILE", "run_pretrained_study", "render_pretrained_report", "magnitude_prune_"]
+__all__ = [
+    "PretrainedProfile",
+    "QUICK_PROFILE",
+    "run_pretrained_study",
+    "render_pretrained_report",
+    "magnitude_prune_",
+    "distill_encoder",
+]
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,31 @@ def magnitude_prune_(model: nn.Module, density: float, filter_fn: Callable[[nn.M
             w.mul_(w.abs() >= threshold)
 
 
-def freeze_embeddings_(model: nn.Module) -> None:
-    """Stop training every nn.Embedding of ``model``."""
+def _freeze_embeddings(model: nn.Module) -> None:
     # Compression leaves token embeddings alone, and they are half of MiniLM's parameters:
     # updating them would double the optimizer's work for nothing.
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             module.requires_grad_(False)
+
+
+def distill_encoder(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches,
+    config: DistillConfig,
+    *,
+    mode: str = "compact",
+    checkpoint=None,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> DistillResult:
+    """Distill a compressed sentence encoder (in place) from its teacher: in ``mode="compact"``
+    the masked student is packed first so only the blocks train; token embeddings stay frozen."""
+    if mode == "compact" and any(isinstance(m, MPDLinear) for m in student.modules()):
+        pack(student, inplace=True, fold_dense=False)
+    _freeze_embeddings(student)
+    return distill(student, teacher, batches, config, checkpoint=checkpoint, resume=resume, progress=progress)
 
 
 def _packed(model: nn.Module) -> nn.Module:
@@ -131,30 +156,24 @@ def run_pretrained_study(
             }
             if (masks, c) in profile.distilled:
                 say(f"distilling the {c}x {masks}-mask student ({profile.steps} steps)")
-                student = _distilled(student, teacher, batches, profile, say)
+                distill_seconds = _distilled(student, teacher, batches, profile, say)
                 row["after"] = neighbour_agreement(embed(student, tokenizer, test), reference)
                 say(f"  after: cosine {row['after']['cosine']:.3f}, recall@10 {row['after']['recall@10']:.3f}")
                 row["distill_steps"] = profile.steps
-                row["distill_seconds"] = student.distill_seconds
+                row["distill_seconds"] = distill_seconds
                 students[(masks, c)] = student
             results["rows"].append(row)
     results["speed"] = _speed(teacher, students, tokenizer, test, say)
     return results
 
 
-def _distilled(student, teacher, batches, profile: PretrainedProfile, say) -> nn.Module:
-    if profile.mode == "compact":
-        pack(student, inplace=True, fold_dense=False)
-    freeze_embeddings_(student)
-    config = DistillConfig(steps=profile.steps, lr=profile.lr, seed=profile.seed)
-
+def _distilled(student, teacher, batches, profile: PretrainedProfile, say) -> float:
     def report(event: dict[str, Any]) -> None:
         if event["step"] % max(1, profile.steps // 10) == 0:
             say(f"  step {event['step']}/{event['steps']}: loss {event['loss']:.4f}")
 
-    result = distill(student, teacher, batches, config, progress=report)
-    student.distill_seconds = result.seconds
-    return student
+    config = DistillConfig(steps=profile.steps, lr=profile.lr, seed=profile.seed)
+    return distill_encoder(student, teacher, batches, config, mode=profile.mode, progress=report).seconds
 
 
 def _speed(teacher, students, tokenizer, sentences, say) -> list[dict[str, Any]]:
