@@ -28,6 +28,7 @@ __all__ = [
     "tokenize",
     "embed",
     "length_batches",
+    "length_order",
     "neighbour_agreement",
 ]
 
@@ -130,7 +131,8 @@ def tokenize(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
     }
 
 
-def _by_length(tokenizer, sentences: list[str]) -> list[int]:
+def length_order(tokenizer, sentences: list[str]) -> list[int]:
+    """Indices of ``sentences`` from the fewest tokens to the most (ties in sentence order)."""
     # The attention mask counts real tokens whatever padding the tokenizer is set to.
     lengths = [sum(e.attention_mask) for e in tokenizer.encode_batch(list(sentences))]
     return sorted(range(len(sentences)), key=lambda i: (lengths[i], i))
@@ -141,7 +143,7 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 6
     """Sentence embeddings (float32, CPU), in ``model``'s current mode. Sentences are batched
     with others of similar length (padding is most of the work otherwise), then put back in order."""
     device = next(model.parameters()).device
-    order = _by_length(tokenizer, sentences)
+    order = length_order(tokenizer, sentences)
     out = torch.empty(0)
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
@@ -157,7 +159,7 @@ def length_batches(tokenizer, sentences: list[str], batch_size: int, seed: int =
     """All of ``sentences`` as tokenized batches of similar lengths, the batches in a seeded
     random order: one epoch for :func:`~mpdcompress.train.distill.distill` with ~1/3 of the
     padding of random batches on short text."""
-    order = _by_length(tokenizer, sentences)
+    order = length_order(tokenizer, sentences)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     shuffled = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
     return [tokenize(tokenizer, [sentences[j] for j in chunks[k]]) for k in shuffled]

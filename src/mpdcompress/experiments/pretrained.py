@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ..bench.model import file_bytes
 from ..convert import compressed_layers, mpdify_, pack
-from ..io import save
 from ..mask_search import kept_mass
 from ..nn import MPDLinear
 from ..roles import select_roles
-from ..sentence import embed, length_batches, neighbour_agreement, tokenize
+from ..sentence import embed, length_batches, length_order, neighbour_agreement, tokenize
 from ..timing import interleaved_medians
 from ..train.distill import DistillConfig, DistillResult, distill
 
@@ -104,13 +102,6 @@ def _packed(model: nn.Module) -> nn.Module:
     return pack(model) if any(isinstance(m, MPDLinear) for m in model.modules()) else model
 
 
-def _file_bytes(model: nn.Module, compressed: bool) -> int:
-    if compressed:
-        with tempfile.TemporaryDirectory() as folder:
-            return save(model, Path(folder) / "student.mpd").stat().st_size
-    return len(safetensors_bytes({k: v.contiguous() for k, v in model.state_dict().items()}))
-
-
 def run_pretrained_study(
     teacher: nn.Module,
     tokenizer,
@@ -181,13 +172,13 @@ def _speed(teacher, students, tokenizer, sentences, say) -> list[dict[str, Any]]
     side (interleaved), at batch 1 and 32 on held-out sentences of median length."""
     say("timing packed students against the dense teacher")
     rows = []
-    ordered = sorted(sentences, key=lambda s: len(tokenizer.encode(s).ids))
+    ordered = [sentences[i] for i in length_order(tokenizer, sentences)]
     middle = len(ordered) // 2
     inputs = {b: tokenize(tokenizer, ordered[middle : middle + b]) for b in (1, 32)}
-    dense_bytes = _file_bytes(teacher, compressed=False)
     for (masks, c), student in students.items():
         packed = _packed(student).eval()
-        row = {"masks": masks, "compression": c, "file_vs_dense": _file_bytes(packed, True) / dense_bytes}
+        sizes = file_bytes(teacher, packed)
+        row = {"masks": masks, "compression": c, "file_vs_dense": sizes["packed"] / sizes["dense"]}
         with torch.inference_mode():
             for b, batch in inputs.items():
                 times = interleaved_medians(
