@@ -235,12 +235,16 @@ def test_embeddings_are_in_sentence_order_and_unit_length(tiny_encoder):
 
 def test_the_pretrained_study_measures_every_row(tiny_encoder):
     model, tokenizer = tiny_encoder
-    profile = PretrainedProfile(factors=(2, 4), eval_sentences=60, distilled=(("weights", 4),), steps=30, lr=1e-3)
+    profile = PretrainedProfile(
+        factors=(2, 4), eval_sentences=60, calibration=100, distilled=(("weights", 4),), steps=30, lr=1e-3
+    )
     results = run_pretrained_study(model, tokenizer, sentences(300), sentences(60, seed=1), profile)
     rows = {(r["masks"], r["compression"]): r for r in results["rows"]}
-    assert set(rows) == {(m, c) for m in ("random", "weights", "weights-joint") for c in (2, 4)}
+    assert set(rows) == {(m, c) for m in ("random", "weights", "weights-joint", "calibrated") for c in (2, 4)}
     for c in (2, 4):  # the search keeps more of the weights than a random mask does
         assert rows["weights", c]["kept_mass_mean"] > rows["random", c]["kept_mass_mean"]
+        # ...and calibration data (moments, then the refit) brings the student closer still
+        assert rows["calibrated", c]["before"]["cosine"] > rows["weights", c]["before"]["cosine"]
     distilled = rows["weights", 4]
     assert distilled["after"]["cosine"] > distilled["before"]["cosine"]
     assert [b["compression"] for b in results["baselines"]] == [2, 4]
@@ -258,7 +262,8 @@ def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, ca
     argv += ["--steps", "6", "--eval-sentences", "20", "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(out)]
     assert main([*argv, "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "compressed mlp layers at 2x (weights masks)" in printed and "after 6 steps" in printed
+    assert "compressed mlp layers at 2x (weights masks for 512 calibration sentences" in printed
+    assert "after 6 steps" in printed
     loaded = mpd.hf.load_compressed(out)
     assert len(mpd.compressed_layers(loaded)) == 4
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 32

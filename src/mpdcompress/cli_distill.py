@@ -20,6 +20,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from .calibrate import compress_calibrated
     from .convert import mpdify_, pack
     from .experiments.pretrained import distill_encoder
     from .hf import save_compressed
@@ -37,11 +38,25 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     train, test = held_out_split(load_corpus(args.corpus or spec.corpus, args.corpus_dir))
     test = test[: args.eval_sentences]
     reference = embed(teacher, tokenizer, test)
-    student = mpdify_(
-        copy.deepcopy(teacher), compression, filter_fn=select_roles(roles), masks=args.masks, seed=args.seed
-    )
+    filter_fn = select_roles(roles)
+    if args.calibration:
+        calibration = length_batches(tokenizer, train[: args.calibration], args.batch_size, args.seed)
+        layers = tqdm(desc="refitting", unit="layer", disable=args.quiet)
+
+        def refitted(event: dict) -> None:
+            layers.total = event["layers"]
+            layers.update(1)
+
+        student = compress_calibrated(
+            teacher, compression, calibration, filter_fn=filter_fn, masks=args.masks, seed=args.seed, progress=refitted
+        )
+        layers.close()
+        how = f"{args.masks} masks for {args.calibration} calibration sentences, kept weights refitted"
+    else:
+        student = mpdify_(copy.deepcopy(teacher), compression, filter_fn=filter_fn, masks=args.masks, seed=args.seed)
+        how = f"{args.masks} masks"
     before = neighbour_agreement(embed(student, tokenizer, test), reference)
-    print(f"compressed {', '.join(roles)} layers at {compression}x ({args.masks} masks): " + _agreement(before))
+    print(f"compressed {', '.join(roles)} layers at {compression}x ({how}): " + _agreement(before))
     config = DistillConfig(steps=args.steps, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
     bar = tqdm(total=args.steps, desc="distilling", unit="step", disable=args.quiet)
 
@@ -83,6 +98,13 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", help="folder with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--compression", "-c", type=positive_int, help="default: the model's registry factor")
     p.add_argument("--masks", choices=MASKS, default="weights")
+    p.add_argument(
+        "--calibration",
+        type=nonnegative_int,
+        default=512,
+        help="training sentences that choose the masks (W² E[x²]) and refit the kept weights before "
+        "distilling; 0: masks from the weights alone, kept weights as they are",
+    )
     p.add_argument("--roles", nargs="+", choices=[*ROLE_GROUPS, *ROLES], help="layers to compress (default: mlp)")
     p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")
     p.add_argument("--corpus", choices=list(CORPORA), help="distillation and held-out text (default: wordnet)")

@@ -47,14 +47,16 @@ class MPDConfig:
     permute: bool = True
     mode: Mode = "masked"
     init: Init = "dense"
-    masks: Literal["random", "weights"] = "random"
+    masks: Literal["random", "weights", "weights-joint"] = "random"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
         check_choice("init", self.init, INITS)
         check_choice("masks", self.masks, MASKS)
-        if self.masks == "weights" and not self.permute:
-            raise ConfigError("masks='weights' chooses the permutations; it cannot be combined with permute=False")
+        if self.masks.startswith("weights") and not self.permute:
+            raise ConfigError(
+                f"masks={self.masks!r} chooses the permutations; it cannot be combined with permute=False"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if not isinstance(self.permute, bool):

@@ -33,6 +33,7 @@ def mpdify_(
     config: MPDConfig | int | Mapping[str, int],
     *,
     filter_fn: LayerFilter | None = None,
+    input_moments: Mapping[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Compress ``model`` in place: selected ``nn.Linear`` layers (and ``transformers``' ``Conv1D``,
@@ -56,7 +57,9 @@ def mpdify_(
     parameter: build the optimizer after compressing GPT-2). Layers can be selected by what they
     do in a transformer with ``filter_fn=select_roles("mlp")`` (see :mod:`mpdcompress.roles`).
     A model built on the meta device gets its masks back when ``to_empty`` materializes it.
-    Returns ``model`` (or the new layer when ``model`` itself is an
+    ``input_moments`` (from :func:`~mpdcompress.calibrate.input_moments`) makes weight-chosen
+    masks keep the most of ``W² E[x²]`` instead of ``W²``; see also
+    :func:`~mpdcompress.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
     if not isinstance(config, MPDConfig):
@@ -89,7 +92,12 @@ def mpdify_(
             "load its weights first"
         )
 
-    joint = _joint_weight_masks(model, linears, factors, config.seed) if config.masks == "weights-joint" else {}
+    if input_moments is not None and not config.masks.startswith("weights"):
+        raise CompressionError("input_moments weigh the mass of weight-chosen masks: use masks='weights'")
+    moments = dict(input_moments or {})
+    joint = (
+        _joint_weight_masks(model, linears, factors, config.seed, moments) if config.masks == "weights-joint" else {}
+    )
     replacements: dict[int, MPDLinear] = {}
     for name, c in factors.items():
         linear = linears[name]
@@ -102,7 +110,9 @@ def mpdify_(
             mask = joint[name]
         elif config.masks.startswith("weights"):
             validate_compression(linear.out_features, linear.in_features, c, name or type(model).__name__)
-            mask = mask_from_weight(linear.weight, c, seed=layer_seed(config.seed, name))
+            mask = mask_from_weight(
+                linear.weight, c, input_moment=moments.get(name), seed=layer_seed(config.seed, name)
+            )
         else:
             mask = make_mask(
                 linear.out_features,
@@ -176,7 +186,11 @@ def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> N
 
 
 def _joint_weight_masks(
-    model: nn.Module, linears: dict[str, nn.Module], factors: dict[str, int], seed: int
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    factors: dict[str, int],
+    seed: int,
+    moments: dict[str, torch.Tensor],
 ) -> dict[str, MPDMask]:
     """Weight-chosen masks of the selected layers that feed each other through element-wise
     modules (an MLP's up/gate and down projections; consecutive layers of a Sequential), chosen
@@ -195,7 +209,15 @@ def _joint_weight_masks(
         names = sorted(members)
         weights = {n: linears[n].weight.t() if is_transposed_linear(linears[n]) else linears[n].weight for n in names}
         joined = [(a, b) for a, b in pairs if a in members]
-        masks.update(masks_for_layers(weights, joined, factors[names[0]], seed=layer_seed(seed, names[0])))
+        masks.update(
+            masks_for_layers(
+                weights,
+                joined,
+                factors[names[0]],
+                input_moments={n: moments[n] for n in names if n in moments},
+                seed=layer_seed(seed, names[0]),
+            )
+        )
     return masks
 
 

@@ -1,5 +1,8 @@
 """Masks chosen from a trained weight: keep as much of its squared mass as the block layout allows.
 
+The mass may be weighted per input by the second moment of the inputs the layer sees
+(``W_ij² E[x_j²]``), which counts what a dropped weight takes from the output.
+
 A mask is a partition of the rows and of the columns into ``c`` groups of the layout's sizes
 (group ``k`` of rows meets group ``k`` of columns); order inside a group does not matter. For a
 trained weight the partition is a balanced co-clustering of ``W²``: starting from a seeded random
@@ -125,18 +128,30 @@ def _partition(
     return best[1]
 
 
-def _mass(weight: object) -> torch.Tensor:
+def _mass(weight: object, input_moment: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise CompressionTypeError("weight must be a 2-D tensor (d_out x d_in)")
-    return weight.detach().float().square().cpu()  # float32: an LLM-size layer's W² is 235 MB already
+    mass = weight.detach().float().square().cpu()  # float32: an LLM-size layer's W² is 235 MB already
+    if input_moment is not None:
+        if not isinstance(input_moment, torch.Tensor) or input_moment.shape != mass.shape[1:]:
+            raise CompressionTypeError(f"input_moment must be a tensor of {mass.shape[1]} values, one per input")
+        mass.mul_(input_moment.detach().float().cpu().clamp_min(0))
+    return mass
 
 
 def mask_from_weight(
-    weight: torch.Tensor, compression: int, *, seed: int = 0, restarts: int = 3, iterations: int = 20
+    weight: torch.Tensor,
+    compression: int,
+    *,
+    input_moment: torch.Tensor | None = None,
+    seed: int = 0,
+    restarts: int = 3,
+    iterations: int = 20,
 ) -> MPDMask:
     """The MPD mask of factor ``compression`` that keeps the most of ``weight``'s squared mass
-    this search finds; deterministic for a seed."""
-    mass = _mass(weight)
+    this search finds; deterministic for a seed. With ``input_moment`` (``E[x_j²]`` of each
+    input, see :func:`~mpdcompress.calibrate.input_moments`) the mass is ``W_ij² E[x_j²]``."""
+    mass = _mass(weight, input_moment)
     layout = BlockLayout.create(*mass.shape, compression)
     sizes = {"rows": torch.tensor(layout.row_sizes), "cols": torch.tensor(layout.col_sizes)}
     labels = _partition(
@@ -150,6 +165,7 @@ def masks_for_layers(
     joined: list[tuple[str, str]],
     compression: int,
     *,
+    input_moments: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     restarts: int = 3,
     iterations: int = 20,
@@ -159,8 +175,10 @@ def masks_for_layers(
     MLP's up and gate projections feed its down projection; one layer of a stack feeds the next).
     Those hidden units can be regrouped freely, so one grouping serves the producer's rows and the
     consumer's columns, chosen for the mass of every layer together, and both masks put a group's
-    units in the same order: the permutation between the layers is then a no-op."""
-    masses = {name: _mass(w) for name, w in weights.items()}
+    units in the same order: the permutation between the layers is then a no-op.
+    ``input_moments`` weighs each layer's mass by its inputs' ``E[x²]``, as in :func:`mask_from_weight`."""
+    moments = input_moments or {}
+    masses = {name: _mass(w, moments.get(name)) for name, w in weights.items()}
     axis = {(name, side): (name, side) for name in masses for side in ("in", "out")}
 
     def root(key):

@@ -1,0 +1,242 @@
+"""Compressing a trained model with a little of its data, before any fine-tuning.
+
+Two uses of a few hundred calibration inputs, neither of which trains anything:
+
+* :func:`input_moments` measures ``E[x_j²]`` for each input feature of each selected layer. A
+  mask that keeps ``W_ij`` drops ``W_ij x_j`` from the output otherwise, so the mass worth
+  keeping is ``W_ij² E[x_j²]`` (the layer's expected output energy per weight), not ``W_ij²``:
+  ``mpdify_(..., masks="weights", input_moments=...)`` searches masks for that mass.
+* :func:`refit_` then sets the kept weights and bias of every compressed layer to the least-
+  squares fit of the dense layer's output, given what the mask lets it see. For output ``i`` in
+  block ``k`` (whose columns are ``S``) that is a small linear regression of the dense output on
+  ``x_S``: the dropped inputs are partly predictable from the kept ones, and the fit folds that
+  part into the kept weights (and the mean of the rest into the bias). Layers are fitted one at
+  a time in forward order, each on the inputs the already-fitted student gives it, so a layer
+  also corrects the error the layers before it left (as SparseGPT does for pruning).
+
+:func:`compress_calibrated` is the one call: a compressed copy of a trained model, masks chosen
+for its data and kept weights refitted; the model itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MPDConfig
+from .convert import LayerFilter, compressed_layers, is_transposed_linear, mpdify_
+from .errors import CompressionError, ConfigError
+from .nn import MPDLinear
+from .train.distill import model_outputs
+
+__all__ = ["input_moments", "refit_", "compress_calibrated"]
+
+
+def _reiterable(batches: Iterable) -> Iterable:
+    if iter(batches) is batches:
+        raise ConfigError("calibration batches are read more than once: give a list or a DataLoader, not an iterator")
+    return batches
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).double()
+
+
+def _run(model: nn.Module, batches: Iterable, hooks: dict[nn.Module, Callable]) -> None:
+    """Run ``model`` over ``batches`` without gradients, calling ``hooks[module](input)`` with
+    the input of each hooked module every time it runs."""
+
+    def pre_hook(f: Callable) -> Callable:
+        def call(module: nn.Module, args: tuple) -> None:  # returns None: the input goes on unchanged
+            f(args[0])
+
+        return call
+
+    handles = [m.register_forward_pre_hook(pre_hook(f)) for m, f in hooks.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model_outputs(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _linears(model: nn.Module, filter_fn: LayerFilter | None) -> dict[str, nn.Module]:
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if (type(m) is nn.Linear or is_transposed_linear(m)) and (filter_fn is None or filter_fn(m, name))
+    }
+
+
+def input_moments(
+    model: nn.Module, batches: Iterable, *, filter_fn: LayerFilter | None = None
+) -> dict[str, torch.Tensor]:
+    """``E[x²]`` per input feature of every plain ``nn.Linear`` (or ``Conv1D``) that
+    ``filter_fn(module, name)`` selects, over every position of every batch (float32, on CPU)."""
+    layers = _linears(model, filter_fn)
+    if not layers:
+        raise CompressionError("no nn.Linear layer was selected")
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str) -> Callable[[torch.Tensor], None]:
+        def add(x: torch.Tensor) -> None:
+            x = _features(x)
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] += x.shape[0]
+
+        return add
+
+    was_training = model.training
+    model.eval()
+    try:
+        _run(model, _reiterable(batches), {m: hook(n) for n, m in layers.items()})
+    finally:
+        model.train(was_training)
+    unused = sorted(n for n, c in counts.items() if not c)
+    if unused:
+        raise CompressionError(f"the calibration batches never reach these layers: {unused}")
+    return {name: (sums[name] / counts[name]).float().cpu() for name in layers}
+
+
+class _Moments:
+    """Running sums of the student's input ``u``, the teacher's input ``x`` and the products the
+    fit needs, ``uᵀu`` and ``uᵀx``, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.u = self.x = self.uu = self.ux = 0
+        self._pending: list[torch.Tensor] = []
+
+    def teacher(self, x: torch.Tensor) -> None:
+        self._pending.append(_features(x))
+
+    def student(self, u: torch.Tensor) -> None:
+        u, x = _features(u), self._pending.pop(0)
+        if u.shape != x.shape:
+            raise CompressionError("student and teacher layers saw inputs of different shapes")
+        self.n += u.shape[0]
+        self.u, self.x = self.u + u.sum(0), self.x + x.sum(0)
+        self.uu, self.ux = self.uu + u.t() @ u, self.ux + u.t() @ x
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    return (layer.weight.t() if is_transposed_linear(layer) else layer.weight).detach().double()
+
+
+@torch.no_grad()
+def _fit(layer: MPDLinear, dense: nn.Module, m: _Moments, damping: float) -> None:
+    """Least-squares kept weights (and bias) of ``layer``, block by block, from the moments."""
+    w = _dense_weight(dense).to(m.uu.device)
+    b = dense.bias.detach().double().to(m.uu.device) if dense.bias is not None else None
+    mu_u, mu_x = m.u / m.n, m.x / m.n
+    uu, ux = m.uu / m.n, m.ux / m.n
+    if layer.bias is not None:  # the bias absorbs the means: fit the centred parts
+        uu, ux = uu - torch.outer(mu_u, mu_u), ux - torch.outer(mu_u, mu_x)
+    mask = layer.mpd_mask
+    layout = mask.layout
+    new_w = torch.zeros_like(w)
+    for k in range(layout.compression):
+        rows = mask.row_order[layout.row_offsets[k] : layout.row_offsets[k] + layout.row_sizes[k]].to(w.device)
+        cols = mask.col_order[layout.col_offsets[k] : layout.col_offsets[k] + layout.col_sizes[k]].to(w.device)
+        gram = uu[cols][:, cols]
+        # Damping as GPTQ does: a share of the mean diagonal keeps the solve well posed for
+        # inputs that never vary (padding features, dead units).
+        gram = gram + torch.eye(len(cols), dtype=gram.dtype, device=gram.device) * (
+            damping * gram.diagonal().mean().clamp_min(1e-12)
+        )
+        target = w[rows] @ ux[cols].t()  # Cov(dense output, kept inputs): (rows, |S|)
+        new_w[rows[:, None], cols] = torch.linalg.solve(gram, target.t()).t()
+    layer.weight.copy_(new_w.to(layer.weight))
+    if layer.bias is not None:
+        dense_mean = w @ mu_x + (b if b is not None else 0)
+        layer.bias.copy_((dense_mean - new_w @ mu_u).to(layer.bias))
+    layer.apply_mask_()
+
+
+def refit_(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    *,
+    damping: float = 0.01,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> nn.Module:
+    """Refit every compressed layer of ``student`` (masked form, from :func:`mpdify_`) to the
+    same-named dense layer of ``teacher`` on ``batches`` (see the module's description); one
+    pass over the batches per compressed layer, in the order the forward reaches them.
+    ``progress`` receives ``{"layer", "index", "layers"}`` after each layer. Returns ``student``."""
+    if not damping > 0:
+        raise ConfigError(f"damping must be positive, got {damping!r}")
+    if student is teacher:
+        raise ConfigError("the student must be a separate (compressed) copy of the teacher")
+    layers = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
+    if not layers:
+        raise CompressionError("the student has no masked MPD layer to refit (refit before pack)")
+    dense: dict[str, nn.Module] = {}
+    for name in layers:
+        try:
+            dense[name] = teacher.get_submodule(name)
+        except AttributeError:
+            raise CompressionError(f"the teacher has no layer {name!r} to refit the student's to") from None
+        if _dense_weight(dense[name]).shape != layers[name].weight.shape:
+            raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
+    batches = _reiterable(batches)
+    order: list[str] = []
+    _run(student, batches, {m: (lambda x, n=n: n in order or order.append(n)) for n, m in layers.items()})
+    missing = sorted(set(layers) - set(order))
+    if missing:
+        raise CompressionError(f"the calibration batches never reach these layers: {missing}")
+    modes = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        for index, name in enumerate(order):
+            moments = _Moments()
+            # The teacher's layer runs first for each batch, then the student's same layer.
+            for batch in batches:
+                _run(teacher, [batch], {dense[name]: moments.teacher})
+                _run(student, [batch], {layers[name]: moments.student})
+            _fit(layers[name], dense[name], moments, damping)
+            if progress is not None:
+                progress({"layer": name, "index": index + 1, "layers": len(order)})
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return student
+
+
+def compress_calibrated(
+    model: nn.Module,
+    config: MPDConfig | int | Mapping[str, int],
+    batches: Iterable,
+    *,
+    filter_fn: LayerFilter | None = None,
+    refit: bool = True,
+    damping: float = 0.01,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A compressed copy of the trained ``model`` (left untouched, the teacher for a later
+    :func:`~mpdcompress.train.distill.distill`): selected layers get masks chosen for the mass
+    ``W² E[x²]`` on ``batches`` (``masks="weights"`` unless the options say ``"weights-joint"``;
+    ``"random"`` keeps random masks), then with ``refit`` their kept weights are refitted
+    (:func:`refit_`). ``config``, ``filter_fn`` and ``options`` are :func:`mpdify_`'s."""
+    if isinstance(config, MPDConfig):
+        config = dataclasses.replace(config, **options)
+    else:
+        config = MPDConfig(config, **{"masks": "weights", **options})
+    if config.mode != "masked":
+        raise ConfigError("compress_calibrated fits the masked form: leave mode='masked', then pack the result")
+    moments = input_moments(model, batches, filter_fn=filter_fn) if config.masks != "random" else None
+    student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments)
+    if refit:
+        refit_(student, model, batches, damping=damping, progress=progress)
+    return student
