@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--deep-epochs", type=int, default=3, help="0 leaves Deep MNIST out")
     parser.add_argument("--out", default="results/posthoc")
     args = parser.parse_args()
-    models = (("lenet300", args.lenet_epochs),) + ((("deep-mnist", args.deep_epochs),) if args.deep_epochs else ())
+    models = (("lenet300", args.lenet_epochs, 1e-2),) + (
+        (("deep-mnist", args.deep_epochs, 1e-3),) if args.deep_epochs else ()
+    )
     torch.manual_seed(0)
     started = time.perf_counter()
 

@@ -285,12 +285,14 @@ def test_select_roles_accepts_groups_and_roles():
 def test_the_posthoc_control_measures_every_budget(data_dir):
     from mpdcompress.experiments.posthoc import PosthocProfile, render_posthoc_report, run_posthoc_study
 
-    profile = PosthocProfile(models=(("lenet300", 1),), budgets=(0, 3), train_limit=200, batch_size=50)
+    profile = PosthocProfile(
+        models=(("lenet300", 1, 1e-2),), budgets=(0, 3), train_limit=200, batch_size=50, calibration=500
+    )
     results = run_posthoc_study(profile)
     (entry,) = results["models"]
     assert entry["epoch_steps"] == 4
     assert sorted((r["masks"], r["steps"]) for r in entry["rows"]) == [
-        (m, s) for m in ("random", "weights") for s in (0, 3, 4)
+        (m, s) for m in ("random", "weights", "calibrated") for s in (0, 3, 4)
     ]
     assert all(0 <= r["accuracy"] <= 1 for r in entry["rows"]) and 0 < entry["scratch_accuracy"] <= 1
     report = render_posthoc_report(results, "cmd")

@@ -51,7 +51,7 @@ class PretrainedProfile:
     roles: tuple[str, ...] = ("mlp",)
     eval_sentences: int = 2000  # held-out sentences for cosine and recall@10
     calibration: int = 512  # training sentences that calibrate the "calibrated" students
-    distilled: tuple[tuple[str, int], ...] = (("calibrated", 4), ("weights", 4), ("calibrated", 8))
+    distilled: tuple[tuple[str, int], ...] = (("calibrated", 4), ("weights", 4))
     steps: int = 2000  # distillation steps per distilled student
     batch_size: int = 32
     lr: float = 1e-3
