@@ -1,6 +1,8 @@
 """Hugging Face transformers models built from tiny configs (random weights, no download):
 selection by role, GPT-2's Conv1D, exact packing, saving with ties, and a folder round trip."""
 
+import sys
+
 import pytest
 import torch
 
@@ -181,3 +183,12 @@ def test_joint_weight_masks_group_a_gated_mlps_hidden_units_once():
         assert torch.equal(mlp.gate_proj.row_order, mlp.down_proj.col_order)
         assert torch.equal(mlp.up_proj.row_order, mlp.down_proj.col_order)
     assert_close_to_scale(first_output(mpd.pack(model)), first_output(model), 1e-5)
+
+
+def test_a_missing_hf_dependency_names_the_extra_that_installs_it(monkeypatch):
+    from mpdcompress.errors import MissingDependencyError
+    from mpdcompress.hf import hf_module
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import now fails
+    with pytest.raises(MissingDependencyError, match=r"needs tokenizers: pip install 'mpdcompress\[hf\]'"):
+        hf_module("tokenizers")

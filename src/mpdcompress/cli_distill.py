@@ -101,9 +101,9 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration",
         type=nonnegative_int,
-        default=512,
+        default=0,
         help="training sentences that choose the masks (W² E[x²]) and refit the kept weights before "
-        "distilling; 0: masks from the weights alone, kept weights as they are",
+        "distilling (default 0: masks from the weights alone; after 2000 steps both end alike)",
     )
     p.add_argument("--roles", nargs="+", choices=[*ROLE_GROUPS, *ROLES], help="layers to compress (default: mlp)")
     p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")

@@ -10,17 +10,28 @@ model that ``from_pretrained`` rebuilds computes the same function, without the 
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 from torch import nn
 
-from .errors import CompressionTypeError, ModelFileNotFoundError
+from .errors import CompressionTypeError, MissingDependencyError, ModelFileNotFoundError
 from .io import load, save
 
-__all__ = ["MODEL_FILE", "save_compressed", "load_compressed"]
+__all__ = ["MODEL_FILE", "save_compressed", "load_compressed", "hf_module"]
 
 MODEL_FILE = "mpdcompress.safetensors"
+
+
+def hf_module(name: str) -> ModuleType:
+    """``transformers`` or ``tokenizers``, imported when first needed; a missing one is a
+    :class:`MissingDependencyError` that names the extra installing it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingDependencyError(f"this needs {name}: pip install 'mpdcompress[hf]'") from None
 
 
 def save_compressed(model: nn.Module, folder: str | os.PathLike, *, config=None) -> Path:
@@ -39,12 +50,10 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, config=None)
 def load_compressed(folder: str | os.PathLike, model_class=None, **load_options) -> nn.Module:
     """The compressed model saved by :func:`save_compressed`, in eval mode. ``model_class``
     (default ``transformers.AutoModel``) builds the architecture from the saved config."""
-    from .sentence import _require
-
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file():
         raise ModelFileNotFoundError(f"{folder} holds no {MODEL_FILE}: not saved by mpdcompress.hf.save_compressed")
-    transformers = _require("transformers")
+    transformers = hf_module("transformers")
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     model_class = model_class or transformers.AutoModel
     template = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, DataUnavailableError, MissingDependencyError, UnknownNameError
+from .errors import ConfigError, DataUnavailableError, UnknownNameError
+from .hf import hf_module
 
 __all__ = [
     "PretrainedSpec",
@@ -84,13 +85,6 @@ def pretrained_spec(name: str) -> PretrainedSpec:
     return PRETRAINED[name]
 
 
-def _require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(f"this needs {module}: pip install 'mpdcompress[hf]'") from None
-
-
 class SentenceEncoder(nn.Module):
     """A Hugging Face encoder plus sentence-transformers' mean pooling and normalization.
 
@@ -113,8 +107,8 @@ def load_sentence_encoder(name: str = "all-minilm-l6-v2", model_dir: str | os.Pa
     """``(SentenceEncoder in eval mode, tokenizers.Tokenizer)`` of a registered pretrained model."""
     spec = pretrained_spec(name)
     folder = spec.locate(model_dir)
-    transformers = _require("transformers")
-    tokenizers = _require("tokenizers")
+    transformers = hf_module("transformers")
+    tokenizers = hf_module("tokenizers")
     encoder = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(spec.max_length)
