@@ -137,6 +137,31 @@ def test_calibration_requests_that_cannot_work_are_refused():
         input_moments(unused, batches)
 
 
+class Repeated(nn.Module):
+    """One square layer applied ``times`` times: a student and teacher that disagree on how often."""
+
+    def __init__(self, times):
+        super().__init__()
+        self.layer, self.times = nn.Linear(24, 24), times
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = self.layer(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    "student_times, teacher_times, message",
+    [(2, 1, "more often than the teacher's"), (1, 2, "more often in the teacher")],
+)
+def test_refit_refuses_a_teacher_whose_layers_run_another_number_of_times(student_times, teacher_times, message):
+    torch.manual_seed(0)
+    teacher = Repeated(teacher_times)
+    student = mpd.mpdify_(Repeated(student_times), 2)
+    with pytest.raises(CompressionError, match=message):
+        refit_(student, teacher, correlated_inputs())
+
+
 def test_transformers_encoder_and_gpt2_conv1d_are_refitted():
     transformers = pytest.importorskip("transformers")
     from mpdcompress.roles import select_roles

@@ -32,7 +32,7 @@ from .config import MPDConfig
 from .convert import LayerFilter, compressed_layers, is_transposed_linear, mpdify_
 from .errors import CompressionError, ConfigError
 from .nn import MPDLinear
-from .train.distill import model_outputs
+from .train.distill import batch_to, model_outputs
 
 __all__ = ["input_moments", "refit_", "compress_calibrated"]
 
@@ -58,10 +58,11 @@ def _run(model: nn.Module, batches: Iterable, hooks: dict[nn.Module, Callable]) 
         return call
 
     handles = [m.register_forward_pre_hook(pre_hook(f)) for m, f in hooks.items()]
+    device = next(iter(model.parameters()), torch.empty(0)).device
     try:
         with torch.no_grad():
             for batch in batches:
-                model_outputs(model, batch)
+                model_outputs(model, batch_to(batch, device))
     finally:
         for handle in handles:
             handle.remove()
@@ -113,13 +114,16 @@ class _Moments:
     def __init__(self) -> None:
         self.n = 0
         self.u = self.x = self.uu = self.ux = 0
-        self._pending: list[torch.Tensor] = []
+        self.pending: list[torch.Tensor] = []  # the teacher's inputs of this batch, in call order
 
     def teacher(self, x: torch.Tensor) -> None:
-        self._pending.append(_features(x))
+        self.pending.append(_features(x))
 
     def student(self, u: torch.Tensor) -> None:
-        u, x = _features(u), self._pending.pop(0)
+        if not self.pending:
+            raise CompressionError("the student's layer ran more often than the teacher's")
+        u, x = _features(u), self.pending.pop(0)
+        x = x.to(u.device)  # the teacher may sit on another device
         if u.shape != x.shape:
             raise CompressionError("student and teacher layers saw inputs of different shapes")
         self.n += u.shape[0]
@@ -204,6 +208,8 @@ def refit_(
             for batch in batches:
                 _run(teacher, [batch], {dense[name]: moments.teacher})
                 _run(student, [batch], {layers[name]: moments.student})
+                if moments.pending:
+                    raise CompressionError(f"layer {name!r} ran more often in the teacher than in the student")
             _fit(layers[name], dense[name], moments, damping)
             if progress is not None:
                 progress({"layer": name, "index": index + 1, "layers": len(order)})

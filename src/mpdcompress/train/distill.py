@@ -30,7 +30,7 @@ from torch import nn
 from ..atomic import write_atomic
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_outputs"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_outputs", "batch_to"]
 
 _FORMAT = 1
 
@@ -156,13 +156,14 @@ def _schedule(config: DistillConfig) -> Callable[[int], float]:
     return factor
 
 
-def _move(batch: Any, device: torch.device) -> Any:
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or a mapping, tuple or list of them) with its tensors on ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
+        return {k: batch_to(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device) for v in batch)
+        return type(batch)(batch_to(v, device) for v in batch)
     return batch
 
 
@@ -235,7 +236,7 @@ def distill(
     began = time.perf_counter() - result.seconds
     source = _batches(batches, start)
     for step in range(start, config.steps):
-        batch = _move(next(source), device)
+        batch = batch_to(next(source), device)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * schedule(step)
         with torch.no_grad():
