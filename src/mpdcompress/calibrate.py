@@ -21,7 +21,6 @@ for its data and kept weights refitted; the model itself is left as it was.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -235,10 +234,8 @@ def compress_calibrated(
     ``W² E[x²]`` on ``batches`` (``masks="weights"`` unless the options say ``"weights-joint"``;
     ``"random"`` keeps random masks), then with ``refit`` their kept weights are refitted
     (:func:`refit_`). ``config``, ``filter_fn`` and ``options`` are :func:`mpdify_`'s."""
-    if isinstance(config, MPDConfig):
-        config = dataclasses.replace(config, **options)
-    else:
-        config = MPDConfig(config, **{"masks": "weights", **options})
+    defaults = {} if isinstance(config, MPDConfig) else {"masks": "weights"}
+    config = MPDConfig.of(config, **{**defaults, **options})
     if config.mode != "masked":
         raise ConfigError("compress_calibrated fits the masked form: leave mode='masked', then pack the result")
     moments = input_moments(model, batches, filter_fn=filter_fn) if config.masks != "random" else None

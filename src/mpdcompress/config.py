@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,6 +69,13 @@ class MPDConfig:
                 f"compression must be an int or a mapping of layer names to ints, got "
                 f"{type(self.compression).__name__} {self.compression!r}"
             )
+
+    @classmethod
+    def of(cls, config: "MPDConfig | int | Mapping[str, int]", **options: Any) -> "MPDConfig":
+        """``config`` with ``options`` replaced if it is an MPDConfig, else ``MPDConfig(config, **options)``."""
+        if not isinstance(config, cls):
+            return cls(config, **options)
+        return dataclasses.replace(config, **options) if options else config
 
     def to_json(self) -> dict[str, Any]:
         """What the model file's manifest records."""

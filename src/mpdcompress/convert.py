@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -62,10 +61,7 @@ def mpdify_(
     :func:`~mpdcompress.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
-    if not isinstance(config, MPDConfig):
-        config = MPDConfig(config, **options)
-    elif options:
-        config = dataclasses.replace(config, **options)
+    config = MPDConfig.of(config, **options)
     linears = {
         name: module
         for name, module in model.named_modules()
