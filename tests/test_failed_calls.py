@@ -39,10 +39,26 @@ def test_a_shared_linear_stays_shared_through_save_and_load(tmp_path):
     assert len({id(m) for m in layers}) == len(layers)  # modules() yields a shared module once
     assert packed[2] is packed[4]
     mpd.save(packed, tmp_path / "shared.safetensors")
-    loaded = mpd.load(tmp_path / "shared.safetensors", model=packed)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), packed(x), rtol=0, atol=0)
-    assert loaded[2].weight_blocks is loaded[4].weight_blocks  # one parameter, as saved
+    # The file's architecture records the sharing, so it loads without the model as well.
+    for loaded in (mpd.load(tmp_path / "shared.safetensors", model=packed), mpd.load(tmp_path / "shared.safetensors")):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), packed(x), rtol=0, atol=0)
+        assert loaded[2] is loaded[4] and loaded[2].weight_blocks is loaded[4].weight_blocks
+
+
+def test_an_architecture_that_shares_what_is_not_there_is_refused(tmp_path):
+    from pathlib import Path
+
+    from mpdcompress.architecture import build
+    from mpdcompress.modelfile import declared_values
+
+    later = {"type": "Sequential", "children": [["0", {"type": "Shared", "of": "1"}], ["1", {"type": "ReLU"}]]}
+    ancestor = {"type": "Sequential", "children": [["0", {"type": "Shared", "of": ""}]]}  # a cycle
+    for spec in (later, ancestor):
+        with pytest.raises(ModelFileError, match="comes nowhere before"):
+            build(spec)
+        with pytest.raises(ModelFileError, match="comes nowhere before"):  # the size check, before loading
+            declared_values(spec, Path("f.safetensors"))
 
 
 def test_complex_weights_are_refused_at_save(tmp_path):

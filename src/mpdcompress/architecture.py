@@ -92,24 +92,31 @@ def _layer_args(module: nn.Module) -> dict[str, Any]:
 CHAIN_PARTS = ("head", "head_gap", "tail_gap", "tail")
 
 
-def describe(module: nn.Module, name: str = "") -> dict[str, Any]:
-    """JSON description of ``module``'s tree (types and constructor arguments, no tensors)."""
+def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = None) -> dict[str, Any]:
+    """JSON description of ``module``'s tree (types and constructor arguments, no tensors). A
+    module met again at another place (a shared layer) is described as ``{"type": "Shared",
+    "of": <its first place>}``, so the rebuilt tree shares it too."""
+    seen = {} if _seen is None else _seen
+    if id(module) in seen:
+        return {"type": "Shared", "of": seen[id(module)]}
+    seen[id(module)] = name
     kind = type(module).__name__
+
+    def child(sub: nn.Module, key: str) -> dict[str, Any]:
+        return describe(sub, f"{name}.{key}".strip("."), seen)
+
     if type(module) in CONTAINERS.values():
-        return {
-            "type": kind,
-            "children": [[key, describe(child, f"{name}.{key}".strip("."))] for key, child in module._modules.items()],
-        }
+        return {"type": kind, "children": [[key, child(sub, key)] for key, sub in module._modules.items()]}
     if isinstance(module, PackedChain):
         spec = {
             "type": "PackedChain",
-            "layers": [describe(layer, f"{name}.layers.{i}") for i, layer in enumerate(module.layers)],
-            "activations": [describe(act, f"{name}.activations.{i}") for i, act in enumerate(module.activations)],
+            "layers": [child(layer, f"layers.{i}") for i, layer in enumerate(module.layers)],
+            "activations": [child(act, f"activations.{i}") for i, act in enumerate(module.activations)],
             "source_keys": list(module.source_keys),
         }
         for part in CHAIN_PARTS:
             if getattr(module, part) is not None:
-                spec[part] = describe(getattr(module, part), f"{name}.{part}")
+                spec[part] = child(getattr(module, part), part)
         return spec
     if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
         return {
@@ -133,28 +140,39 @@ def tuple_args(args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
+def build(spec: dict[str, Any], _place: str = "", _built: dict[str, nn.Module] | None = None) -> nn.Module:
     """Rebuild a module tree from :func:`describe`'s output with placeholder weights and masks.
 
     The caller loads the real tensors (and masks) afterwards; identity permutations stand in.
     """
+    built = {} if _built is None else _built
     if not isinstance(spec, dict) or "type" not in spec:
         raise ModelFileError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
+    if spec["type"] == "Shared":
+        if spec.get("of") not in built:
+            raise ModelFileError(f"architecture entry {_place!r} shares a module that comes nowhere before it")
+        return built[spec["of"]]
+    module = _build_one(spec, _place, built)
+    built[_place] = module
+    return module
+
+
+def _build_one(spec: dict[str, Any], place: str, built: dict[str, nn.Module]) -> nn.Module:
     kind = spec["type"]
+
+    def child(sub: Any, key: str) -> nn.Module:
+        return build(sub, f"{place}.{key}".strip("."), built)
+
     if kind in CONTAINERS:
-        children = spec.get("children", [])
         container = CONTAINERS[kind]()
-        for key, child in children:
-            container.add_module(str(key), build(child))
+        for key, sub in spec.get("children", []):
+            container.add_module(str(key), child(sub, str(key)))
         return container
     if kind == "PackedChain":
-        parts = {part: build(spec[part]) for part in CHAIN_PARTS if spec.get(part) is not None}
-        return PackedChain(
-            [build(s) for s in spec["layers"]],
-            [build(s) for s in spec["activations"]],
-            source_keys=spec.get("source_keys"),
-            **parts,
-        )
+        layers = [child(s, f"layers.{i}") for i, s in enumerate(spec["layers"])]
+        activations = [child(s, f"activations.{i}") for i, s in enumerate(spec["activations"])]
+        parts = {part: child(spec[part], part) for part in CHAIN_PARTS if spec.get(part) is not None}
+        return PackedChain(layers, activations, source_keys=spec.get("source_keys"), **parts)
     if kind in ("BlockDiagonalLinear", "MPDLinear"):
         a = spec["args"]
         layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])
