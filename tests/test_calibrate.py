@@ -94,6 +94,17 @@ def test_refit_lowers_the_output_error_and_keeps_an_exact_packed_model():
         assert_close_to_scale(mpd.pack(refitted)(x), refitted(x))
 
 
+def test_each_refit_pass_stops_at_the_layer_it_fits():
+    teacher, batches = mlp(), correlated_inputs()
+    student = mpd.mpdify_(copy.deepcopy(teacher), 4, masks="weights")
+    runs = {"teacher": 0, "student": 0}
+    for who, layer in (("teacher", teacher[2]), ("student", student[2])):
+        layer.register_forward_pre_hook(lambda *_, who=who: runs.__setitem__(who, runs[who] + 1))
+    refit_(student, teacher, batches)
+    # Once per batch to count calls, once per batch to fit layer 2; fitting layer 0 stops before it.
+    assert runs == {"teacher": 2 * len(batches), "student": 2 * len(batches)}
+
+
 def test_a_layer_that_already_is_block_diagonal_is_left_as_it_is():
     teacher, batches = mlp(), correlated_inputs()
     student = mpd.mpdify_(copy.deepcopy(teacher), 4, masks="weights")

@@ -46,25 +46,56 @@ def _features(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).double()
 
 
-def _run(model: nn.Module, batches: Iterable, hooks: dict[nn.Module, Callable]) -> None:
+class _Enough(Exception):
+    """Raised by a hook to end a forward pass whose remaining layers are not needed."""
+
+
+def _run(model: nn.Module, batches: Iterable, hooks: dict[nn.Module, Callable], stop_after: int | None = None) -> None:
     """Run ``model`` over ``batches`` without gradients, calling ``hooks[module](input)`` with
-    the input of each hooked module every time it runs."""
+    the input of each hooked module every time it runs. With ``stop_after`` (one hooked module),
+    each forward ends once that module has run that many times: the rest of it is not needed."""
 
     def pre_hook(f: Callable) -> Callable:
+        calls = 0
+
         def call(module: nn.Module, args: tuple) -> None:  # returns None: the input goes on unchanged
+            nonlocal calls
             f(args[0])
+            calls += 1
+            if calls == stop_after:
+                raise _Enough
 
         return call
 
-    handles = [m.register_forward_pre_hook(pre_hook(f)) for m, f in hooks.items()]
     device = next(iter(model.parameters()), torch.empty(0)).device
-    try:
-        with torch.no_grad():
-            for batch in batches:
+    with torch.no_grad():
+        for batch in batches:
+            handles = [m.register_forward_pre_hook(pre_hook(f)) for m, f in hooks.items()]
+            try:
                 model_outputs(model, batch_to(batch, device))
-    finally:
-        for handle in handles:
-            handle.remove()
+            except _Enough:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+
+def _calls(model: nn.Module, batches: Iterable, layers: dict[str, nn.Module]) -> tuple[list[str], dict[str, list[int]]]:
+    """The names of ``layers`` in the order the forward first reaches them, and how many times
+    each runs on each batch."""
+    order: list[str] = []
+    calls: dict[str, list[int]] = {name: [] for name in layers}
+
+    def count(name: str) -> None:
+        calls[name][-1] += 1
+        if name not in order:
+            order.append(name)
+
+    for batch in batches:
+        for times in calls.values():
+            times.append(0)
+        _run(model, [batch], {m: (lambda x, n=n: count(n)) for n, m in layers.items()})
+    return order, calls
 
 
 def _linears(model: nn.Module, filter_fn: LayerFilter | None) -> dict[str, nn.Module]:
@@ -119,9 +150,7 @@ class _Moments:
         self.pending.append(_features(x))
 
     def student(self, u: torch.Tensor) -> None:
-        if not self.pending:
-            raise CompressionError("the student's layer ran more often than the teacher's")
-        u, x = _features(u), self.pending.pop(0)
+        u, x = _features(u), self.pending.pop(0)  # refit_ checked that both layers run as often
         x = x.to(u.device)  # the teacher may sit on another device
         if u.shape != x.shape:
             raise CompressionError("student and teacher layers saw inputs of different shapes")
@@ -192,23 +221,23 @@ def refit_(
         if _dense_weight(dense[name]).shape != layers[name].weight.shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
     batches = _reiterable(batches)
-    order: list[str] = []
-    _run(student, batches, {m: (lambda x, n=n: n in order or order.append(n)) for n, m in layers.items()})
-    missing = sorted(set(layers) - set(order))
-    if missing:
-        raise CompressionError(f"the calibration batches never reach these layers: {missing}")
     modes = teacher.training, student.training
     teacher.eval()
     student.eval()
     try:
+        order, calls = _calls(student, batches, layers)
+        missing = sorted(set(layers) - set(order))
+        if missing:
+            raise CompressionError(f"the calibration batches never reach these layers: {missing}")
+        _check_calls(calls, _calls(teacher, batches, dense)[1])
         for index, name in enumerate(order):
             moments = _Moments()
-            # The teacher's layer runs first for each batch, then the student's same layer.
-            for batch in batches:
-                _run(teacher, [batch], {dense[name]: moments.teacher})
-                _run(student, [batch], {layers[name]: moments.student})
-                if moments.pending:
-                    raise CompressionError(f"layer {name!r} ran more often in the teacher than in the student")
+            # The teacher's layer runs first for each batch, then the student's same layer;
+            # each forward stops at the layer's last call.
+            for batch, times in zip(batches, calls[name]):
+                if times:
+                    _run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
+                    _run(student, [batch], {layers[name]: moments.student}, stop_after=times)
             _fit(layers[name], dense[name], moments, damping)
             if progress is not None:
                 progress({"layer": name, "index": index + 1, "layers": len(order)})
@@ -216,6 +245,21 @@ def refit_(
         teacher.train(modes[0])
         student.train(modes[1])
     return student
+
+
+def _check_calls(student: dict[str, list[int]], teacher: dict[str, list[int]]) -> None:
+    # Inputs are paired by call: a layer that runs another number of times in the teacher would
+    # be fitted to the outputs of other calls.
+    for name, times in student.items():
+        for s, t in zip(times, teacher[name]):
+            if s > t:
+                raise CompressionError(
+                    f"layer {name!r}: the student's layer ran more often than the teacher's ({s} vs {t} times on a batch)"
+                )
+            if t > s:
+                raise CompressionError(
+                    f"layer {name!r} ran more often in the teacher than in the student ({t} vs {s} times on a batch)"
+                )
 
 
 def compress_calibrated(
