@@ -61,6 +61,26 @@ def test_an_architecture_that_shares_what_is_not_there_is_refused(tmp_path):
             declared_values(spec, Path("f.safetensors"))
 
 
+def test_the_two_readers_of_an_architecture_refuse_the_same_malformed_entries():
+    # build() and the size check walk the same tree: an entry one of them accepts and the other
+    # does not would let a file through the check that then fails to build (or the reverse).
+    from pathlib import Path
+
+    from mpdcompress.architecture import build
+    from mpdcompress.modelfile import declared_values
+
+    cases = {
+        "malformed children": {"type": "Sequential", "children": [["0"]]},
+        "malformed layers": {"type": "PackedChain", "layers": {"0": {}}, "activations": []},
+        "not an object": {"type": "Sequential", "children": [["0", 3]]},
+    }
+    for message, spec in cases.items():
+        with pytest.raises(ModelFileError, match=message):
+            build(spec)
+        with pytest.raises(ModelFileError, match=f"f.safetensors: .*{message}"):
+            declared_values(spec, Path("f.safetensors"))
+
+
 def test_complex_weights_are_refused_at_save(tmp_path):
     model = mpd.mpdify_(nn.Sequential(nn.Linear(4, 4)), 2).to(torch.complex64)
     with pytest.raises(UnsupportedArchitectureError, match="complex64"):

@@ -9,7 +9,9 @@ which is how ``torch.nn`` layers store them. Anything else makes :func:`describe
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,10 +25,10 @@ from .nn.packed import ELEMENTWISE_MODULES, BlockDiagonalLinear, PackedChain
 __all__ = [
     "describe",
     "build",
+    "fold",
     "UnsupportedArchitectureError",
     "SUPPORTED_LAYERS",
     "CONTAINERS",
-    "CHAIN_PARTS",
     "tuple_args",
 ]
 
@@ -91,6 +93,28 @@ def _layer_args(module: nn.Module) -> dict[str, Any]:
 # Optional parts of a PackedChain: folded dense neighbours and the element-wise modules beside them.
 CHAIN_PARTS = ("head", "head_gap", "tail_gap", "tail")
 
+T = TypeVar("T")
+
+
+def _place(parent: str, key: str) -> str:
+    return f"{parent}.{key}".strip(".")
+
+
+def _chain_children(layers: list[T], activations: list[T], parts: dict[str, T | None]) -> list[tuple[str, T]]:
+    """A chain's children under the names its state dict gives them."""
+    return (
+        [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
+        + [(f"activations.{i}", act) for i, act in enumerate(activations)]
+        + [(part, parts[part]) for part in CHAIN_PARTS if parts.get(part) is not None]
+    )
+
+
+def _chain_of(children: dict[str, T]) -> tuple[list[T], list[T], dict[str, T]]:
+    """The inverse of :func:`_chain_children`: layers, activations and parts by name."""
+    layers = [children[f"layers.{i}"] for i in range(sum(k.startswith("layers.") for k in children))]
+    acts = [children[f"activations.{i}"] for i in range(sum(k.startswith("activations.") for k in children))]
+    return layers, acts, {part: children[part] for part in CHAIN_PARTS if part in children}
+
 
 def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = None) -> dict[str, Any]:
     """JSON description of ``module``'s tree (types and constructor arguments, no tensors). A
@@ -102,22 +126,21 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
     seen[id(module)] = name
     kind = type(module).__name__
 
-    def child(sub: nn.Module, key: str) -> dict[str, Any]:
-        return describe(sub, f"{name}.{key}".strip("."), seen)
+    def described(children: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+        return {key: describe(sub, _place(name, key), seen) for key, sub in children}
 
     if type(module) in CONTAINERS.values():
-        return {"type": kind, "children": [[key, child(sub, key)] for key, sub in module._modules.items()]}
+        return {"type": kind, "children": [list(kv) for kv in described(list(module._modules.items())).items()]}
     if isinstance(module, PackedChain):
-        spec = {
+        parts = {part: getattr(module, part) for part in CHAIN_PARTS}
+        layers, activations, parts = _chain_of(described(_chain_children(module.layers, module.activations, parts)))
+        return {
             "type": "PackedChain",
-            "layers": [child(layer, f"layers.{i}") for i, layer in enumerate(module.layers)],
-            "activations": [child(act, f"activations.{i}") for i, act in enumerate(module.activations)],
+            "layers": layers,
+            "activations": activations,
             "source_keys": list(module.source_keys),
+            **parts,
         }
-        for part in CHAIN_PARTS:
-            if getattr(module, part) is not None:
-                spec[part] = child(getattr(module, part), part)
-        return spec
     if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
         return {
             "type": kind,
@@ -136,43 +159,75 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
     )
 
 
+def _child_specs(spec: dict[str, Any], fail: Callable[[str], Exception]) -> list[tuple[str, Any]] | None:
+    """The children of a container or chain entry under their state-dict names; None for a layer."""
+    kind = spec["type"]
+    if kind in CONTAINERS:
+        children = spec.get("children", [])
+        if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 for c in children):
+            raise fail(f"architecture {kind} has malformed children")
+        return [(str(key), sub) for key, sub in children]
+    if kind == "PackedChain":
+        lists = spec.get("layers") or [], spec.get("activations") or []
+        if not all(isinstance(x, list) for x in lists):
+            raise fail("architecture PackedChain has malformed layers or activations")
+        return _chain_children(*lists, {part: spec.get(part) for part in CHAIN_PARTS})
+    return None
+
+
+def fold(
+    spec: Any,
+    layer: Callable[[dict[str, Any]], T],
+    node: Callable[[dict[str, Any], dict[str, T]], T],
+    fail: Callable[[str], Exception] = ModelFileError,
+    _place_name: str = "",
+    _done: dict[str, T] | None = None,
+) -> T:
+    """Read an architecture entry from its leaves up: ``layer(spec)`` for each layer,
+    ``node(spec, children)`` for a container or chain, given its children's results by name.
+    A ``Shared`` entry gives the result of the place it names, which must come before it (a
+    later place or an ancestor would be a cycle). Malformed entries raise ``fail(message)``."""
+    done = {} if _done is None else _done
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise fail(f"architecture entry is not an object with a 'type': {json.dumps(spec, default=str)[:120]}")
+    if spec["type"] == "Shared":
+        if spec.get("of") not in done:
+            raise fail(f"architecture entry {_place_name!r} shares a module that comes nowhere before it")
+        return done[spec["of"]]
+    children = _child_specs(spec, fail)
+    if children is None:
+        result = layer(spec)
+    else:
+        results = {key: fold(sub, layer, node, fail, _place(_place_name, key), done) for key, sub in children}
+        result = node(spec, results)
+    done[_place_name] = result
+    return result
+
+
 def tuple_args(args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
-def build(spec: dict[str, Any], _place: str = "", _built: dict[str, nn.Module] | None = None) -> nn.Module:
+def build(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a module tree from :func:`describe`'s output with placeholder weights and masks.
 
     The caller loads the real tensors (and masks) afterwards; identity permutations stand in.
     """
-    built = {} if _built is None else _built
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ModelFileError(f"architecture entry is not an object with a 'type': {spec!r}"[:200])
-    if spec["type"] == "Shared":
-        if spec.get("of") not in built:
-            raise ModelFileError(f"architecture entry {_place!r} shares a module that comes nowhere before it")
-        return built[spec["of"]]
-    module = _build_one(spec, _place, built)
-    built[_place] = module
-    return module
+    return fold(spec, _build_layer, _build_node)
 
 
-def _build_one(spec: dict[str, Any], place: str, built: dict[str, nn.Module]) -> nn.Module:
-    kind = spec["type"]
-
-    def child(sub: Any, key: str) -> nn.Module:
-        return build(sub, f"{place}.{key}".strip("."), built)
-
-    if kind in CONTAINERS:
-        container = CONTAINERS[kind]()
-        for key, sub in spec.get("children", []):
-            container.add_module(str(key), child(sub, str(key)))
-        return container
-    if kind == "PackedChain":
-        layers = [child(s, f"layers.{i}") for i, s in enumerate(spec["layers"])]
-        activations = [child(s, f"activations.{i}") for i, s in enumerate(spec["activations"])]
-        parts = {part: child(spec[part], part) for part in CHAIN_PARTS if spec.get(part) is not None}
+def _build_node(spec: dict[str, Any], children: dict[str, nn.Module]) -> nn.Module:
+    if spec["type"] == "PackedChain":
+        layers, activations, parts = _chain_of(children)
         return PackedChain(layers, activations, source_keys=spec.get("source_keys"), **parts)
+    container = CONTAINERS[spec["type"]]()
+    for key, child in children.items():
+        container.add_module(key, child)
+    return container
+
+
+def _build_layer(spec: dict[str, Any]) -> nn.Module:
+    kind = spec["type"]
     if kind in ("BlockDiagonalLinear", "MPDLinear"):
         a = spec["args"]
         layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])

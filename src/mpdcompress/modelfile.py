@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -214,38 +215,21 @@ def _check_arg_types(cls: type, args: dict[str, Any], path: Path) -> None:
             raise _fail(path, f"{cls.__name__}.{name} must be true or false, got {json.dumps(value)[:60]}")
 
 
-def declared_values(spec: Any, path: Path, _place: str = "", _counted: dict[str, int] | None = None) -> int:
+def declared_values(spec: Any, path: Path) -> int:
     """How many values the architecture ``spec`` holds in its state dict, computed without
     allocating: plain layers are built on the meta device, compressed layers from their sizes.
     A shared module counts at each place it sits, as the state dict holds it there too."""
-    counted = {} if _counted is None else _counted
-    if isinstance(spec, dict) and spec.get("type") == "Shared":
-        if spec.get("of") not in counted:
-            raise _fail(path, f"architecture entry {_place!r} shares a module that comes nowhere before it")
-        return counted[spec["of"]]
-    counted[_place] = _declared_values(spec, path, _place, counted)
-    return counted[_place]
+    from .architecture import fold
+
+    return fold(
+        spec, lambda layer: _layer_values(layer, path), lambda _, children: sum(children.values()), partial(_fail, path)
+    )
 
 
-def _declared_values(spec: Any, path: Path, place: str, counted: dict[str, int]) -> int:
-    from .architecture import CHAIN_PARTS, CONTAINERS, SUPPORTED_LAYERS, tuple_args
+def _layer_values(spec: dict[str, Any], path: Path) -> int:
+    from .architecture import SUPPORTED_LAYERS, tuple_args
 
-    def child(sub: Any, key: str) -> int:
-        return declared_values(sub, path, f"{place}.{key}".strip("."), counted)
-
-    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
-        raise _fail(path, f"architecture entry is not an object with a 'type': {json.dumps(spec)[:120]}")
     kind = spec["type"]
-    if kind in CONTAINERS:
-        children = spec.get("children", [])
-        if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 for c in children):
-            raise _fail(path, f"architecture {kind} has malformed children")
-        return sum(child(sub, str(key)) for key, sub in children)
-    if kind == "PackedChain":
-        parts = [(f"layers.{i}", s) for i, s in enumerate(spec.get("layers") or [])]
-        parts += [(f"activations.{i}", s) for i, s in enumerate(spec.get("activations") or [])]
-        parts += [(p, spec[p]) for p in CHAIN_PARTS if spec.get(p) is not None]
-        return sum(child(sub, key) for key, sub in parts)
     args = spec.get("args", {})
     if not isinstance(args, dict):
         raise _fail(path, f"architecture {kind} has malformed args")
