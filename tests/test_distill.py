@@ -256,14 +256,20 @@ def test_embeddings_are_in_sentence_order_and_unit_length(tiny_encoder):
 def test_the_pretrained_study_measures_every_row(tiny_encoder):
     model, tokenizer = tiny_encoder
     profile = PretrainedProfile(
-        factors=(2, 4), eval_sentences=60, calibration=100, distilled=(("weights", 4),), steps=30, lr=1e-3
+        factors=(2, 4),
+        eval_sentences=60,
+        calibration=100,
+        block_steps=20,
+        distilled=(("weights", 4),),
+        steps=30,
+        lr=1e-3,
     )
     results = run_pretrained_study(model, tokenizer, sentences(300), sentences(60, seed=1), profile)
     rows = {(r["masks"], r["compression"]): r for r in results["rows"]}
     assert set(rows) == {(m, c) for m in ("random", "weights", "weights-joint", "calibrated") for c in (2, 4)}
     for c in (2, 4):  # the search keeps more of the weights than a random mask does
         assert rows["weights", c]["kept_mass_mean"] > rows["random", c]["kept_mass_mean"]
-        # ...and calibration data (moments, then the refit) brings the student closer still
+        # ...and calibration data (moments, refit, block tuning) brings the student closer still
         assert rows["calibrated", c]["before"]["cosine"] > rows["weights", c]["before"]["cosine"]
     distilled = rows["weights", 4]
     assert distilled["after"]["cosine"] > distilled["before"]["cosine"]
@@ -273,6 +279,9 @@ def test_the_pretrained_study_measures_every_row(tiny_encoder):
 
     report = render_pretrained_report(results, "cmd", {"cpu": "test"})
     assert "At 4x, weight-chosen masks keep more of W² than random masks on 4 of 4 layers." in report
+    assert "tuned together (20 Adam steps)" in report
+    calibrated = rows["calibrated", 2]["before"]
+    assert f"At 2x before distillation, calibrated MPD keeps cosine {calibrated['cosine']:.3f}" in report
 
 
 def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, capsys):
@@ -280,9 +289,12 @@ def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, ca
     out = tmp_path / "student"
     argv = ["distill", "--model-dir", str(encoder_dir), "--corpus-dir", str(tmp_path / "wn"), "-c", "2"]
     argv += ["--steps", "6", "--eval-sentences", "20", "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(out)]
-    assert main([*argv, "--calibration", "64", "--quiet"]) == 0
+    assert main([*argv, "--block-steps", "3", "--quiet"]) == 2  # tuning needs the calibration sentences
+    assert "give --calibration as well" in capsys.readouterr().err
+    assert main([*argv, "--calibration", "64", "--block-steps", "3", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "compressed mlp layers at 2x (weights masks for 64 calibration sentences" in printed
+    assert "tuned 3 steps per block" in printed
     assert "after 6 steps" in printed
     loaded = mpd.hf.load_compressed(out)
     assert len(mpd.compressed_layers(loaded)) == 4

@@ -21,7 +21,7 @@ for its data and kept weights refitted; the model itself is left as it was.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,71 +31,14 @@ from .config import MPDConfig
 from .convert import LayerFilter, compressed_layers, is_transposed_linear, mpdify_
 from .errors import CompressionError, ConfigError
 from .nn import MPDLinear
-from .train.distill import batch_to, model_outputs
+from .reconstruct import default_blocks, reconstruct_
+from .taps import call_counts, check_calls, reiterable, run
 
 __all__ = ["input_moments", "refit_", "compress_calibrated"]
 
 
-def _reiterable(batches: Iterable) -> Iterable:
-    if iter(batches) is batches:
-        raise ConfigError("calibration batches are read more than once: give a list or a DataLoader, not an iterator")
-    return batches
-
-
 def _features(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).double()
-
-
-class _Enough(Exception):
-    """Raised by a hook to end a forward pass whose remaining layers are not needed."""
-
-
-def _run(model: nn.Module, batches: Iterable, hooks: dict[nn.Module, Callable], stop_after: int | None = None) -> None:
-    """Run ``model`` over ``batches`` without gradients, calling ``hooks[module](input)`` with
-    the input of each hooked module every time it runs. With ``stop_after`` (one hooked module),
-    each forward ends once that module has run that many times: the rest of it is not needed."""
-
-    def pre_hook(f: Callable) -> Callable:
-        calls = 0
-
-        def call(module: nn.Module, args: tuple) -> None:  # returns None: the input goes on unchanged
-            nonlocal calls
-            f(args[0])
-            calls += 1
-            if calls == stop_after:
-                raise _Enough
-
-        return call
-
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    with torch.no_grad():
-        for batch in batches:
-            handles = [m.register_forward_pre_hook(pre_hook(f)) for m, f in hooks.items()]
-            try:
-                model_outputs(model, batch_to(batch, device))
-            except _Enough:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-
-
-def _calls(model: nn.Module, batches: Iterable, layers: dict[str, nn.Module]) -> tuple[list[str], dict[str, list[int]]]:
-    """The names of ``layers`` in the order the forward first reaches them, and how many times
-    each runs on each batch."""
-    order: list[str] = []
-    calls: dict[str, list[int]] = {name: [] for name in layers}
-
-    def count(name: str) -> None:
-        calls[name][-1] += 1
-        if name not in order:
-            order.append(name)
-
-    for batch in batches:
-        for times in calls.values():
-            times.append(0)
-        _run(model, [batch], {m: (lambda x, n=n: count(n)) for n, m in layers.items()})
-    return order, calls
 
 
 def _linears(model: nn.Module, filter_fn: LayerFilter | None) -> dict[str, nn.Module]:
@@ -128,7 +71,7 @@ def input_moments(
     was_training = model.training
     model.eval()
     try:
-        _run(model, _reiterable(batches), {m: hook(n) for n, m in layers.items()})
+        run(model, reiterable(batches), {m: hook(n) for n, m in layers.items()})
     finally:
         model.train(was_training)
     unused = sorted(n for n, c in counts.items() if not c)
@@ -199,19 +142,27 @@ def refit_(
     batches: Iterable,
     *,
     damping: float = 0.01,
+    layers: Collection[str] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> nn.Module:
-    """Refit every compressed layer of ``student`` (masked form, from :func:`mpdify_`) to the
-    same-named dense layer of ``teacher`` on ``batches`` (see the module's description); one
-    pass over the batches per compressed layer, in the order the forward reaches them.
-    ``progress`` receives ``{"layer", "index", "layers"}`` after each layer. Returns ``student``."""
+    """Refit every compressed layer of ``student`` (masked form, from :func:`mpdify_`), or those
+    ``layers`` names, to the same-named dense layer of ``teacher`` on ``batches`` (see the
+    module's description); one pass over the batches per layer, in the order the forward reaches
+    them. ``progress`` receives ``{"layer", "index", "layers"}`` after each layer. Returns
+    ``student``."""
     if not damping > 0:
         raise ConfigError(f"damping must be positive, got {damping!r}")
     if student is teacher:
         raise ConfigError("the student must be a separate (compressed) copy of the teacher")
+    chosen = layers
     layers = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
     if not layers:
         raise CompressionError("the student has no masked MPD layer to refit (refit before pack)")
+    if chosen is not None:
+        unknown = sorted(set(chosen) - set(layers))
+        if unknown:
+            raise CompressionError(f"the student has no masked MPD layers named {unknown}")
+        layers = {n: m for n, m in layers.items() if n in chosen}
     dense: dict[str, nn.Module] = {}
     for name in layers:
         try:
@@ -220,24 +171,24 @@ def refit_(
             raise CompressionError(f"the teacher has no layer {name!r} to refit the student's to") from None
         if _dense_weight(dense[name]).shape != layers[name].weight.shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
-    batches = _reiterable(batches)
+    batches = reiterable(batches)
     modes = teacher.training, student.training
     teacher.eval()
     student.eval()
     try:
-        order, calls = _calls(student, batches, layers)
+        order, calls = call_counts(student, batches, layers)
         missing = sorted(set(layers) - set(order))
         if missing:
             raise CompressionError(f"the calibration batches never reach these layers: {missing}")
-        _check_calls(calls, _calls(teacher, batches, dense)[1])
+        check_calls(calls, call_counts(teacher, batches, dense)[1])
         for index, name in enumerate(order):
             moments = _Moments()
             # The teacher's layer runs first for each batch, then the student's same layer;
             # each forward stops at the layer's last call.
             for batch, times in zip(batches, calls[name]):
                 if times:
-                    _run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
-                    _run(student, [batch], {layers[name]: moments.student}, stop_after=times)
+                    run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
+                    run(student, [batch], {layers[name]: moments.student}, stop_after=times)
             _fit(layers[name], dense[name], moments, damping)
             if progress is not None:
                 progress({"layer": name, "index": index + 1, "layers": len(order)})
@@ -245,21 +196,6 @@ def refit_(
         teacher.train(modes[0])
         student.train(modes[1])
     return student
-
-
-def _check_calls(student: dict[str, list[int]], teacher: dict[str, list[int]]) -> None:
-    # Inputs are paired by call: a layer that runs another number of times in the teacher would
-    # be fitted to the outputs of other calls.
-    for name, times in student.items():
-        for s, t in zip(times, teacher[name]):
-            if s > t:
-                raise CompressionError(
-                    f"layer {name!r}: the student's layer ran more often than the teacher's ({s} vs {t} times on a batch)"
-                )
-            if t > s:
-                raise CompressionError(
-                    f"layer {name!r} ran more often in the teacher than in the student ({t} vs {s} times on a batch)"
-                )
 
 
 def compress_calibrated(
@@ -270,6 +206,8 @@ def compress_calibrated(
     filter_fn: LayerFilter | None = None,
     refit: bool = True,
     damping: float = 0.01,
+    block_steps: int = 0,
+    block_lr: float = 1e-3,
     progress: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> nn.Module:
@@ -277,7 +215,10 @@ def compress_calibrated(
     :func:`~mpdcompress.train.distill.distill`): selected layers get masks chosen for the mass
     ``W² E[x²]`` on ``batches`` (``masks="weights"`` unless the options say ``"weights-joint"``;
     ``"random"`` keeps random masks), then with ``refit`` their kept weights are refitted
-    (:func:`refit_`). ``config``, ``filter_fn`` and ``options`` are :func:`mpdify_`'s."""
+    (:func:`refit_`), and with ``block_steps`` tuned block by block to the model's blocks
+    (:func:`~mpdcompress.reconstruct.reconstruct_`, that many steps per block at ``block_lr``).
+    ``progress`` receives both calls' events. ``config``, ``filter_fn`` and ``options`` are
+    :func:`mpdify_`'s."""
     defaults = {} if isinstance(config, MPDConfig) else {"masks": "weights"}
     config = MPDConfig.of(config, **{**defaults, **options})
     if config.mode != "masked":
@@ -286,4 +227,17 @@ def compress_calibrated(
     student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments)
     if refit:
         refit_(student, model, batches, damping=damping, progress=progress)
+    if block_steps:
+        blocks = default_blocks(student)
+        reconstruct_(
+            student, model, batches, blocks=blocks, steps=block_steps, lr=block_lr, seed=config.seed, progress=progress
+        )
+        # Layers outside the blocks were fitted to what the blocks gave before they were tuned.
+        outside = [n for n in compressed_layers(student) if not any(_within(n, b) for b in blocks)]
+        if refit and outside:
+            refit_(student, model, batches, damping=damping, layers=outside, progress=progress)
     return student
+
+
+def _within(name: str, block: str) -> bool:
+    return block == "" or name == block or name.startswith(block + ".")

@@ -39,19 +39,34 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     test = test[: args.eval_sentences]
     reference = embed(teacher, tokenizer, test)
     filter_fn = select_roles(roles)
+    if args.block_steps and not args.calibration:
+        raise ConfigError("--block-steps tunes on the calibration sentences: give --calibration as well")
     if args.calibration:
         calibration = length_batches(tokenizer, train[: args.calibration], args.batch_size, args.seed)
-        layers = tqdm(desc="refitting", unit="layer", disable=args.quiet)
+        bars: dict[str, tqdm] = {}
 
-        def refitted(event: dict) -> None:
-            layers.total = event["layers"]
-            layers.update(1)
+        def calibrated(event: dict) -> None:
+            unit = "layer" if "layer" in event else "block"
+            if unit not in bars:
+                bars[unit] = tqdm(desc="refitting" if unit == "layer" else "tuning", unit=unit, disable=args.quiet)
+            bars[unit].total = event[f"{unit}s"]
+            bars[unit].update(1)
 
         student = compress_calibrated(
-            teacher, compression, calibration, filter_fn=filter_fn, masks=args.masks, seed=args.seed, progress=refitted
+            teacher,
+            compression,
+            calibration,
+            filter_fn=filter_fn,
+            masks=args.masks,
+            seed=args.seed,
+            block_steps=args.block_steps,
+            progress=calibrated,
         )
-        layers.close()
+        for bar in bars.values():
+            bar.close()
         how = f"{args.masks} masks for {args.calibration} calibration sentences, kept weights refitted"
+        if args.block_steps:
+            how += f" and tuned {args.block_steps} steps per block"
     else:
         student = mpdify_(copy.deepcopy(teacher), compression, filter_fn=filter_fn, masks=args.masks, seed=args.seed)
         how = f"{args.masks} masks"
@@ -104,6 +119,13 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="training sentences that choose the masks (W² E[x²]) and refit the kept weights before "
         "distilling (default 0: masks from the weights alone; after 2000 steps both end alike)",
+    )
+    p.add_argument(
+        "--block-steps",
+        type=nonnegative_int,
+        default=0,
+        help="after the refit, tune each transformer layer's compressed weights to the teacher's layer "
+        "output on the calibration sentences, this many steps per layer (default 0: no tuning)",
     )
     p.add_argument("--roles", nargs="+", choices=[*ROLE_GROUPS, *ROLES], help="layers to compress (default: mlp)")
     p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")
