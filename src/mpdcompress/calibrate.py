@@ -15,7 +15,8 @@ Two uses of a few hundred calibration inputs, neither of which trains anything:
   also corrects the error the layers before it left (as SparseGPT does for pruning).
 
 :func:`compress_calibrated` is the one call: a compressed copy of a trained model, masks chosen
-for its data and kept weights refitted; the model itself is left as it was.
+for its data and kept weights refitted, and on request tuned block by block on the same inputs
+(:mod:`mpdcompress.reconstruct`, the one step that trains); the model itself is left as it was.
 """
 
 from __future__ import annotations

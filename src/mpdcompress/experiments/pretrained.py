@@ -131,6 +131,11 @@ def run_pretrained_study(
     batches = length_batches(tokenizer, train_sentences, profile.batch_size, profile.seed)
     calibration = length_batches(tokenizer, train_sentences[: profile.calibration], profile.batch_size, profile.seed)
     students: dict[tuple[str, int], nn.Module] = {}
+
+    def tuned(event: dict[str, Any]) -> None:
+        if "block" in event:
+            say(f"  tuned {event['block']}: error {event['error_before']:.4f} -> {event['error_after']:.4f}")
+
     for c in profile.factors:
         pruned = copy.deepcopy(teacher)
         magnitude_prune_(pruned, 1 / c, filter_fn)
@@ -142,7 +147,13 @@ def run_pretrained_study(
             started = time.perf_counter()
             if masks == "calibrated":
                 student = compress_calibrated(
-                    teacher, c, calibration, filter_fn=filter_fn, seed=profile.seed, block_steps=profile.block_steps
+                    teacher,
+                    c,
+                    calibration,
+                    filter_fn=filter_fn,
+                    seed=profile.seed,
+                    block_steps=profile.block_steps,
+                    progress=tuned,
                 )
             else:
                 student = mpdify_(copy.deepcopy(teacher), c, filter_fn=filter_fn, masks=masks, seed=profile.seed)
