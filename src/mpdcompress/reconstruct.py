@@ -44,36 +44,27 @@ def default_blocks(model: nn.Module) -> list[str]:
     return sorted(blocks) or [""]
 
 
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    return value
-
-
 def _captured(model: nn.Module, block: nn.Module, batches: Sequence, calls: list[int], read: str) -> list[Any]:
-    """What ``block`` reads or gives (``read`` as for :func:`~mpdcompress.taps.run`) at each of its calls over ``batches``."""
+    """What ``block`` reads or gives (``read`` as for :func:`~mpdcompress.taps.run`) at each of
+    its calls over ``batches``; taken without gradients, so nothing holds on to a graph."""
     got: list[Any] = []
     for batch, times in zip(batches, calls):
         if times:
-            run(model, [batch], {block: lambda v: got.append(_detached(v))}, stop_after=times, read=read)
+            run(model, [batch], {block: got.append}, stop_after=times, read=read)
     return got
 
 
 def _error(block: nn.Module, inputs: list[Any], targets: list[Any]) -> float:
     with torch.no_grad():
-        return sum(distillation_loss(block(*a, **k), t, logits=()).item() for (a, k), t in zip(inputs, targets)) / len(
-            inputs
-        )
+        errors = [distillation_loss(block(*a, **k), t, logits=()).item() for (a, k), t in zip(inputs, targets)]
+    return sum(errors) / len(errors)
 
 
 def _tune(block: nn.Module, inputs: list[Any], targets: list[Any], steps: int, lr: float, seed: int) -> None:
     layers = [m for m in block.modules() if isinstance(m, MPDLinear)]
     params = [p for layer in layers for p in layer.parameters()]
-    frozen = [p for p in block.parameters() if p.requires_grad and all(p is not q for q in params)]
+    tuned = {id(p) for p in params}
+    frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in tuned]
     for p in frozen:  # the block's other weights take no gradient and stay as they are
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(params, lr=lr)
