@@ -155,30 +155,28 @@ def refit_(
         raise ConfigError(f"damping must be positive, got {damping!r}")
     if student is teacher:
         raise ConfigError("the student must be a separate (compressed) copy of the teacher")
-    chosen = layers
-    layers = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
-    if not layers:
+    masked = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
+    if not masked:
         raise CompressionError("the student has no masked MPD layer to refit (refit before pack)")
-    if chosen is not None:
-        unknown = sorted(set(chosen) - set(layers))
-        if unknown:
-            raise CompressionError(f"the student has no masked MPD layers named {unknown}")
-        layers = {n: m for n, m in layers.items() if n in chosen}
+    unknown = sorted(set(layers or ()) - set(masked))
+    if unknown:
+        raise CompressionError(f"the student has no masked MPD layers named {unknown}")
+    fitted = {n: m for n, m in masked.items() if layers is None or n in layers}
     dense: dict[str, nn.Module] = {}
-    for name in layers:
+    for name in fitted:
         try:
             dense[name] = teacher.get_submodule(name)
         except AttributeError:
             raise CompressionError(f"the teacher has no layer {name!r} to refit the student's to") from None
-        if _dense_weight(dense[name]).shape != layers[name].weight.shape:
+        if _dense_weight(dense[name]).shape != fitted[name].weight.shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
     batches = reiterable(batches)
     modes = teacher.training, student.training
     teacher.eval()
     student.eval()
     try:
-        order, calls = call_counts(student, batches, layers)
-        missing = sorted(set(layers) - set(order))
+        order, calls = call_counts(student, batches, fitted)
+        missing = sorted(set(fitted) - set(order))
         if missing:
             raise CompressionError(f"the calibration batches never reach these layers: {missing}")
         check_calls(calls, call_counts(teacher, batches, dense)[1])
@@ -189,8 +187,8 @@ def refit_(
             for batch, times in zip(batches, calls[name]):
                 if times:
                     run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
-                    run(student, [batch], {layers[name]: moments.student}, stop_after=times)
-            _fit(layers[name], dense[name], moments, damping)
+                    run(student, [batch], {fitted[name]: moments.student}, stop_after=times)
+            _fit(fitted[name], dense[name], moments, damping)
             if progress is not None:
                 progress({"layer": name, "index": index + 1, "layers": len(order)})
     finally:
