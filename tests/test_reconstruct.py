@@ -156,3 +156,26 @@ def test_transformer_layers_called_with_keywords_are_reconstructed():
             )
 
     assert error(tuned) < error(refitted)
+
+
+def test_a_block_called_with_a_cache_is_refused_until_the_batches_turn_it_off():
+    # A key-value cache grows at every call: replayed calls would see longer keys than the real
+    # forward did, and the blocks would be tuned to the wrong thing without a word.
+    transformers = pytest.importorskip("transformers")
+    from mpdcompress.roles import select_roles
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    llama = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 97, (4, 9), generator=g) for _ in range(4)]
+    student = refit_(mpd.mpdify_(copy.deepcopy(llama), 2, filter_fn=select_roles("mlp")), llama, ids)
+    with pytest.raises(CompressionError, match=r"block 'model.layers.0' is called with .*Cache.*use_cache=False"):
+        reconstruct_(copy.deepcopy(student), llama, [{"input_ids": x, "use_cache": True} for x in ids], steps=2)
+    events = []
+    batches = [{"input_ids": x, "use_cache": False} for x in ids]
+    reconstruct_(student, llama, batches, steps=20, lr=3e-3, progress=events.append)
+    assert [e["block"] for e in events] == ["model.layers.0", "model.layers.1"]
+    assert all(e["error_after"] < e["error_before"] for e in events)

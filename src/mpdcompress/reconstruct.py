@@ -54,6 +54,33 @@ def _captured(model: nn.Module, block: nn.Module, batches: Sequence, calls: list
     return got
 
 
+def _stateful(value: Any) -> str | None:
+    """The type name of the first value in ``value`` that is not plain data (a tensor, number,
+    string, None, or a tuple, list or dict of them), or None."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return next((found for v in value if (found := _stateful(v)) is not None), None)
+    return type(value).__name__
+
+
+def _check_replayable(name: str, inputs: list[Any]) -> None:
+    # Tuning calls the block again and again with the arguments of the real calls; an object
+    # the block changes when it runs (a key-value cache that grows with each call) would make
+    # every replay see another input than the real forward did, and the fit silently wrong.
+    for args, kwargs in inputs:
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            kind = _stateful(value)
+            if kind is not None:
+                raise CompressionError(
+                    f"block {name!r} is called with {key}={kind}, an object its calls may change, so "
+                    "its calls cannot be replayed: calibrate with batches that leave it out (for "
+                    "transformers models, put use_cache=False in each batch)"
+                )
+
+
 def _error(block: nn.Module, inputs: list[Any], targets: list[Any]) -> float:
     with torch.no_grad():
         errors = [distillation_loss(block(*a, **k), t, logits=()).item() for (a, k), t in zip(inputs, targets)]
@@ -136,6 +163,7 @@ def reconstruct_(
         check_calls(calls, call_counts(teacher, batches, theirs)[1])
         for index, name in enumerate(order):
             inputs = _captured(student, mine[name], batches, calls[name], "call")
+            _check_replayable(name, inputs)
             targets = _captured(teacher, theirs[name], batches, calls[name], "output")
             before = _error(mine[name], inputs, targets) if progress is not None else 0.0
             _tune(mine[name], inputs, targets, steps, lr, seed + index)
