@@ -92,6 +92,9 @@ def test_logits_are_matched_by_kl_and_other_outputs_by_relative_mse():
     assert float(distillation_loss(s, t)) == pytest.approx(0.5 * (1 / 100))  # mean of KL 0 and MSE 1/100
     with pytest.raises(ConfigError, match="differ in structure"):
         distillation_loss({"logits": t["logits"]}, t)
+    ids = {"ids": torch.tensor([1, 2])}  # token ids, nothing to match: said, not a raw torch error
+    with pytest.raises(ConfigError, match=r"no floating-point output to match among \['ids'\]"):
+        distillation_loss(ids, ids)
 
 
 def test_a_classifiers_plain_output_is_matched_by_kl_when_named_as_logits():

@@ -127,6 +127,8 @@ def distillation_loss(
             terms.append(kl * tau * tau)
         else:
             terms.append(F.mse_loss(pred, target) / target.square().mean().clamp_min(1e-12))
+    if not terms:
+        raise ConfigError(f"no floating-point output to match among {sorted(t)}")
     return torch.stack(terms).mean()
 
 
