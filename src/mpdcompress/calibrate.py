@@ -33,7 +33,7 @@ from .convert import LayerFilter, compressed_layers, is_transposed_linear, mpdif
 from .errors import CompressionError, ConfigError
 from .nn import MPDLinear
 from .reconstruct import default_blocks, reconstruct_
-from .taps import call_counts, check_calls, reiterable, run
+from .taps import evaluating, paired_calls, reiterable, run
 
 __all__ = ["input_moments", "refit_", "compress_calibrated"]
 
@@ -69,12 +69,8 @@ def input_moments(
 
         return add
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         run(model, reiterable(batches), {m: hook(n) for n, m in layers.items()})
-    finally:
-        model.train(was_training)
     unused = sorted(n for n, c in counts.items() if not c)
     if unused:
         raise CompressionError(f"the calibration batches never reach these layers: {unused}")
@@ -171,15 +167,8 @@ def refit_(
         if _dense_weight(dense[name]).shape != fitted[name].weight.shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
     batches = reiterable(batches)
-    modes = teacher.training, student.training
-    teacher.eval()
-    student.eval()
-    try:
-        order, calls = call_counts(student, batches, fitted)
-        missing = sorted(set(fitted) - set(order))
-        if missing:
-            raise CompressionError(f"the calibration batches never reach these layers: {missing}")
-        check_calls(calls, call_counts(teacher, batches, dense)[1])
+    with evaluating(teacher, student):
+        order, calls = paired_calls(student, teacher, batches, fitted, dense, "layers")
         for index, name in enumerate(order):
             moments = _Moments()
             # The teacher's layer runs first for each batch, then the student's same layer;
@@ -191,9 +180,6 @@ def refit_(
             _fit(fitted[name], dense[name], moments, damping)
             if progress is not None:
                 progress({"layer": name, "index": index + 1, "layers": len(order)})
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
     return student
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from .convert import compressed_layers
 from .errors import CompressionError, ConfigError
 from .nn import MPDLinear
-from .taps import call_counts, check_calls, reiterable, run
+from .taps import evaluating, paired_calls, reiterable, run
 from .train.distill import distillation_loss
 
 __all__ = ["default_blocks", "reconstruct_"]
@@ -152,15 +152,8 @@ def reconstruct_(
             except AttributeError:
                 raise CompressionError(f"the {whose} has no block {name!r}") from None
     batches = list(reiterable(batches))
-    modes = teacher.training, student.training
-    teacher.eval()
-    student.eval()
-    try:
-        order, calls = call_counts(student, batches, mine)
-        missing = sorted(set(names) - set(order))
-        if missing:
-            raise CompressionError(f"the calibration batches never reach these blocks: {missing}")
-        check_calls(calls, call_counts(teacher, batches, theirs)[1])
+    with evaluating(teacher, student):
+        order, calls = paired_calls(student, teacher, batches, mine, theirs, "blocks")
         for index, name in enumerate(order):
             inputs = _captured(student, mine[name], batches, calls[name], "call")
             _check_replayable(name, inputs)
@@ -178,7 +171,4 @@ def reconstruct_(
                         "error_after": after,
                     }
                 )
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
     return student

@@ -8,7 +8,8 @@ module equally often on each batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,13 +18,26 @@ from torch import nn
 from .errors import CompressionError, ConfigError
 from .train.distill import batch_to, model_outputs
 
-__all__ = ["reiterable", "run", "call_counts", "check_calls"]
+__all__ = ["reiterable", "evaluating", "run", "call_counts", "check_calls", "paired_calls"]
 
 
 def reiterable(batches: Iterable) -> Iterable:
     if iter(batches) is batches:
         raise ConfigError("calibration batches are read more than once: give a list or a DataLoader, not an iterator")
     return batches
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """``models`` in eval mode for the block, then back in the modes they were in."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 class _Enough(Exception):
@@ -113,3 +127,22 @@ def check_calls(student: dict[str, list[int]], teacher: dict[str, list[int]]) ->
                 raise CompressionError(
                     f"{name!r} ran more often in the teacher than in the student ({t} vs {s} times on a batch)"
                 )
+
+
+def paired_calls(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    mine: dict[str, nn.Module],
+    theirs: dict[str, nn.Module],
+    what: str,
+) -> tuple[list[str], dict[str, list[int]]]:
+    """:func:`call_counts` of the student's modules ``mine``, refusing any the batches never
+    reach (``what`` names them in the error) and any the teacher's same-named modules ``theirs``
+    run another number of times."""
+    order, calls = call_counts(student, batches, mine)
+    missing = sorted(set(mine) - set(order))
+    if missing:
+        raise CompressionError(f"the calibration batches never reach these {what}: {missing}")
+    check_calls(calls, call_counts(teacher, batches, theirs)[1])
+    return order, calls
