@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError, UnsupportedArchitectureError
+from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
 from .layout import BlockLayout
 from .masks import MPDMask
 from .nn.masked import MPDLinear
-from .nn.packed import ELEMENTWISE_MODULES, BlockDiagonalLinear, PackedChain
+from .nn.packed import BlockDiagonalLinear, PackedChain
 
 __all__ = [
     "describe",
@@ -30,38 +31,9 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "CONTAINERS",
     "tuple_args",
+    "construct_layer",
 ]
 
-SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {
-    cls.__name__: cls
-    for cls in (
-        nn.Linear,
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        nn.Embedding,
-        nn.MaxPool1d,
-        nn.MaxPool2d,
-        nn.AvgPool1d,
-        nn.AvgPool2d,
-        nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveMaxPool2d,
-        nn.Flatten,
-        nn.Unflatten,
-        *ELEMENTWISE_MODULES,  # every module that may sit inside a fused chain
-        nn.PReLU,
-        nn.Softmax,
-        nn.LogSoftmax,
-        nn.Dropout2d,
-    )
-}
 CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 # Constructor arguments that are not stored under their own name, or are not JSON values.
 _SKIP_ARGS = {"device", "dtype", "self", "args", "kwargs", "_weight", "_freeze", "init"}
@@ -237,9 +209,16 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
         blocks = torch.zeros(layout.compression, layout.max_rows, layout.max_cols)
         bias = torch.zeros(layout.compression * layout.max_rows) if a["bias"] else None
         return BlockDiagonalLinear(mask, blocks, bias)
-    if kind in SUPPORTED_LAYERS:
-        try:
-            return SUPPORTED_LAYERS[kind](**tuple_args(spec.get("args", {})))
-        except TypeError as exc:
-            raise ModelFileError(f"cannot build {kind} from {spec.get('args')}: {exc}") from None
-    raise ModelFileError(f"architecture names an unsupported module type {kind!r}")
+    return construct_layer(kind, spec.get("args", {}))
+
+
+def construct_layer(kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError) -> nn.Module:
+    """The ``torch.nn`` layer a file's entry names, its arguments checked against the allow-list
+    before the constructor sees them; on the current default device (the size check's is meta)."""
+    problem = check_layer_args(kind, args)
+    if problem is not None:
+        raise fail(problem)
+    try:
+        return SUPPORTED_LAYERS[kind](**tuple_args(args))
+    except Exception as exc:  # whatever else the constructor rejects (TypeError, ValueError, AssertionError)
+        raise fail(f"cannot build {kind} from {json.dumps(args)[:120]}: {type(exc).__name__}: {exc}") from None

@@ -17,7 +17,6 @@ actually holds:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 from functools import partial
@@ -197,24 +196,6 @@ def _module_values(module: nn.Module) -> int:
     return sum(t.numel() for t in module.state_dict().values())
 
 
-def _check_arg_types(cls: type, args: dict[str, Any], path: Path) -> None:
-    """An argument whose default is a number must be a number (torch stores ``eps="0.1"`` as given)."""
-    params = inspect.signature(cls.__init__).parameters
-    for name, value in args.items():
-        if name not in params:
-            raise _fail(path, f"{cls.__name__} has no argument {name!r}")
-        default = params[name].default
-        # None stays allowed where the default is a number (BatchNorm's momentum=None, for one).
-        if (
-            type(default) in (int, float)
-            and value is not None
-            and not (type(value) in (int, float) and math.isfinite(value))
-        ):
-            raise _fail(path, f"{cls.__name__}.{name} must be a number, got {json.dumps(value)[:60]}")
-        if type(default) is bool and type(value) is not bool:
-            raise _fail(path, f"{cls.__name__}.{name} must be true or false, got {json.dumps(value)[:60]}")
-
-
 def declared_values(spec: Any, path: Path) -> int:
     """How many values the architecture ``spec`` holds in its state dict, computed without
     allocating: plain layers are built on the meta device, compressed layers from their sizes.
@@ -227,7 +208,7 @@ def declared_values(spec: Any, path: Path) -> int:
 
 
 def _layer_values(spec: dict[str, Any], path: Path) -> int:
-    from .architecture import SUPPORTED_LAYERS, tuple_args
+    from .architecture import construct_layer
 
     kind = spec["type"]
     args = spec.get("args", {})
@@ -243,14 +224,8 @@ def _layer_values(spec: dict[str, Any], path: Path) -> int:
         weights = c * rows * cols if kind == "BlockDiagonalLinear" else d_out * d_in
         bias = (c * rows if kind == "BlockDiagonalLinear" else d_out) if args["bias"] else 0
         return weights + bias + d_out + d_in  # num_blocks is not stored
-    if kind not in SUPPORTED_LAYERS:
-        raise _fail(path, f"architecture names an unsupported module type {kind!r}")
-    _check_arg_types(SUPPORTED_LAYERS[kind], args, path)
-    try:
-        with torch.device("meta"):
-            module = SUPPORTED_LAYERS[kind](**tuple_args(args))
-    except Exception as exc:  # whatever the constructor rejects (TypeError, AssertionError, ...)
-        raise _fail(path, f"cannot build {kind} from {json.dumps(args)[:120]}: {type(exc).__name__}: {exc}") from None
+    with torch.device("meta"):  # no argument can move a layer off it: device= is not allowed
+        module = construct_layer(kind, args, partial(_fail, path))
     return _module_values(module)
 
 
