@@ -2,10 +2,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torch import nn
 
+import mpdcompress as mpd
 from mpdcompress.cli import main
 from mpdcompress.models import MODELS
+
+from .helpers import assert_close_to_scale
 
 
 def test_demo_runs_end_to_end_and_checks_exactness(capsys):
@@ -79,3 +83,22 @@ def test_file_system_errors_are_one_line(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mpdcompress pack: error: ") and "\n" not in err and "Errno" not in err
+
+
+@pytest.mark.parametrize("model", ["deep-mnist", "tf-cifar10"])
+def test_a_trained_cnn_file_goes_through_pack_inspect_export_and_load(model, tmp_path, capsys):
+    """The steps a CNN user takes after `train`, as the trainer prints them (0.1.0 refused the
+    file at `pack`: 'Conv2d.stride must be a number')."""
+    out = tmp_path / "run"
+    train = ["train", "--model", model, "--dataset", "fake", "--train-limit", "64", "--epochs", "1"]
+    assert main([*train, "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    masked, packed = out / "masked.safetensors", tmp_path / "packed.safetensors"
+    assert f"mpdcompress pack {masked}" in capsys.readouterr().out
+    assert main(["pack", str(masked), "-o", str(packed)]) == 0
+    assert main(["inspect", str(packed)]) == 0
+    assert main(["export", str(packed), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "error" not in capsys.readouterr().err
+    x = torch.randn(3, *MODELS[model].input_shape)
+    with torch.no_grad():
+        got, expected = mpd.load(packed).eval()(x), mpd.load(masked).eval()(x)
+    assert_close_to_scale(got, expected)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import mpdcompress as mpd
 from mpdcompress.data import (
     DataCorruptError,
     DataUnavailableError,
@@ -171,3 +172,8 @@ def test_killed_cli_run_resumes_to_the_same_weights(data_dir, tmp_path):
         json.loads((tmp_path / "run" / "result.json").read_text())["test_accuracy"]
         == json.loads((tmp_path / "ref" / "result.json").read_text())["test_accuracy"]
     )
+    # The model file the resumed run wrote loads, and computes what the uninterrupted run's does.
+    ref_model, got_model = (mpd.load(tmp_path / run / "masked.safetensors").eval() for run in ("ref", "run"))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(got_model(x), ref_model(x))
