@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -269,3 +269,64 @@ def test_pack_and_unpack_do_not_copy_the_layers_they_replace():
     restored = unpack(packed)
     assert isinstance(packed[1], PackedChain) and packed[1] is chain  # packed model untouched
     assert restored[1] is not model[1] and torch.equal(restored[1].weight, model[1].weight)
+
+
+ZERO_MOVING = {  # element-wise modules with f(0) != 0 next to those with f(0) == 0
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+    "hardsigmoid": nn.Hardsigmoid,
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+}
+
+
+@example(head=None, acts=[], tail="sigmoid", dims=[10, 7, 5], c=3, seed=0)  # the reported case
+@given(
+    head=st.none() | st.sampled_from(list(ZERO_MOVING)),
+    acts=st.lists(st.sampled_from(list(ZERO_MOVING)), max_size=2),
+    tail=st.none() | st.sampled_from(list(ZERO_MOVING)),
+    dims=st.lists(st.integers(3, 20), min_size=6, max_size=6),
+    c=st.integers(2, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_folded_and_unfolded_packed_models_train_alike(head, acts, tail, dims, c, seed):
+    """Padding never feeds anything: a folded dense head or tail (behind any element-wise
+    module) trained for a few SGD steps stays what the unfolded model becomes. 0.1.0 let f(0)
+    of a Sigmoid before an uneven folded tail reach the tail's zero padding columns, which then
+    moved the folded model away from the unfolded one."""
+    assume(head is not None or tail is not None)
+    torch.manual_seed(seed)
+    n = len(acts) + 1  # compressed layers
+    widths = dims[: n + 1 + (head is not None) + (tail is not None)]
+    mods, factors, w = [], {}, iter(zip(widths[:-1], widths[1:]))
+    if head is not None:
+        mods += [nn.Linear(*next(w)), ZERO_MOVING[head]()]
+    for i in range(n):
+        factors[str(len(mods))] = c
+        mods.append(nn.Linear(*next(w)))
+        if i < n - 1:
+            mods.append(ZERO_MOVING[acts[i]]())
+    if tail is not None:
+        mods += [ZERO_MOVING[tail](), nn.Linear(*next(w))]
+    model = mpdify_(nn.Sequential(*mods), factors, seed=seed)
+    folded, unfolded = pack(model), pack(model, fold_dense=False)
+    chain = folded[0]
+    assert isinstance(chain, PackedChain) and (chain.head is not None) == (head is not None)
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(8, widths[0], generator=g) for _ in range(3)]
+    for net in (folded, unfolded):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        for x in batches:
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    if chain.tail_columns is not None:
+        assert not chain.tail.weight[:, ~chain.tail_columns].any()
+    for (key, a), b in zip(unpack(unfolded).state_dict().items(), unpack(folded).state_dict().values()):
+        if a.is_floating_point():
+            assert_close_to_scale(b, a, rel=1e-5)
+        else:
+            assert torch.equal(a, b), key
+    with torch.no_grad():
+        assert_close_to_scale(folded(batches[0]), unfolded(batches[0]), rel=1e-5)

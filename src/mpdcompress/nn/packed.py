@@ -380,6 +380,10 @@ class PackedChain(nn.Module):
             torch.arange(rows, dtype=torch.int32, device=last.kernel_out_index.device),
             persistent=False,
         )
+        # The tail's padding columns read f(0) of the tail gap, which is not zero for Sigmoid,
+        # Softplus and the like: while gradients flow, masking them keeps their weights zero.
+        valid = None if self.tail is None or last.layout.is_even else last.kernel_out_index >= 0
+        self.register_buffer("tail_columns", valid, persistent=False)
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """The chain as plain tensors (``kernel_indices``: also what the Triton engine reads)."""
@@ -415,8 +419,14 @@ class PackedChain(nn.Module):
         if self.tail is not None:
             if self.tail_gap is not None:
                 h = self.tail_gap(h)
-            h = self.tail(h)
+            h = self._apply_tail(h)
         return h
+
+    def _apply_tail(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.tail.weight
+        if self.tail_columns is not None and torch.is_grad_enabled() and weight.requires_grad:
+            return nn.functional.linear(h, weight * self.tail_columns, self.tail.bias)
+        return self.tail(h)
 
     # -- back to the masked form ----------------------------------------------------------------------
     def _unfused_slots(self) -> list[nn.Module | int | str]:
