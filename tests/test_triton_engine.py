@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._library.custom_ops import _maybe_get_opdef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -197,9 +199,8 @@ def test_compiled_training_step_matches_eager():
 
 
 def test_dispatch_choices(monkeypatch):
-    x = torch.randn(2, 20)
-    if not torch.cuda.is_available():
-        assert engine_for(x) == "torch"  # auto: CPU tensors take the PyTorch engine
+    x, on_cpu = torch.randn(2, 20, device=DEVICE), torch.randn(2, 20)
+    assert engine_for(x) == ("triton" if x.is_cuda else "torch")  # auto: CPU tensors take the PyTorch engine
     with use_engine("triton"):
         assert engine_for(x) == "triton"  # the interpreter (or a GPU) can run it
         with pytest.raises(EngineUnavailableError, match="float64"):
@@ -212,7 +213,7 @@ def test_dispatch_choices(monkeypatch):
     monkeypatch.setattr(dispatch, "_triton_installed", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_engine("triton"), pytest.raises(EngineUnavailableError, match="CUDA"):
-        engine_for(x)
+        engine_for(on_cpu)
     with use_engine("torch"):
         assert engine_for(x) == "torch"
     with pytest.raises(ValueError, match="unknown engine 'cuda'"):
@@ -239,3 +240,53 @@ def test_tile_candidates_fit_the_kernels():
             for cfg in candidates(kernel, bucket):
                 for size in (cfg.block_b, cfg.block_r, cfg.block_k):
                     assert size >= 16 and size & (size - 1) == 0  # tl.dot needs powers of two >= 16
+
+
+class _HostSyncRefused(TorchDispatchMode):
+    """Fails on every op that makes the host wait for the device (a ``.item()``, a truth test
+    of a tensor, ``nonzero``...), including those inside our custom ops' implementations."""
+
+    SYNCS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.item.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.masked_select.default,
+    }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            raise AssertionError(f"host sync in the engine: {func}")
+        opdef = _maybe_get_opdef(func._schema.name) if func.namespace == "mpdcompress" else None
+        if opdef is not None:  # run our op's body under this mode too
+            with self:
+                return opdef._init_fn(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class _NoLaunch:
+    """A Triton kernel stand-in: ``kernel[grid](...)`` does nothing (only host code is tested)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_forward_and_backward_never_wait_for_the_device(engine, monkeypatch):
+    from mpdcompress.kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_block_linear", _NoLaunch())
+    monkeypatch.setattr(triton_kernels, "_block_weight_grad", _NoLaunch())
+    torch.manual_seed(0)
+    model = nn.Sequential(  # an uneven folded head (input gaps) and tail, a ReLU and a GELU inside
+        nn.Linear(20, 45), nn.Sigmoid(), nn.Linear(45, 33), nn.ReLU(), nn.Linear(33, 26), nn.GELU(), nn.Linear(26, 7)
+    )
+    packed = mpd.pack(mpd.mpdify_(model, 4, filter_fn=lambda module, name: name in ("2", "4")))
+    single = mpd.pack(mpd.mpdify_(nn.Linear(45, 33), 4))
+    x = torch.randn(70, 20, requires_grad=True)
+    with use_engine(engine), _HostSyncRefused():
+        for net, inp in ((packed, x), (single, torch.randn(3, 45, requires_grad=True))):
+            net(inp).sum().backward()
+            with torch.no_grad():
+                net(inp[:1])

@@ -47,6 +47,10 @@ class ChainWeights:
     in_index: Sequence[torch.Tensor] | None = None
     out_index: Sequence[torch.Tensor] | None = None
     out_features: Sequence[int] | None = None
+    # Per layer: whether its input has positions no block column reads (a folded head's padding),
+    # which an input gradient must fill with zeros: known from the layout, so no kernel asks the
+    # GPU (a host sync) whether ``in_index`` holds a -1.
+    input_gaps: Sequence[bool] | None = None
 
 
 def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:

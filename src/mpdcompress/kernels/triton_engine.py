@@ -121,8 +121,12 @@ def _block_linear(
     out_features: int,
     activation: int,
     feature_major: bool,
+    input_gaps: bool,
 ) -> Tensor:
-    """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features)."""
+    """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features).
+
+    ``input_gaps``: whether some input positions are read by no block column (see
+    ``ChainWeights.input_gaps``); the input gradient must zero them."""
     _check(x, blocks, bias)
     c, rows, cols = blocks.shape
     out = _new_activation(x.shape[0], out_features, x, feature_major)
@@ -145,18 +149,24 @@ block_linear = torch.library.custom_op("mpdcompress::block_linear", _block_linea
 
 
 @block_linear.register_fake
-def _(x, in_index, blocks, bias, out_index, out_features, activation, feature_major):
+def _(x, in_index, blocks, bias, out_index, out_features, activation, feature_major, input_gaps):
     return _new_activation(x.shape[0], out_features, x, feature_major)
 
 
 @torch.library.custom_op("mpdcompress::block_linear_input_grad", mutates_args=())
 def block_linear_input_grad(
-    dz: Tensor, out_index: Tensor, blocks: Tensor, in_index: Tensor, in_features: int, feature_major: bool
+    dz: Tensor,
+    out_index: Tensor,
+    blocks: Tensor,
+    in_index: Tensor,
+    in_features: int,
+    feature_major: bool,
+    input_gaps: bool,
 ) -> Tensor:
     """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped."""
     c, rows, cols = blocks.shape
     dx = _new_activation(dz.shape[0], in_features, dz, feature_major)
-    if (in_index < 0).any():  # padding columns are never written: they must read as zero
+    if input_gaps:  # positions no block column reads are never written: they must read as zero
         dx.zero_()
     _launch_linear(
         dz,
@@ -174,7 +184,7 @@ def block_linear_input_grad(
 
 
 @block_linear_input_grad.register_fake
-def _(dz, out_index, blocks, in_index, in_features, feature_major):
+def _(dz, out_index, blocks, in_index, in_features, feature_major, input_gaps):
     return _new_activation(dz.shape[0], in_features, dz, feature_major)
 
 
@@ -214,11 +224,12 @@ def _(dz, out_index, x, in_index, rows, cols):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, in_index, blocks, bias, out_index, out_features, activation, feature_major = inputs
+    x, in_index, blocks, bias, out_index, out_features, activation, feature_major, input_gaps = inputs
     if activation not in (tk.ACT_NONE, tk.ACT_RELU):
         raise RuntimeError("mpdcompress::block_linear is differentiable only without an epilogue or with ReLU")
     ctx.activation = activation
     ctx.has_bias = bias is not None
+    ctx.input_gaps = input_gaps
     ctx.save_for_backward(x, in_index, blocks, out_index, output if activation == tk.ACT_RELU else None)
 
 
@@ -228,13 +239,13 @@ def _backward(ctx, grad):
     c, rows, cols = blocks.shape
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _feature_major(x))
+        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _feature_major(x), ctx.input_gaps)
     if ctx.needs_input_grad[2]:
         dw = block_weight_grad(dz, out_index, x, in_index, rows, cols)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         valid = out_index >= 0
         db = dz.sum(0).index_select(0, out_index.clamp(min=0).long()) * valid
-    return dx, None, dw, db, None, None, None, None
+    return dx, None, dw, db, None, None, None, None, None
 
 
 block_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -297,7 +308,17 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
             act = None
         feature_major = not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
         op = block_linear if trains or not _plain_eager(h) else _block_linear
-        h = op(h, weights.in_index[i], blocks, bias, weights.out_index[i], weights.out_features[i], code, feature_major)
+        h = op(
+            h,
+            weights.in_index[i],
+            blocks,
+            bias,
+            weights.out_index[i],
+            weights.out_features[i],
+            code,
+            feature_major,
+            weights.input_gaps[i],
+        )
         if act is not None:
             h = act(h)
     if _feature_major(h):

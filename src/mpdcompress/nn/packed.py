@@ -214,6 +214,7 @@ class BlockDiagonalLinear(nn.Module):
         weights = ChainWeights([self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [])
         if kernel_indices:
             weights.in_index, weights.out_index = [self.kernel_in_index], [self.kernel_out_index]
+            weights.input_gaps = [False]
             weights.out_features = [self.out_features]
         return weights
 
@@ -384,6 +385,8 @@ class PackedChain(nn.Module):
         # Softplus and the like: while gradients flow, masking them keeps their weights zero.
         valid = None if self.tail is None or last.layout.is_even else last.kernel_out_index >= 0
         self.register_buffer("tail_columns", valid, persistent=False)
+        # Read here, where the layout is at hand, not per call (num_blocks is a device tensor).
+        self._head_input_gaps = self.head is not None and not first.layout.is_even
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """The chain as plain tensors (``kernel_indices``: also what the Triton engine reads)."""
@@ -407,6 +410,7 @@ class PackedChain(nn.Module):
                 out_index[-1] = self.tail_out_index
                 out_features[-1] = self.tail_out_index.numel()
             weights.in_index, weights.out_index, weights.out_features = in_index, out_index, out_features
+            weights.input_gaps = [self._head_input_gaps] + [False] * (n - 1)
         return weights
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
