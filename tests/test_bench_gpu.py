@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from mpdcompress.bench.alternatives import MonarchLinear, monarch_width  # noqa: E402
-from mpdcompress.bench.gpu import GpuProfile, layer_candidates, run_gpu_suite  # noqa: E402
+from mpdcompress.bench.gpu import GPU_KEY, GpuProfile, layer_candidates, row_summary, run_gpu_suite  # noqa: E402
 from mpdcompress.bench.gpu_report import check_targets, write_gpu_report  # noqa: E402
 
 
@@ -53,7 +53,16 @@ def test_suite_rows_report_and_targets(tmp_path):
         repeats=1,
         candidates=("dense", "packed", "packed_torch", "bmm_only", "monarch"),
     )
-    result = run_gpu_suite(profile, device="cpu", command="test")
+    seen = []
+    result = run_gpu_suite(
+        profile, device="cpu", command="test", on_row=lambda section, row, so_far: seen.append((section, row, so_far))
+    )
+    # Every row is handed over as it is measured, with the result so far (the CLI writes it).
+    assert [row for _, row, _ in seen] == result["layers"] + result["models"] + result["training"]
+    assert [section for section, _, _ in seen] == ["layers"] * 2 + ["models"] * 2 + ["training"]
+    assert all(so_far is result for _, _, so_far in seen)
+    assert row_summary("layers", result["layers"][0]).startswith("tiny fp32 batch=1: packed ")
+    assert "compact" in row_summary("training", result["training"][0])
     assert [(r["shape"], r["batch"]) for r in result["layers"]] == [("tiny", 1), ("tiny", 3)]
     for r in result["layers"]:
         assert r["packed_vs_torch_engine_error"] < 1e-5
@@ -81,3 +90,21 @@ def test_targets_compare_packed_with_its_ceiling():
     assert checks["graph: >= 4.5x dense on FC6 / LLM-MLP"]["met"] is True
     assert checks["eager batch 1: >= 2x dense on FC6 / LLM-MLP"]["met"] is False
     assert checks["graph: packed faster than monarch"]["met"] is False
+
+
+def test_the_key_profile_measures_every_key_target():
+    """One short GPU call must cover the targets of the engine work: FC6 and the LLM MLP in bf16
+    at every batch bucket against dense and the bare block GEMM, the FC stack and its training."""
+    assert {name for name, _, _ in GPU_KEY.shapes} == {"alexnet-fc6", "llm-mlp-up"}
+    assert GPU_KEY.batches == (1, 16, 128, 2048) and GPU_KEY.dtypes == ("bf16",)
+    assert {"dense", "packed", "bmm_only"} <= set(GPU_KEY.candidates)
+    assert GPU_KEY.models == ("alexnet-fc",) and GPU_KEY.training_models == ("alexnet-fc",)
+
+
+def test_bench_key_profile_is_for_a_gpu_and_conflicts_with_quick(capsys):
+    from mpdcompress.cli import main
+
+    assert main(["bench", "--profile", "key", "--out", "unused"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    assert main(["bench", "--profile", "full", "--quick", "--out", "unused"]) == 2
+    assert "two different profiles" in capsys.readouterr().err

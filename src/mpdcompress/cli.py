@@ -55,17 +55,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     command = ("mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
-    bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
-
-    def progress(msg: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(msg)
-
     if args.device.startswith("cuda"):
-        paths = _bench_gpu(args, command, progress)
+        paths = _bench_gpu(args, command)
     else:
+        if args.profile == "key":
+            raise ConfigError("--profile key measures the GPU engine's targets: use it with --device cuda")
+        bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
+
+        def progress(msg: str) -> None:
+            bar.update(1)
+            bar.set_postfix_str(msg)
+
         paths = _bench_cpu(args, command, progress)
-    bar.close()
+        bar.close()
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -104,22 +106,34 @@ def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
         changes["compile_mode"] = args.compile
     if args.no_rss:
         changes["rss_models"] = ()
-    config = _bench_profile(args, QUICK if args.quick else FULL, FULL.shapes, "", **changes)
+    config = _bench_profile(args, QUICK if _profile_name(args) == "quick" else FULL, FULL.shapes, "", **changes)
     dtype = DTYPES[args.dtype or "fp32"]
     result = run_suite(config, device=args.device, dtype=dtype, command=command, progress=progress)
     return write_bench_report(result, args.out)
 
 
-def _bench_gpu(args: argparse.Namespace, command: str, progress) -> list:
-    from .bench.gpu import GPU_FULL, GPU_QUICK, GPU_SHAPES, run_gpu_suite
+def _profile_name(args: argparse.Namespace) -> str:
+    if args.quick and args.profile not in (None, "quick"):
+        raise ConfigError(f"--quick and --profile {args.profile} ask for two different profiles")
+    return "quick" if args.quick else (args.profile or "full")
+
+
+def _bench_gpu(args: argparse.Namespace, command: str) -> list:
+    from .bench.gpu import GPU_PROFILES, GPU_SHAPES, row_summary, run_gpu_suite
     from .bench.gpu_report import write_gpu_report
 
     if args.compile:
         raise ConfigError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
     changes = {"dtypes": (args.dtype,)} if args.dtype else {}
-    profile = _bench_profile(args, GPU_QUICK if args.quick else GPU_FULL, GPU_SHAPES, "GPU ", **changes)
-    result = run_gpu_suite(profile, device=args.device, command=command, progress=progress)
-    return write_gpu_report(result, args.out)
+    profile = _bench_profile(args, GPU_PROFILES[_profile_name(args)], GPU_SHAPES, "GPU ", **changes)
+
+    def on_row(section: str, row: dict, so_far: dict) -> None:
+        # Each row as it is measured, and the report rewritten: a run cut short keeps every row.
+        if not args.quiet:
+            print(row_summary(section, row), flush=True)
+        write_gpu_report(so_far, args.out)
+
+    return write_gpu_report(run_gpu_suite(profile, device=args.device, command=command, on_row=on_row), args.out)
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -244,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(--device cuda: the GPU suite, eager and CUDA graphs, against Monarch and 2:4 too)",
     )
     bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
+    bench.add_argument(
+        "--profile",
+        choices=("full", "quick", "key"),
+        help="what to measure (default full; quick = --quick); key (--device cuda): the GPU engine's key "
+        "targets, FC6 and LLM-MLP up in bf16 at batches 1-2048, eager and CUDA graph, against dense and the "
+        "bare block GEMM, the AlexNet FC stack and its compact training step, each row printed and written "
+        "as it is measured",
+    )
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     bench.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU; fp32 and bf16 on a GPU"

@@ -25,7 +25,7 @@ from .alternatives import MonarchLinear, semi_structured_linear
 from .machine import describe_machine
 from .model import build_stack
 
-__all__ = ["GPU_SHAPES", "GpuProfile", "GPU_FULL", "GPU_QUICK", "run_gpu_suite", "DTYPES"]
+__all__ = ["GPU_SHAPES", "GpuProfile", "GPU_FULL", "GPU_QUICK", "GPU_KEY", "GPU_PROFILES", "run_gpu_suite", "DTYPES"]
 
 # (name, d_out, d_in): AlexNet's weight-heavy FC layers, an LLM MLP up-projection (4096 → 14336,
 # Llama/Mistral 7B) and BERT-base's MLP up-projection.
@@ -55,6 +55,19 @@ GPU_FULL = GpuProfile()
 GPU_QUICK = GpuProfile(
     shapes=tuple(GPU_SHAPES[:2]), batches=(1, 128), dtypes=("bf16",), models=("alexnet-fc",), repeats=5
 )
+# The engine's key targets in one short device call: FC6 and the LLM MLP up-projection in bf16 at
+# every batch bucket (dense, packed, the bare block GEMM, the PyTorch engine for its error), the
+# AlexNet FC stack and its compact training step; no rivals (the full profile has them).
+GPU_KEY = GpuProfile(
+    shapes=(GPU_SHAPES[0], GPU_SHAPES[2]),
+    batches=(1, 16, 128, 2048),
+    dtypes=("bf16",),
+    models=("alexnet-fc",),
+    repeats=5,
+    candidates=("dense", "packed", "packed_torch", "bmm_only"),
+)
+GPU_PROFILES = {"full": GPU_FULL, "quick": GPU_QUICK, "key": GPU_KEY}
+Record = Callable[[dict], None]
 
 
 def _engine(module: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,8 +154,7 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
-    rows = []
+def run_gpu_layers(profile: GpuProfile, device: str, record: Record) -> None:
     for dtype_name in profile.dtypes:
         dtype = DTYPES[dtype_name]
         for name, d_out, d_in in profile.shapes:
@@ -152,7 +164,7 @@ def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], N
                     x = torch.randn(batch, d_in, device=device, dtype=dtype)
                     with torch.no_grad():
                         error = _rel_error(fns["packed"](x), fns["packed_torch"](x))
-                    rows.append(
+                    record(
                         {
                             "shape": name,
                             "d_out": d_out,
@@ -165,14 +177,9 @@ def run_gpu_layers(profile: GpuProfile, device: str, progress: Callable[[str], N
                             "notes": notes,
                         }
                     )
-                    if progress is not None:
-                        s = rows[-1]["speedup_vs_dense"]
-                        progress(f"{name} {dtype_name} batch={batch}: packed {s['eager']['packed']:.2f}x eager")
-    return rows
 
 
-def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
-    rows = []
+def run_gpu_models(profile: GpuProfile, device: str, record: Record) -> None:
     for dtype_name in profile.dtypes:
         dtype = DTYPES[dtype_name]
         for name in profile.models:
@@ -182,7 +189,7 @@ def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], N
             fns = {"dense": dense, "packed": _engine(packed, "triton"), "packed_torch": _engine(packed, "torch")}
             for batch in profile.batches:
                 x = torch.randn(batch, *shape, device=device, dtype=dtype)
-                rows.append(
+                record(
                     {
                         "model": name,
                         "dtype": dtype_name,
@@ -190,16 +197,10 @@ def run_gpu_models(profile: GpuProfile, device: str, progress: Callable[[str], N
                         **_eager_and_graph(fns, x, device, profile.repeats),
                     }
                 )
-                if progress is not None:
-                    progress(
-                        f"{name} {dtype_name} batch={batch}: packed {rows[-1]['speedup_vs_dense']['eager']['packed']:.2f}x"
-                    )
-    return rows
 
 
-def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str], None] | None = None) -> list[dict]:
+def run_gpu_training(profile: GpuProfile, device: str, record: Record) -> None:
     """One SGD step (forward, backward, update); bf16 runs under autocast with fp32 weights."""
-    rows = []
     for dtype_name in profile.dtypes:
         dtype = DTYPES[dtype_name]
         for name in profile.training_models:
@@ -228,7 +229,7 @@ def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str],
 
                 steps[form] = step
             seconds = _time(steps, device, False, max(3, profile.repeats // 2))
-            rows.append(
+            record(
                 {
                     "model": name,
                     "dtype": dtype_name,
@@ -237,9 +238,23 @@ def run_gpu_training(profile: GpuProfile, device: str, progress: Callable[[str],
                     "speedup_vs_dense": _ratios(seconds),
                 }
             )
-            if progress is not None:
-                progress(f"training {name} {dtype_name}: compact {rows[-1]['speedup_vs_dense']['compact']:.2f}x dense")
-    return rows
+
+
+def row_summary(section: str, row: dict) -> str:
+    """One line for a measured row: what it is and packed's speed-up over dense."""
+    s = row["speedup_vs_dense"]
+    if section == "training":
+        return f"training {row['model']} {row['dtype']} batch={row['batch']}: compact {_x(s['compact'])} of dense"
+    what = row.get("shape") or row["model"]
+    ceiling = s["graph"].get("bmm_only")
+    return (
+        f"{what} {row['dtype']} batch={row['batch']}: packed {_x(s['eager']['packed'])} eager, "
+        f"{_x(s['graph']['packed'])} graph" + ("" if ceiling is None else f" (block GEMM alone {_x(ceiling)} graph)")
+    )
+
+
+def _x(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def run_gpu_suite(
@@ -247,14 +262,29 @@ def run_gpu_suite(
     *,
     device: str = "cuda",
     command: str = "mpdcompress bench --device cuda",
-    progress: Callable[[str], None] | None = None,
+    on_row: Callable[[str, dict, dict], None] | None = None,
 ) -> dict:
-    return {
+    """Every section of ``profile``; ``on_row(section, row, result so far)`` after each measured
+    row, so a caller can show it and write the partial result (a run cut short loses nothing)."""
+    result: dict = {
         "suite": "gpu",
         "command": command,
         "machine": describe_machine(device),
         "profile": asdict(profile),
-        "layers": run_gpu_layers(profile, device, progress),
-        "models": run_gpu_models(profile, device, progress),
-        "training": run_gpu_training(profile, device, progress),
+        "layers": [],
+        "models": [],
+        "training": [],
     }
+
+    def recorder(section: str) -> Record:
+        def record(row: dict) -> None:
+            result[section].append(row)
+            if on_row is not None:
+                on_row(section, row, result)
+
+        return record
+
+    run_gpu_layers(profile, device, recorder("layers"))
+    run_gpu_models(profile, device, recorder("models"))
+    run_gpu_training(profile, device, recorder("training"))
+    return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import write_atomic
+
 __all__ = ["write_gpu_report", "check_targets"]
 
 LAYER_COLUMNS = ["packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr"]
@@ -94,7 +96,7 @@ def write_gpu_report(result: dict, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     checks = check_targets(result)
     result = {**result, "targets": checks}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "bench.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     md = [
         "# mpdcompress GPU benchmark",
         "",
@@ -158,5 +160,5 @@ def write_gpu_report(result: dict, out_dir: str | Path) -> list[Path]:
         md += ["Missed:", "", "| target | where | measured | bar |", "|---|---|---|---|"]
         md += [f"| {c['target']} | {c['where']} | {_fmt(c['value'])} | {c['bar']} |" for c in missed]
         md.append("")
-    (out / "bench.md").write_text("\n".join(md))
+    write_atomic(out / "bench.md", lambda f: f.write("\n".join(md).encode()))
     return [out / "bench.json", out / "bench.md"]
