@@ -290,3 +290,50 @@ def test_forward_and_backward_never_wait_for_the_device(engine, monkeypatch):
             net(inp).sum().backward()
             with torch.no_grad():
                 net(inp[:1])
+
+
+def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp_path, monkeypatch):
+    import json
+
+    from mpdcompress.kernels import triton_kernels, tuning
+
+    monkeypatch.setattr(triton_kernels, "_block_linear", _NoLaunch())
+    monkeypatch.setattr(triton_kernels, "_block_weight_grad", _NoLaunch())
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # choose as on a GPU
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setenv("MPDCOMPRESS_TILE_CACHE", str(tmp_path / "tiles.json"))
+    measured = []
+
+    def fake_measure(options, run):  # the second candidate is always fastest
+        measured.append(options)
+        return {cfg: float(i != 1) for i, cfg in enumerate(options)}
+
+    monkeypatch.setattr(tuning, "_measure", fake_measure)
+    torch.manual_seed(0)
+    model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 12)), 4))
+    x = torch.randn(7, 32)
+    before = [p.grad for p in model.parameters()]
+    count = mpd.tune(model, x, batch_sizes=[1, 20, 300], training=True)
+    assert [p.grad for p in model.parameters()] == before  # tuning leaves no gradients behind
+    stored = json.loads((tmp_path / "tiles.json").read_text())["cpu"]
+    assert count == len(stored) == len(measured)
+    assert {tuning.TileConfig(**cfg) for cfg in stored.values()} <= {options[1] for options in measured}
+    # A forward over 8x8 blocks and the input gradient over their transposes share sizes but not
+    # strides: two choices, where a key without strides would have shared one.
+    square = [k for k in stored if k.startswith("('linear', 32, 8, 8, 4,")]
+    assert len(square) == 2, square
+    assert {k.startswith("('weight_grad'") for k in stored} == {True, False}
+
+    # A new process reads the cache: nothing is measured again.
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_measure", lambda options, run: pytest.fail("measured a cached shape"))
+    with use_engine("triton"):
+        model(torch.randn(20, 32)).sum().backward()
+
+    # While a CUDA graph is captured nothing is measured or stored, and the user is told why.
+    monkeypatch.setattr(tuning, "capturing", lambda device: True)
+    with use_engine("triton"), torch.no_grad(), pytest.warns(UserWarning, match=r"mpdcompress.tune"):
+        model(torch.randn(3000, 32))
+    assert json.loads((tmp_path / "tiles.json").read_text())["cpu"] == stored
+    with pytest.raises(mpd.errors.ConfigError, match="capture"):
+        mpd.tune(model, x)

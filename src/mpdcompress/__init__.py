@@ -10,7 +10,7 @@ from .config import MPDConfig
 from .convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack
 from .export import ExportError, export_onnx
 from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
-from .kernels import EngineUnavailableError, set_engine, use_engine
+from .kernels import EngineUnavailableError, set_engine, tune, use_engine
 from .layout import BlockLayout, validate_compression
 from .mask_search import kept_mass, mask_from_weight
 from .masks import MPDMask, layer_seed, make_mask
@@ -44,5 +44,6 @@ __all__ = [
     "ExportError",
     "use_engine",
     "set_engine",
+    "tune",
     "EngineUnavailableError",
 ]

@@ -14,6 +14,7 @@ from .dispatch import (
     use_engine,
 )
 from .torch_engine import ChainWeights, run_chain_torch
+from .tune import tune
 
 __all__ = [
     "ChainWeights",
@@ -25,5 +26,6 @@ __all__ = [
     "run_chain_torch",
     "run_packed",
     "set_engine",
+    "tune",
     "use_engine",
 ]

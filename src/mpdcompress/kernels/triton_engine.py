@@ -100,7 +100,8 @@ def _launch_linear(
             **_launch_options(cfg, x.dtype),
         )
 
-    key = ("linear", rows, cols, c, x.dtype, _feature_major(x), _feature_major(out), activation)
+    key = (rows, cols, c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
+    key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
     run(choose("linear", batch, key, x.device, run))
 
 
@@ -213,7 +214,7 @@ def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor
             **_launch_options(cfg, x.dtype),
         )
 
-    key = ("weight_grad", rows, cols, c, x.dtype, _feature_major(x), _feature_major(dz))
+    key = (rows, cols, c, str(x.dtype), _feature_major(x), _feature_major(dz))
     run(choose("weight_grad", batch, key, x.device, run))
     return dw
 

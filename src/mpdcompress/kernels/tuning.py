@@ -2,23 +2,29 @@
 
 Triton's own ``@autotune`` re-checks its cache key on every call, which cost 35-70 µs of host
 time per launch on an H100 (as much as a dense ``nn.Linear``). Here the choice is made once per
-(kernel, batch bucket, block shape, dtype, device) and later launches only look up a dict.
+(kernel, batch bucket, complete launch key, GPU model) and later launches only look up a dict.
+Choices persist in a small JSON file per GPU model (``~/.cache/mpdcompress/tiles.json``, or
+``MPDCOMPRESS_TILE_CACHE``), so a process measures only what no earlier one did.
 
-Tuning is skipped (the bucket's first candidate is used, not cached) while a CUDA graph is being
-captured, under Triton's interpreter, and when ``MPDCOMPRESS_AUTOTUNE=0``.
+Nothing is measured while a CUDA graph is being captured (the bucket's first candidate is used,
+not cached, with a warning: call :func:`mpdcompress.tune` before capturing), under Triton's
+interpreter, or when ``MPDCOMPRESS_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import EngineUnavailableError
 
-__all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates"]
+__all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates", "cache_path", "capturing"]
 
 
 @dataclass(frozen=True)
@@ -71,23 +77,54 @@ def candidates(kernel: str, bucket: int) -> list[TileConfig]:
     return [TileConfig(*row) for row in rows]
 
 
-_chosen: dict[tuple, TileConfig] = {}
+# Per GPU model: launch key (as text) -> chosen tile; loaded from the cache file on first use.
+_chosen: dict[str, dict[str, TileConfig]] = {}
+_warned: set[str] = set()
 
 
-def choose(
-    kernel: str, batch: int, shape_key: tuple, device: torch.device, run: Callable[[TileConfig], object]
-) -> TileConfig:
-    """The tile config for this call; ``run(config)`` launches the kernel (used to time candidates)."""
-    if interpreting():
-        return _INTERPRETER
-    bucket = batch_bucket(batch)
-    key = (kernel, bucket, shape_key, device.index)
-    chosen = _chosen.get(key)
-    if chosen is not None:
-        return chosen
-    options = candidates(kernel, bucket)
-    if os.environ.get("MPDCOMPRESS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return options[0]
+def cache_path() -> Path:
+    return Path(os.environ.get("MPDCOMPRESS_TILE_CACHE") or Path.home() / ".cache" / "mpdcompress" / "tiles.json")
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):  # no cache yet, or a damaged one: measure again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _table(device: torch.device) -> dict[str, TileConfig]:
+    gpu = _gpu_name(device)
+    if gpu not in _chosen:
+        stored = _read_cache().get(gpu, {})
+        table = {}
+        for key, fields in stored.items() if isinstance(stored, dict) else ():
+            try:
+                table[key] = TileConfig(**fields)
+            except TypeError:  # written by another version of the kernels
+                continue
+        _chosen[gpu] = table
+    return _chosen[gpu]
+
+
+def _save(device: torch.device) -> None:
+    from ..atomic import write_atomic
+
+    data = _read_cache()
+    data[_gpu_name(device)] = {key: asdict(cfg) for key, cfg in _chosen[_gpu_name(device)].items()}
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_path(), lambda f: f.write(json.dumps(data, indent=1, sort_keys=True).encode()))
+    except OSError as exc:  # a read-only home: the choice still holds for this process
+        warnings.warn(f"mpdcompress: cannot write the tile cache {cache_path()}: {exc}", stacklevel=3)
+
+
+def _measure(options: list[TileConfig], run: Callable[[TileConfig], object]) -> dict[TileConfig, float]:
     from triton.testing import do_bench
 
     timings = {}
@@ -97,7 +134,42 @@ def choose(
         except Exception as exc:  # a tile that needs more shared memory than the GPU has
             if "out of resource" not in str(exc).lower() and "OutOfResources" not in type(exc).__name__:
                 raise
+    return timings
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def choose(
+    kernel: str, batch: int, shape_key: tuple, device: torch.device, run: Callable[[TileConfig], object]
+) -> TileConfig:
+    """The tile config for this call; ``run(config)`` launches the kernel (used to time candidates).
+    ``shape_key`` must hold everything the launch specialises on (sizes, dtype, strides, flags)."""
+    if interpreting():
+        return _INTERPRETER
+    bucket = batch_bucket(batch)
+    key = repr((kernel, bucket, *shape_key))
+    table = _table(device)
+    chosen = table.get(key)
+    if chosen is not None:
+        return chosen
+    options = candidates(kernel, bucket)
+    if os.environ.get("MPDCOMPRESS_AUTOTUNE", "1") == "0":
+        return options[0]
+    if capturing(device):
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"mpdcompress: no measured tile for {kernel} at batch {batch} while capturing a CUDA graph; "
+                "the graph keeps an untuned tile. Call mpdcompress.tune(model, example_input) before capturing.",
+                stacklevel=2,
+            )
+        return options[0]
+    timings = _measure(options, run)
     if not timings:
         raise EngineUnavailableError(f"no tile configuration of {kernel} fits this GPU for shape {shape_key}")
-    _chosen[key] = min(timings, key=timings.get)
-    return _chosen[key]
+    table[key] = min(timings, key=timings.get)
+    _save(device)
+    return table[key]
