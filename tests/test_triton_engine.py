@@ -211,7 +211,7 @@ def test_dispatch_choices(monkeypatch):
         with pytest.raises(EngineUnavailableError, match="not installed"):
             engine_for(x)
     monkeypatch.setattr(dispatch, "_triton_installed", True)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     with use_engine("triton"), pytest.raises(EngineUnavailableError, match="CUDA"):
         engine_for(on_cpu)
     with use_engine("torch"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -100,12 +100,24 @@ def engine_for(x: torch.Tensor, has_kernel_indices: bool = True) -> str:
     return "torch"
 
 
+_triton_chain: Callable[[torch.Tensor, ChainWeights], torch.Tensor] | None = None
+
+
+def _run_triton(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
+    # Imported on first use (it imports Triton); kept in a global, as an import statement per
+    # call costs host time at batch 1.
+    global _triton_chain
+    if _triton_chain is None:
+        from .triton_engine import run_chain_triton
+
+        _triton_chain = run_chain_triton
+    return _triton_chain(x, weights)
+
+
 def run_chain(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     """Apply a packed chain to ``x`` (..., d_in) on the engine :func:`engine_for` picks."""
     if engine_for(x, weights.in_index is not None) == "triton":
-        from .triton_engine import run_chain_triton
-
-        return run_chain_triton(x, weights)
+        return _run_triton(x, weights)
     return run_chain_torch(x, weights)
 
 
@@ -113,7 +125,5 @@ def run_packed(x: torch.Tensor, module) -> torch.Tensor:
     """Apply a packed module (anything with ``chain_weights(kernel_indices)``) to ``x``; the
     kernel indices are gathered only when the Triton engine will read them."""
     if engine_for(x) == "triton":
-        from .triton_engine import run_chain_triton
-
-        return run_chain_triton(x, module.chain_weights(kernel_indices=True))
+        return _run_triton(x, module.chain_weights(kernel_indices=True))
     return run_chain_torch(x, module.chain_weights(kernel_indices=False))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor, nn
 
 from . import triton_kernels as tk
@@ -25,6 +24,11 @@ __all__ = ["run_chain_triton", "epilogue_code", "block_linear", "FEATURE_MAJOR_I
 # gathered loads read contiguous rows; smaller inputs are read in place (they are few bytes and
 # the launch is weight-bound). The last layer likewise writes feature-major and transposes.
 FEATURE_MAJOR_INPUT_MIN_BATCH = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: that is a JIT function, ~8 µs of host time per call.
+    return -(-a // b)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -79,7 +83,7 @@ def _launch_linear(
     c = weight.shape[0]
 
     def run(cfg: TileConfig) -> None:
-        grid = (triton.cdiv(batch, cfg.block_b) * triton.cdiv(rows, cfg.block_r), c)
+        grid = (_cdiv(batch, cfg.block_b) * _cdiv(rows, cfg.block_r), c)
         tk._block_linear[grid](
             x,
             in_index,
@@ -197,7 +201,7 @@ def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor
     batch = x.shape[0]
 
     def run(cfg: TileConfig) -> None:
-        grid = (triton.cdiv(rows, cfg.block_r) * triton.cdiv(cols, cfg.block_k), c)
+        grid = (_cdiv(rows, cfg.block_r) * _cdiv(cols, cfg.block_k), c)
         tk._block_weight_grad[grid](
             dz,
             out_index,
@@ -288,8 +292,9 @@ def _plain_eager(x: Tensor) -> bool:
 
 def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
     """The packed chain, one custom op per layer; same contract as the PyTorch engine."""
+    flat = x.dim() == 2  # the common case: no reshape either way (host time at batch 1)
     lead = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1])
+    h = x if flat else x.reshape(-1, x.shape[-1])
     batch = h.shape[0]
     cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     h = _autocast(h, cast)
@@ -324,4 +329,4 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
             h = act(h)
     if _feature_major(h):
         h = h.contiguous()
-    return h.reshape(*lead, h.shape[-1])
+    return h if flat else h.reshape(*lead, h.shape[-1])

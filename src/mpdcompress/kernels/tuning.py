@@ -36,8 +36,13 @@ class TileConfig:
     num_stages: int = 3
 
 
+# Triton reads TRITON_INTERPRET when its kernels are defined, so it is read once here too (a
+# per-call environment lookup was host time on every launch).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
 
 
 # The interpreter runs every program in Python: one small tile keeps test shapes multi-tile.
@@ -46,10 +51,7 @@ _INTERPRETER = TileConfig(16, 16, 16, 1, 1)
 
 def batch_bucket(batch: int) -> int:
     """Powers of two up to 4096: nearby batch sizes share one measured choice."""
-    bucket = 1
-    while bucket < min(batch, 4096):
-        bucket *= 2
-    return bucket
+    return 1 if batch <= 1 else 1 << (min(batch, 4096) - 1).bit_length()
 
 
 # (block_b, block_r, block_k, num_warps, num_stages). Small batches read weights (GEMV-like):
@@ -79,6 +81,9 @@ def candidates(kernel: str, bucket: int) -> list[TileConfig]:
 
 # Per GPU model: launch key (as text) -> chosen tile; loaded from the cache file on first use.
 _chosen: dict[str, dict[str, TileConfig]] = {}
+# The same choices by (kernel, bucket, launch key, device) as given: the per-call lookup, which
+# builds no text and asks the driver nothing.
+_recent: dict[tuple, TileConfig] = {}
 _warned: set[str] = set()
 
 
@@ -150,10 +155,14 @@ def choose(
     if interpreting():
         return _INTERPRETER
     bucket = batch_bucket(batch)
+    recent = _recent.get((kernel, bucket, shape_key, device))
+    if recent is not None:
+        return recent
     key = repr((kernel, bucket, *shape_key))
     table = _table(device)
     chosen = table.get(key)
     if chosen is not None:
+        _recent[kernel, bucket, shape_key, device] = chosen
         return chosen
     options = candidates(kernel, bucket)
     if os.environ.get("MPDCOMPRESS_AUTOTUNE", "1") == "0":
@@ -170,6 +179,6 @@ def choose(
     timings = _measure(options, run)
     if not timings:
         raise EngineUnavailableError(f"no tile configuration of {kernel} fits this GPU for shape {shape_key}")
-    table[key] = min(timings, key=timings.get)
+    table[key] = _recent[kernel, bucket, shape_key, device] = min(timings, key=timings.get)
     _save(device)
     return table[key]
