@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.errors import CompressionError, CompressionTypeError, ModelFileError, UnsupportedArchitectureError
+from mpdcompress.errors import (
+    CompressionError,
+    CompressionTypeError,
+    ModelFileError,
+    MPDCompressError,
+    UnsupportedArchitectureError,
+)
 
 
 def test_pack_and_unpack_with_nothing_to_convert():
@@ -193,3 +199,112 @@ def test_packed_models_pickle():
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """Everything a refused call must leave as it was: each module's identity and type, each
+    parameter's and buffer's identity and value (non-persistent buffers, such as masks, too)."""
+    return {
+        "modules": [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)],
+        "tensors": {
+            name: (id(t), t.detach().clone())
+            for name, t in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+        },
+    }
+
+
+def _unchanged(model: nn.Module, before: dict) -> bool:
+    after = _snapshot(model)
+    return (
+        after["modules"] == before["modules"]
+        and set(after["tensors"]) == set(before["tensors"])
+        and all(
+            after["tensors"][k][0] == ident and torch.equal(after["tensors"][k][1], value)
+            for k, (ident, value) in before["tensors"].items()
+        )
+    )
+
+
+def _three_layers(form: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 9)), 4, seed=seed)
+    return mpd.pack(model, fold_dense=False) if form == "packed" else model
+
+
+BAD_LATER_LAYER = {  # key suffix of the second compressed layer -> a value its check refuses
+    "duplicate row_order": ("row_order", lambda t: torch.zeros_like(t)),
+    "out-of-range row_order": ("row_order", lambda t: t + 100),
+    "float row_order": ("row_order", lambda t: t.double()),
+    "wrong-shape row_order": ("row_order", lambda t: t[:-1]),
+    "zero num_blocks": ("num_blocks", lambda t: torch.zeros_like(t)),
+}
+
+
+@pytest.mark.parametrize("form", ["masked", "packed"])
+@pytest.mark.parametrize("bad", sorted(BAD_LATER_LAYER))
+@pytest.mark.parametrize("strict,assign", [(True, False), (False, False), (True, True)])
+def test_load_state_dict_refusing_a_later_layer_changes_no_earlier_one(form, bad, strict, assign):
+    model, donor = _three_layers(form, 0), _three_layers(form, 1)
+    second = [name for name, m in model.named_modules() if isinstance(m, (mpd.MPDLinear, mpd.BlockDiagonalLinear))][1]
+    suffix, spoil = BAD_LATER_LAYER[bad]
+    state = donor.state_dict()
+    state[f"{second}.{suffix}"] = spoil(state[f"{second}.{suffix}"])
+    before = _snapshot(model)
+    with pytest.raises((MPDCompressError, RuntimeError)):
+        model.load_state_dict(state, strict=strict, assign=assign)
+    assert _unchanged(model, before)
+    model.load_state_dict(donor.state_dict(), strict=strict, assign=assign)  # a valid state still loads
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), donor(x))
+
+
+@pytest.mark.parametrize("form", ["masked", "packed"])
+def test_torch_s_own_load_state_dict_errors_change_nothing_either(form):
+    model, donor = _three_layers(form, 0), _three_layers(form, 1)
+    good = donor.state_dict()
+    last_bias = [k for k in good if k.endswith("bias")][-1]
+    for state, strict in (
+        ({**good, last_bias: torch.zeros(good[last_bias].numel() + 1)}, False),  # size mismatch
+        ({k: v for k, v in good.items() if k != last_bias}, True),  # a missing key
+        ({**good, "no.such.key": torch.zeros(1)}, True),  # an unexpected key
+    ):
+        before = _snapshot(model)
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            model.load_state_dict(state, strict=strict)
+        assert _unchanged(model, before)
+
+
+def test_load_state_dict_into_an_uneven_packed_layer_refuses_nonzero_padding():
+    model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(10, 7)), 3))
+    for key in ("0.weight_blocks", "0.bias"):
+        state = model.state_dict()
+        spoiled = state[key].clone()
+        spoiled.view(-1)[-1] = 6.3  # the last block's last row (or bias entry) is padding at 7 = 3 + 2 + 2
+        before = _snapshot(model)
+        with pytest.raises(CompressionError, match="padding entries are not zero"):
+            model.load_state_dict({**state, key: spoiled})
+        assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "factors,options",
+    [
+        ({"0": 4, "2": 1000}, {}),
+        ({"0": 4, "2": 2.5}, {}),
+        ({"0": 4, "2": 1000}, {"masks": "weights"}),
+        ({"0": 4, "2": 1000}, {"masks": "weights-joint"}),
+        ({"0": 4, "2": 1000}, {"mode": "compact"}),
+        ({"0": 4, "2": 1000}, {"init": "block"}),
+    ],
+)
+def test_mpdify_refusing_a_later_layer_changes_no_earlier_one(factors, options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    before = _snapshot(model)
+    with pytest.raises(MPDCompressError):
+        mpd.mpdify_(model, factors, **options)
+    assert _unchanged(model, before)

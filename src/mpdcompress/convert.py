@@ -17,6 +17,7 @@ from .errors import CompressionError, UnknownNameError
 from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
+from .nn.loading import guard_state_dict_loading
 from .nn.masked import MPDLinear
 from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .roles import mlp_pairs
@@ -94,10 +95,12 @@ def mpdify_(
     joint = (
         _joint_weight_masks(model, linears, factors, config.seed, moments) if config.masks == "weights-joint" else {}
     )
-    replacements: dict[int, MPDLinear] = {}
+    # Every mask is made (and every factor validated) before any layer changes: a refused call
+    # leaves the model as it was.
+    planned: dict[int, tuple[nn.Linear, MPDMask]] = {}
     for name, c in factors.items():
         linear = linears[name]
-        if id(linear) in replacements:
+        if id(linear) in planned:
             continue
         original = linear
         if is_transposed_linear(linear):
@@ -118,16 +121,19 @@ def mpdify_(
                 permute=config.permute,
                 name=name or type(model).__name__,
             )
-        replacements[id(original)] = MPDLinear.from_linear(linear, mask)
+        planned[id(original)] = linear, mask
+    replacements: dict[int, MPDLinear] = {}
+    for key, (linear, mask) in planned.items():
+        replacements[key] = MPDLinear.from_linear(linear, mask)
         if config.init == "block":
-            _block_fan_in_(replacements[id(original)])
+            _block_fan_in_(replacements[key])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
     if config.mode == "compact":
         # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
         # mask study address them by their Sequential keys.
         model = pack(model, inplace=True, fold_dense=False)
     model.mpd_config = config
-    return model
+    return guard_state_dict_loading(model)
 
 
 def mpdify(
@@ -294,9 +300,10 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
         shared = _shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             _fuse_sequential(seq, fold_dense, shared)
-        return _replace_modules(
+        packed = _replace_modules(
             model, lambda m: BlockDiagonalLinear.from_masked(m) if isinstance(m, MPDLinear) else None
         )
+    return guard_state_dict_loading(packed)
 
 
 def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -319,7 +326,8 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 return module.to_masked()
             return None
 
-        return _replace_modules(model, _unpack_one)
+        unpacked = _replace_modules(model, _unpack_one)
+    return guard_state_dict_loading(unpacked)
 
 
 def _copy_except(model: nn.Module, kinds: type | tuple[type, ...]) -> nn.Module:

@@ -43,6 +43,7 @@ from .modelfile import (
     read_header,
     tensor_digest,
 )
+from .nn.loading import guard_state_dict_loading
 from .nn.packed import PackedChain
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
@@ -207,15 +208,9 @@ def _check_padding(state: dict[str, torch.Tensor], manifest: dict[str, Any], pat
         layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
         if layer["kind"] != "BlockDiagonalLinear" or layout.is_even:
             continue
-        blocks = state[f"{name}.weight_blocks"]
-        if bool((blocks * (1 - layout.padding_mask().to(blocks.dtype))).any()):
-            raise ModelFileError(f"{path}: padding entries of {name}.weight_blocks are not zero")
-        if layer["bias"]:
-            bias = state[f"{name}.bias"]
-            padded = torch.ones(bias.numel(), dtype=torch.bool)
-            padded[layout.padded_row_positions()] = False
-            if bool(bias[padded].any()):
-                raise ModelFileError(f"{path}: padding entries of {name}.bias are not zero")
+        where = layout.nonzero_padding(state[f"{name}.weight_blocks"], state.get(f"{name}.bias"))
+        if where is not None:
+            raise ModelFileError(f"{path}: padding entries of {name}.{where} are not zero")
 
 
 def _check_tensors(
@@ -307,7 +302,7 @@ def load(
     _retie(skeleton, ties)
     if manifest.get("config") is not None:
         skeleton.mpd_config = _recorded_config(manifest["config"], path)
-    return skeleton.to(device)
+    return guard_state_dict_loading(skeleton.to(device))
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

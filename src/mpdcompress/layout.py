@@ -137,6 +137,21 @@ class BlockLayout:
         cols = torch.arange(self.max_cols)[None, :] < torch.tensor(self.col_sizes)[:, None]
         return rows[:, :, None] & cols[:, None, :]
 
+    def nonzero_padding(self, blocks: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+        """``"weight_blocks"`` or ``"bias"`` if that packed tensor is not zero (NaN included) at a
+        padding position, else None. Nonzero padding makes a packed layer compute something
+        other than its masked form (and differently with and without autograd)."""
+        if self.is_even:
+            return None
+        if bool((blocks * ~self.padding_mask().to(blocks.device)).any()):
+            return "weight_blocks"
+        if bias is not None:
+            padded = torch.ones(bias.numel(), dtype=torch.bool, device=bias.device)
+            padded[self.padded_row_positions().to(bias.device)] = False
+            if bool(bias[padded].any()):
+                return "bias"
+        return None
+
 
 def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
     out, acc = [], 0

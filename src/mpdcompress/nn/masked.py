@@ -108,8 +108,12 @@ class MPDLinear(nn.Linear):
         """Zero the stored weight off the mask (in place)."""
         self.weight.mul_(self.mask)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def check_incoming(self, state_dict: dict, prefix: str) -> None:
+        """Refuse a mask in ``state_dict`` that is no valid permutation pair, before anything is copied."""
         check_incoming_mask(state_dict, prefix, self.out_features, self.in_features, self.compression)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_incoming(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

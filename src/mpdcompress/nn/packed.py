@@ -205,8 +205,26 @@ class BlockDiagonalLinear(nn.Module):
         padding = None if layout.is_even else layout.padding_mask().to(device)
         self.register_buffer("padding_mask", padding, persistent=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def check_incoming(self, state_dict: dict, prefix: str) -> None:
+        """Refuse what a ``load_state_dict`` would put here that is not a valid packed layer: a
+        mask that is no permutation, or nonzero padding (checked before anything is copied)."""
         check_incoming_mask(state_dict, prefix, self.out_features, self.in_features, self.compression)
+        c = int(state_dict.get(prefix + "num_blocks", self.compression))
+        layout = BlockLayout.create(self.out_features, self.in_features, c)
+        blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
+        if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != (c, layout.max_rows, layout.max_cols):
+            return  # a missing or misshapen tensor: load_state_dict reports it itself
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
+            bias = None
+        where = layout.nonzero_padding(blocks, bias)
+        if where is not None:
+            raise CompressionError(
+                f"{prefix}{where}: padding entries are not zero (a packed layer's padding must stay zero, "
+                "or it computes something other than its masked form)"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_incoming(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
