@@ -44,6 +44,50 @@ BAD_COMMAND_LINES = [
     ["export", "{file}", "-o", "{tmp}/m.onnx", "--dynamic-dims", "0:batch"],
     ["export", "{file}", "-o", "{tmp}/m.onnx", "--example-inputs", "{png}"],
     ["pack", "{file}", "-o", "{tmp}/p.safetensors", "--model-class", "os:path"],
+    # What the second hardening audit found printing tracebacks or accepting nonsense:
+    ["inspect", "{huge_number}"],
+    ["pack", "{huge_number}", "-o", "{tmp}/p.safetensors"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--input-shape", "100000", "100000"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--input-shape", "7"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--dynamic-dims", "0=a", "1=a"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--dynamic-dims", "0=a", "0=b"],
+    ["export", "{file}", "-o", "{tmp}/m.onnx", "--example-inputs", "{wrong_names}"],
+    ["train", "--device", "tpu", "--dataset", "fake", "--train-limit", "64"],
+    ["train", "--device", "cpu:abc", "--dataset", "fake", "--train-limit", "64"],
+    ["bench", "--device", "tpu", "--quick"],
+    ["train", "--seed", str(10**23), "--dataset", "fake", "--train-limit", "64"],
+    ["train", "--nproc", "4", "--dataset", "fake", "--train-limit", "64"],
+    [
+        "train",
+        "--lr",
+        "1e30",
+        "--dataset",
+        "fake",
+        "--train-limit",
+        "256",
+        "--epochs",
+        "1",
+        "--out",
+        "{tmp}/n",
+        "--quiet",
+    ],
+    ["inspect", "{file}", "--model", "lenet300"],
+    ["bench", "--models", "nosuch", "--quiet", "--out", "{tmp}/b"],
+    ["pack", "{file}", "-o", "{tmp}/q.safetensors", "--model-class", "{user_dir}/broken.py:Net"],
+    ["pack", "{file}", "-o", "{tmp}/q.safetensors", "--model-class", "{user_dir}/raises.py:Net"],
+    [
+        "pack",
+        "{file}",
+        "-o",
+        "{tmp}/q.safetensors",
+        "--model-class",
+        "{user_dir}/net.py:Net",
+        "--model-kwargs",
+        '{{"n": -4}}',
+    ],
+    ["pack", "{file}", "-o", "{png_dir}"],
+    ["pack", "{file}", "-o", ""],
+    ["pack", "{file}", "-o", "{png}/under.safetensors"],
 ]
 
 
@@ -56,7 +100,31 @@ def paths(tmp_path_factory):
     png_dir.mkdir()
     (png_dir / "checkpoint.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     (tmp / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    return {"file": str(file), "tmp": str(tmp), "png": str(tmp / "x.png"), "png_dir": str(png_dir)}
+    # BatchNorm's eps 1e-05 edited to 1e905: a float JSON reads as infinity.
+    blob = mpd.save(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)), 2), tmp / "bn.safetensors")
+    blob = blob.read_bytes()
+    at = blob.index(b"1e-05") + 2
+    (tmp / "huge.safetensors").write_bytes(blob[:at] + b"9" + blob[at + 1 :])
+    from safetensors.torch import save_file
+
+    save_file({"no_such_argument": torch.randn(2, 8)}, tmp / "wrong.safetensors")
+    users = tmp / "user"
+    users.mkdir()
+    (users / "broken.py").write_text("def f(:\n")
+    (users / "raises.py").write_text("raise RuntimeError('configuration missing')\n")
+    (users / "net.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self, n=8):\n"
+        "        super().__init__()\n        self.l = torch.nn.Linear(n, 2)\n"
+    )
+    return {
+        "file": str(file),
+        "tmp": str(tmp),
+        "png": str(tmp / "x.png"),
+        "png_dir": str(png_dir),
+        "huge_number": str(tmp / "huge.safetensors"),
+        "wrong_names": str(tmp / "wrong.safetensors"),
+        "user_dir": str(users),
+    }
 
 
 @pytest.mark.parametrize("argv", BAD_COMMAND_LINES, ids=lambda a: " ".join(a)[:60])

@@ -308,3 +308,89 @@ def test_mpdify_refusing_a_later_layer_changes_no_earlier_one(factors, options):
     with pytest.raises(MPDCompressError):
         mpd.mpdify_(model, factors, **options)
     assert _unchanged(model, before)
+
+
+def test_misuse_of_public_calls_raises_our_errors(tmp_path):
+    """Each of these raised a plain TypeError, AttributeError, RuntimeError, ValueError or
+    AssertionError from deep inside before; now an MPDCompressError that says what to change."""
+    path = mpd.save(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6)), 2), tmp_path / "m.safetensors")
+    calls = {
+        "unknown option": (lambda: mpd.mpdify_(nn.Linear(8, 8), 4, bogus=1), "unknown option"),
+        "not a module": (lambda: mpd.mpdify_("x", 4), "torch.nn.Module"),
+        "template not a module": (lambda: mpd.load(path, model="x"), "torch.nn.Module"),
+        "bad device": (lambda: mpd.load(path, device="bogus"), "not a device name"),
+        "unsupported device": (lambda: mpd.load(path, device="meta"), "runs on cpu or cuda"),
+        "input shape": (lambda: mpd.save(mpd.pack(mpd.load(path)), tmp_path / "p", input_shape=("a",)), "input_shape"),
+        "huge seed": (lambda: mpd.mpdify_(nn.Linear(8, 8), 2, seed=10**23), "seed must be from 0"),
+    }
+    if not torch.cuda.is_available():
+        calls["cuda without cuda"] = (lambda: mpd.load(path, device="cuda"), "is_available")
+    for name, (call, message) in calls.items():
+        with pytest.raises(MPDCompressError, match=message):
+            call()
+
+
+def test_mpdify_under_a_meta_default_device_draws_its_masks_on_the_cpu():
+    with torch.device("meta"):
+        model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2, seed=3)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    reference = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2, seed=3)
+    assert torch.equal(model[0].row_order, reference[0].row_order)
+    assert torch.equal(model[2].mask, reference[2].mask)
+
+
+def _resign(blob: bytes, edit) -> bytes:
+    from .test_file_campaign import _resigned
+
+    return _resigned(blob, edit)
+
+
+def test_forged_architectures_are_refused_as_model_file_errors(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mpdcompress.modelfile import manifest_digest
+
+    torch.manual_seed(0)
+    model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4)), 2))
+    path = mpd.save(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors, manifest = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mpdcompress"])
+
+    def forge(name, edit, drop=()):
+        forged = json.loads(json.dumps(manifest))
+        edit(forged)
+        for key in drop:
+            del forged["sha256"][key]
+        forged["manifest_sha256"] = manifest_digest(forged)
+        kept = {k: v for k, v in tensors.items() if k not in drop}
+        save_file(kept, tmp_path / name, metadata={"mpdcompress": json.dumps(forged)})
+        return tmp_path / name
+
+    def source_keys(m):
+        m["architecture"]["children"][0][1]["source_keys"] = [{"a": 1}, None, 5]
+
+    norm, index = "3.weight", "0.layers.1.row_order"  # 4 values each
+    forgeries = [
+        (forge("keys", source_keys), "source_keys"),
+        (forge("tie", lambda m: m.update(ties={norm: index}), drop=[norm]), "different kinds"),  # weight -> indices
+    ]
+    for forged, message in forgeries:
+        with pytest.raises(ModelFileError, match=message):
+            mpd.load(forged)
+
+
+def test_temporary_files_of_a_dead_writer_are_removed_at_the_next_write_whatever_their_age(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".m.safetensors.{int(dead.stdout)}.x1y2.tmp"  # its writer has exited
+    running = tmp_path / f".m.safetensors.{os.getpid()}.a1b2.tmp"  # a write of this process
+    orphan.write_bytes(b"x" * 100)
+    running.write_bytes(b"x")
+    mpd.save(mpd.mpdify_(nn.Sequential(nn.Linear(4, 4)), 2), tmp_path / "m.safetensors")
+    assert not orphan.exists() and running.exists()

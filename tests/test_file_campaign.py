@@ -193,3 +193,39 @@ def test_nonzero_padding_in_a_packed_file_is_refused(tmp_path):
         layer.weight_blocks[pad] = 0.5
     with pytest.raises(ModelFileError, match="padding entries"):
         load(save(model, tmp_path / "p.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "what,edit,message",
+    [
+        (
+            "100,000 extra ReLUs",
+            lambda m: m["architecture"]["children"].extend([[f"x{i}", {"type": "ReLU"}] for i in range(100_000)]),
+            "larger than",
+        ),
+        (
+            "a million-entry kernel list",
+            lambda m: m["architecture"]["children"].append(
+                ["p", {"type": "MaxPool1d", "args": {"kernel_size": [2] * 1_000_000}}]
+            ),
+            "larger than",
+        ),
+        ("nesting 300 deep", lambda m: m.update(architecture=_nested(m["architecture"], 300)), "deep"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_architectures_out_of_proportion_to_the_file_are_refused_quickly(files, what, edit, message, tmp_path):
+    path, _ = files["packed"]
+    mutant = _resigned(path.read_bytes(), edit)
+    (tmp_path / "m.safetensors").write_bytes(mutant)
+    before, started = _peak_rss_mib(), time.perf_counter()
+    with pytest.raises(ModelFileError, match=message):
+        load(tmp_path / "m.safetensors")
+    assert time.perf_counter() - started < 5.0
+    assert _peak_rss_mib() - before < 2 * len(mutant) / 2**20 + 50
+
+
+def _nested(entry: dict, depth: int) -> dict:
+    for _ in range(depth):
+        entry = {"type": "Sequential", "children": [["0", entry]]}
+    return entry

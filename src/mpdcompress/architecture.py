@@ -143,6 +143,9 @@ def _child_specs(spec: dict[str, Any], fail: Callable[[str], Exception]) -> list
         lists = spec.get("layers") or [], spec.get("activations") or []
         if not all(isinstance(x, list) for x in lists):
             raise fail("architecture PackedChain has malformed layers or activations")
+        keys = spec.get("source_keys")
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise fail("architecture PackedChain has malformed source_keys (a list of strings)")
         return _chain_children(*lists, {part: spec.get(part) for part in CHAIN_PARTS})
     return None
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .errors import ConfigError
+
 __all__ = ["write_atomic", "atomic_path"]
 
 # A temporary file of ours untouched for this long belongs to a write that was killed.
@@ -18,14 +20,43 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours to signal
+        return True
+    return True
+
+
 def _remove_stale_temps(path: Path) -> None:
-    now = time.time()
-    for old in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+    """Remove temporary files of earlier writes to ``path`` that were killed: at once when the
+    writing process (named in the file name) is gone, else once they are an hour old."""
+    now, prefix = time.time(), _temp_prefix(path)
+    for old in path.parent.glob(f"{prefix}*.tmp"):
+        writer = old.name[len(prefix) :].split(".")[0]
         try:
-            if now - old.stat().st_mtime > _STALE_SECONDS:
+            dead = writer.isdigit() and int(writer) != os.getpid() and not _alive(int(writer))
+            if dead or now - old.stat().st_mtime > _STALE_SECONDS:
                 old.unlink()
         except OSError:
             pass  # another process finished or removed it
+
+
+def _check_target(given: str | os.PathLike) -> Path:
+    """The path to write, or ConfigError naming what is wrong with the user's path."""
+    if os.fspath(given).strip() in ("", "."):  # Path("") reads as "."
+        raise ConfigError("the output path is empty: give the path of a file to write")
+    path = Path(given)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the path of a file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    return path
 
 
 def _final_mode(path: Path) -> int:
@@ -53,10 +84,11 @@ def atomic_path(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
     and rename it over ``path``. On any error the temporary file is removed and ``path`` is left
     as it was. The file gets the permissions a plain write would give, not mkstemp's 0600;
     temporary files of earlier writes that were killed are removed."""
-    path = Path(path)
+    path = _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    # The writer's pid in the name tells a later write whether this one is still running.
+    fd, name = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
     try:
         os.close(fd)

@@ -8,9 +8,9 @@ import sys
 from .cli_distill import add_distill_parser
 from .cli_models import add_model_class_arguments
 from .cli_train import add_train_parser
-from .cli_types import nonnegative_int, opset, positive_int
+from .cli_types import device_name, nonnegative_int, opset, positive_int, seed
 from .errors import ConfigError, MPDCompressError, UnknownNameError
-from .models import MODELS
+from .models import MODELS, model_spec
 
 __all__ = ["main"]
 
@@ -84,6 +84,8 @@ def _bench_profile(args: argparse.Namespace, base, shapes, what: str, **changes)
         if unknown:
             raise UnknownNameError(f"unknown {what}layer shapes {unknown}; choose from {sorted(known)}")
         changes["shapes"] = tuple(known[name] for name in args.shapes)
+    for name in args.models or ():  # refused before any measurement, not after minutes of them
+        model_spec(name)
     for key in ("factors", "batches", "models"):
         if getattr(args, key):
             changes[key] = tuple(getattr(args, key))
@@ -156,6 +158,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .summary import file_summary, model_summary
 
+    if args.model and args.file:
+        raise ConfigError("give a model file or --model NAME, not both")
     if args.model:
         s = model_summary(args.model, args.compression)
         paper = s["paper_fc_weights_dense"] is not None
@@ -248,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="mask, train, pack and check a small model on synthetic data")
     demo.add_argument("--compression", "-c", type=positive_int, default=10)
     demo.add_argument("--steps", type=positive_int, default=400)
-    demo.add_argument("--seed", type=nonnegative_int, default=0)
+    demo.add_argument("--seed", type=seed, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bare block GEMM, the AlexNet FC stack and its compact training step, each row printed and written "
         "as it is measured",
     )
-    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    bench.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:N]")
     bench.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU; fp32 and bf16 on a GPU"
     )
@@ -292,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="fewer epochs and masks (minutes instead of hours)")
     rp.add_argument("--out", default="results/reproduction")
     rp.add_argument("--data", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
-    rp.add_argument("--seed", type=nonnegative_int, default=0)
+    rp.add_argument("--seed", type=seed, default=0)
     rp.add_argument("--quiet", action="store_true")
     rp.add_argument(
         "--render-only", action="store_true", help="only rewrite report.md from the results.json in --out (no training)"

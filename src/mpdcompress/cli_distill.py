@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import nonnegative_int, positive_float, positive_int
+from .cli_types import nonnegative_int, positive_float, positive_int, seed
 from .config import MASKS, MODES
 from .errors import ConfigError
 from .roles import ROLE_GROUPS, ROLES
@@ -135,7 +135,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--eval-sentences", type=positive_int, default=1000, help="held-out sentences to evaluate on")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written every --checkpoint-every steps")
     p.add_argument("--checkpoint-every", type=positive_int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")

@@ -9,9 +9,13 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 from pathlib import Path
 
 from .errors import ConfigError
+
+# Values of the random example the export traces with: 2**28 floats are 1 GiB.
+_MAX_EXAMPLE_VALUES = 2**28
 
 __all__ = ["add_model_class_arguments", "load_model_file", "example_inputs", "parse_dynamic_dims"]
 
@@ -26,6 +30,11 @@ def add_model_class_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for --model-class, as a JSON object"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _user_class(spec: str):
@@ -44,6 +53,8 @@ def _user_class(spec: str):
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"--model-class: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while it ran (SyntaxError, its own errors)
+        raise ConfigError(f"--model-class: your module {module_name!r} failed: {_first_line(exc)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"--model-class: {module_name!r} has no {class_name!r}")
@@ -69,8 +80,8 @@ def load_model_file(path: str, args: argparse.Namespace):
     cls = _user_class(args.model_class)
     try:
         template = cls(**kwargs)
-    except TypeError as exc:  # the keywords do not fit the class's constructor
-        raise ConfigError(f"--model-class: cannot build {cls.__name__}(**{kwargs}): {exc}") from None
+    except Exception as exc:  # the keywords do not fit, or the user's constructor raised
+        raise ConfigError(f"--model-class: your {cls.__name__}(**{kwargs}) failed: {_first_line(exc)}") from None
     if not isinstance(template, nn.Module):
         raise ConfigError(f"--model-class built a {type(template).__name__}, not a torch.nn.Module")
     return load(path, model=template)
@@ -82,6 +93,10 @@ def parse_dynamic_dims(items: list[str]) -> dict[int, str]:
         axis, sep, name = item.partition("=")
         if not sep or not axis.isdigit() or not name.isidentifier():
             raise ConfigError(f"--dynamic-dims takes AXIS=NAME items (0=batch 1=sequence), got {item!r}")
+        if int(axis) in dims:
+            raise ConfigError(f"--dynamic-dims names axis {axis} twice ({dims[int(axis)]} and {name})")
+        if name in dims.values():
+            raise ConfigError(f"--dynamic-dims gives the name {name!r} to two axes; each dynamic axis needs its own")
         dims[int(axis)] = name
     return dims
 
@@ -105,6 +120,11 @@ def example_inputs(model, args: argparse.Namespace, shape: tuple[int, ...] | Non
         return dict(sorted(tensors.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if shape is None:
         raise ConfigError("the file does not record its input shape; pass --input-shape (or --example-inputs)")
+    if 2 * math.prod(shape) > _MAX_EXAMPLE_VALUES:
+        raise ConfigError(
+            f"an example input of shape (2, {', '.join(map(str, shape))}) would hold {2 * math.prod(shape):,} values; "
+            f"the export traces with at most {_MAX_EXAMPLE_VALUES:,} (check --input-shape)"
+        )
     if args.input_dtype == "int64":
         embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
         return torch.randint(0, min(embeddings or [2]), (2, *shape))

@@ -10,7 +10,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from .cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .cli_types import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
+from .errors import ConfigError
 
 __all__ = ["add_train_parser"]
 
@@ -50,7 +51,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         default="block",
         help="block: fan-in = block width (default); dense: nn.Linear's initialization",
     )
-    tr.add_argument("--seed", type=nonnegative_int, default=0, help="initialization and data order")
+    tr.add_argument("--seed", type=seed, default=0, help="initialization and data order")
     tr.add_argument("--mask-seed", type=nonnegative_int, help="masks (default: --seed)")
     tr.add_argument("--epochs", type=positive_int)
     tr.add_argument(
@@ -70,7 +71,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--workers", type=nonnegative_int, default=4, help="image-decoding processes per rank (ImageNet folders)"
     )
-    tr.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's local GPU)")
+    tr.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (under torchrun: each rank's local GPU)"
+    )
     tr.add_argument("--data", dest="data_root", help="data folder (default $MPDCOMPRESS_DATA or ~/.cache/mpdcompress)")
     tr.add_argument(
         "--out",
@@ -161,6 +164,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.distributed import barrier, shutdown
 
     config = _config(args)
+    if args.nproc and not args.dry_run:
+        raise ConfigError(
+            f"--nproc plans a run with --dry-run; to train with {args.nproc} processes, start "
+            f"`torchrun --nproc_per_node={args.nproc} -m mpdcompress train ...`"
+        )
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", args.nproc or 1))
         if int(os.environ.get("RANK", 0)) == 0:

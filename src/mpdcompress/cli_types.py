@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "opset"]
+__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "opset", "seed", "device_name"]
 
 
 def _number(kind, text: str, ok, what: str):
@@ -42,3 +42,22 @@ def opset(text: str) -> int:
     return _number(
         int, text, lambda v: MIN_OPSET <= v <= top, f"an ONNX opset this exporter writes ({MIN_OPSET}..{top})"
     )
+
+
+def seed(text: str) -> int:
+    from .config import MAX_SEED
+
+    return _number(int, text, lambda v: 0 <= v <= MAX_SEED, "a seed from 0 to 2**63 - 1")
+
+
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked when it is used)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: mpdcompress runs on cpu or cuda devices")
+    return text

@@ -7,9 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from .errors import CompressionTypeError, ConfigError
 
-__all__ = ["MPDConfig", "MODES", "INITS", "MASKS", "check_choice"]
+__all__ = ["MPDConfig", "MODES", "INITS", "MASKS", "MAX_SEED", "check_choice", "checked_device"]
+
+# torch.manual_seed and numpy take seeds up to 2**64 - 1; a signed 64-bit seed fits everywhere.
+MAX_SEED = 2**63 - 1
+DEVICE_TYPES = ("cpu", "cuda")
 
 Mode = Literal["masked", "compact"]
 Init = Literal["dense", "block"]
@@ -23,6 +29,22 @@ INITS: tuple[str, ...] = ("dense", "block")
 # weights-joint: the same, with the hidden units between layers that feed each other (an MLP's
 # up and down projections) grouped once for both, so no permutation is left between them.
 MASKS: tuple[str, ...] = ("random", "weights", "weights-joint")
+
+
+def checked_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that mpdcompress can use here (``cpu``, or ``cuda[:N]``
+    where CUDA is available), else :class:`ConfigError` saying why."""
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"{what} must be a device name such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{what} {str(device)!r} is not a device name: {str(exc).splitlines()[0][:120]}") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise ConfigError(f"{what} {str(device)!r}: mpdcompress runs on {' or '.join(DEVICE_TYPES)} devices")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} {str(device)!r} was asked for but torch.cuda.is_available() is False")
+    return resolved
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -60,6 +82,8 @@ class MPDConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         if not isinstance(self.permute, bool):
             raise CompressionTypeError(f"permute must be a bool, got {type(self.permute).__name__}")
         if not isinstance(self.compression, Mapping) and (
@@ -73,6 +97,11 @@ class MPDConfig:
     @classmethod
     def of(cls, config: "MPDConfig | int | Mapping[str, int]", **options: Any) -> "MPDConfig":
         """``config`` with ``options`` replaced if it is an MPDConfig, else ``MPDConfig(config, **options)``."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)} - {"compression"})
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)}; MPDConfig takes seed, permute, mode, init and masks"
+            )
         if not isinstance(config, cls):
             return cls(config, **options)
         return dataclasses.replace(config, **options) if options else config

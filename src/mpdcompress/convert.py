@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import MPDConfig
-from .errors import CompressionError, UnknownNameError
+from .errors import CompressionError, CompressionTypeError, UnknownNameError
 from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
@@ -62,6 +62,8 @@ def mpdify_(
     :func:`~mpdcompress.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
+    if not isinstance(model, nn.Module):
+        raise CompressionTypeError(f"mpdify_ takes a torch.nn.Module, got {type(model).__name__}")
     config = MPDConfig.of(config, **options)
     linears = {
         name: module

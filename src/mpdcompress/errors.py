@@ -22,6 +22,7 @@ __all__ = [
     "DataUnavailableError",
     "DataCorruptError",
     "CheckpointError",
+    "TrainingDiverged",
     "MaskMismatchError",
     "DistributedFailure",
     "NonFiniteWeightsWarning",
@@ -87,6 +88,10 @@ class DataCorruptError(MPDCompressError, ValueError):
 
 class CheckpointError(MPDCompressError, ValueError):
     """A training checkpoint that cannot resume this run."""
+
+
+class TrainingDiverged(MPDCompressError, RuntimeError):
+    """The training loss stopped being a finite number (a learning rate far too high, say)."""
 
 
 class MaskMismatchError(MPDCompressError, RuntimeError):

@@ -68,11 +68,14 @@ def export_onnx(
         options["dynamic_shapes"] = dims
     # The exporter reports progress on stdout, logs and warns about optional packages; a library
     # stays quiet, and leaves the caller's model mode and logging as it found them.
-    logger = logging.getLogger("torch.onnx")
+    # torch also logs whole stack traces of failed tracing steps before it raises: the raised
+    # ExportError says what failed.
+    logger = logging.getLogger("torch")
     level, modes = logger.level, [(module, module.training) for module in model.modules()]
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     model.eval()
     try:
+        _check_runs(model, args, kwargs)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -86,6 +89,8 @@ def export_onnx(
                 verbose=False,
                 **options,
             )
+    except ExportError:
+        raise
     except Exception as exc:  # the exporter raises many unrelated types; one precise one for callers
         raise ExportError(f"ONNX export failed: {exc}") from exc
     finally:
@@ -96,6 +101,20 @@ def export_onnx(
     if written != opset:  # torch falls back to another opset without failing
         raise ExportError(f"ONNX export wrote opset {written} where opset {opset} was asked for")
     return atomic_path(path, lambda tmp: program.save(str(tmp)))
+
+
+def _check_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """One eager forward on the example, so that inputs the model cannot take are refused with
+    the model's own error instead of a tracer's."""
+    try:
+        with torch.no_grad(), use_engine("torch"):
+            model(*args, **kwargs)
+    except Exception as exc:
+        shapes = [tuple(t.shape) for t in args] + [f"{k}={tuple(t.shape)}" for k, t in kwargs.items()]
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ExportError(
+            f"the model does not run on the example inputs {shapes}: {type(exc).__name__}: {message}"
+        ) from None
 
 
 def _split_inputs(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:

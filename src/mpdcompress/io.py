@@ -23,10 +23,11 @@ from torch import nn
 from ._version import __version__
 from .architecture import UnsupportedArchitectureError, build, describe
 from .atomic import write_atomic
-from .config import MPDConfig
+from .config import MPDConfig, checked_device
 from .convert import compressed_layers, mpdify_, pack
 from .errors import (
     CompressionError,
+    CompressionTypeError,
     ConfigError,
     ModelFileError,
     MPDCompressError,
@@ -106,6 +107,12 @@ def save(
     from safetensors.torch import save as st_save
 
     path = Path(path)
+    if not isinstance(model, nn.Module):
+        raise CompressionTypeError(f"save() takes a torch.nn.Module, got {type(model).__name__}")
+    if input_shape is not None and not (
+        isinstance(input_shape, (tuple, list)) and all(type(d) is int and d >= 1 for d in input_shape)
+    ):
+        raise ConfigError(f"input_shape must be a tuple of positive ints (no batch dimension), got {input_shape!r}")
     layers = _compressed_manifest(model)
     if not layers:
         raise CompressionError("model has no compressed layer; call mpdify_() (and pack()) first")
@@ -278,6 +285,9 @@ def load(
 
     if on_nonfinite not in ("error", "warn", "ignore"):
         raise ConfigError(f"on_nonfinite must be 'error', 'warn' or 'ignore', got {on_nonfinite!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise CompressionTypeError(f"load(model=...) takes a torch.nn.Module template, got {type(model).__name__}")
+    device = checked_device(device)
     path = Path(path)
     header = read_header(path)
     manifest = parse_manifest(header, path)
@@ -318,6 +328,10 @@ def _check_ties(ties: dict[str, str], expected: dict[str, torch.Tensor], tensors
             raise ModelFileError(f"{path}: the tie {alias!r} -> {key!r} does not fit the model's tensors")
         if tuple(expected[alias].shape) != tuple(tensors[key].shape):
             raise ModelFileError(f"{path}: tied tensors {alias!r} and {key!r} differ in shape")
+        # Index arrays are stored in the smallest integer type, so compare kinds, not dtypes.
+        kinds = {t.dtype.is_floating_point for t in (expected[alias], tensors[key])}
+        if len(kinds) > 1 or alias.endswith(_INDEX_SUFFIXES) != key.endswith(_INDEX_SUFFIXES):
+            raise ModelFileError(f"{path}: the tie {alias!r} -> {key!r} joins tensors of different kinds")
 
 
 def _retie(model: nn.Module, ties: dict[str, str]) -> None:

@@ -133,8 +133,8 @@ class BlockLayout:
 
     def padding_mask(self) -> torch.Tensor:
         """``(c, max_rows, max_cols)`` bool tensor: True where a padded block holds a real weight."""
-        rows = torch.arange(self.max_rows)[None, :] < torch.tensor(self.row_sizes)[:, None]
-        cols = torch.arange(self.max_cols)[None, :] < torch.tensor(self.col_sizes)[:, None]
+        rows = torch.arange(self.max_rows, device="cpu")[None, :] < torch.tensor(self.row_sizes, device="cpu")[:, None]
+        cols = torch.arange(self.max_cols, device="cpu")[None, :] < torch.tensor(self.col_sizes, device="cpu")[:, None]
         return rows[:, :, None] & cols[:, None, :]
 
     def nonzero_padding(self, blocks: torch.Tensor, bias: torch.Tensor | None) -> str | None:
@@ -162,11 +162,11 @@ def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _groups(sizes: tuple[int, ...]) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return torch.repeat_interleave(torch.arange(len(sizes), device="cpu"), torch.tensor(sizes, device="cpu"))
 
 
 def _padded_positions(sizes: tuple[int, ...], block: int) -> torch.Tensor:
     groups = _groups(sizes)
-    starts = torch.tensor(_offsets(sizes))
-    within = torch.arange(sum(sizes)) - starts[groups]
+    starts = torch.tensor(_offsets(sizes), device="cpu")
+    within = torch.arange(sum(sizes), device="cpu") - starts[groups]
     return groups * block + within

@@ -76,8 +76,8 @@ class MPDMask:
 
     @property
     def is_permuted(self) -> bool:
-        ident_r = torch.equal(self.row_order, torch.arange(self.layout.d_out))
-        ident_c = torch.equal(self.col_order, torch.arange(self.layout.d_in))
+        ident_r = torch.equal(self.row_order, torch.arange(self.layout.d_out, device=self.row_order.device))
+        ident_c = torch.equal(self.col_order, torch.arange(self.layout.d_in, device=self.col_order.device))
         return not (ident_r and ident_c)
 
     def inverse_row_order(self) -> torch.Tensor:
@@ -88,13 +88,13 @@ class MPDMask:
 
     def row_groups(self) -> torch.Tensor:
         """Block index of each original row."""
-        group = torch.empty(self.layout.d_out, dtype=torch.int64)
+        group = torch.empty(self.layout.d_out, dtype=torch.int64, device=self.row_order.device)
         group[self.row_order] = self.layout.row_groups()
         return group
 
     def col_groups(self) -> torch.Tensor:
         """Block index of each original column."""
-        group = torch.empty(self.layout.d_in, dtype=torch.int64)
+        group = torch.empty(self.layout.d_in, dtype=torch.int64, device=self.col_order.device)
         group[self.col_order] = self.layout.col_groups()
         return group
 
@@ -122,14 +122,15 @@ def make_mask(
     if seed is not None and generator is not None:
         raise ConfigError("pass either seed or generator, not both")
     if not permute:
-        return MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
+        return MPDMask(layout, torch.arange(layout.d_out, device="cpu"), torch.arange(layout.d_in, device="cpu"))
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise CompressionTypeError(f"seed must be an int, got {type(seed).__name__}")
         generator = torch.Generator().manual_seed(seed)
-    # Permutations are drawn on the CPU so the mask does not depend on the device's RNG.
-    row_order = torch.randperm(layout.d_out, generator=generator)
-    col_order = torch.randperm(layout.d_in, generator=generator)
+    # Permutations are drawn on the CPU so the mask does not depend on the device's RNG (nor on a
+    # default device such as torch.device("meta") around the call).
+    row_order = torch.randperm(layout.d_out, generator=generator, device="cpu")
+    col_order = torch.randperm(layout.d_in, generator=generator, device="cpu")
     return MPDMask(layout, row_order, col_order)
 
 

@@ -54,9 +54,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e905 parses as inf, which no field may hold
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _json(raw: bytes | str, path: Path, what: str) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise _fail(path, f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
 
@@ -229,11 +236,38 @@ def _layer_values(spec: dict[str, Any], path: Path) -> int:
     return _module_values(module)
 
 
+# How much architecture a file may describe, in proportion to the tensors it holds: real models
+# have fewer modules than tensors, and a module's entry is a dozen JSON values. Module nesting is
+# three JSON levels (entry, children list, [key, entry] pair); torch's forward recursion limits
+# real models to far less than the bound.
+_MAX_NESTING = 64
+_ENTRIES_FREE, _ENTRIES_PER_TENSOR, _JSON_VALUES_PER_ENTRY = 1000, 4, 16
+
+
+def _check_extent(architecture: Any, tensors: int, path: Path) -> None:
+    """Count the architecture's JSON values and nesting without recursion, so that a header with a
+    million parameter-free modules (or a million-entry argument list) is refused in linear time,
+    before a module is built for each."""
+    entries_allowed = _ENTRIES_FREE + _ENTRIES_PER_TENSOR * tensors
+    values_allowed = _JSON_VALUES_PER_ENTRY * entries_allowed
+    values, stack = 0, [(architecture, 1)]
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > values_allowed:
+            raise _fail(path, f"the architecture is larger than {tensors} tensors can need ({values_allowed:,} values)")
+        if depth > 3 * _MAX_NESTING + 8:
+            raise _fail(path, f"the architecture nests modules more than {_MAX_NESTING} deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
 def check_declared_size(manifest: dict[str, Any], header: dict[str, Any], path: Path) -> None:
     """The architecture may hold exactly the values the file's tensors hold: a header that
     describes a larger model than its data is refused before anything is allocated."""
     if manifest.get("architecture") is None:
         return
+    _check_extent(manifest["architecture"], len(header_shapes(header)), path)
     try:
         declared = declared_values(manifest["architecture"], path)
     except RecursionError:

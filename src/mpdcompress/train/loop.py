@@ -11,6 +11,7 @@ single process with the whole batch.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 import warnings
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..convert import mpdify_
 from ..data import Split
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..models import build_model, fc_weights_kept, paper_filter
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
@@ -289,6 +290,7 @@ def train(
                     and step < plan.steps_per_epoch
                 )
                 if ckpt_path is not None and (stop or due):
+                    _check_finite(loss_acc.item(), epoch, step, ckpt_path)
                     save(epoch, step, (loss_acc.item(), micro_count), result.seconds + time.perf_counter() - began)
                 if stop:
                     barrier(ctx)  # nobody exits (and gets the job torn down) before rank 0 wrote
@@ -296,6 +298,7 @@ def train(
             if sched is not None:
                 sched.step()
             loss_total, micro_total = sum_over_ranks([loss_acc.item(), micro_count], ctx)
+            _check_finite(loss_total, epoch, step, ckpt_path)  # the same sum on every rank
             accuracy = evaluate(
                 net, test_data, config.dataset, device=device, precision=config.precision, workers=config.workers
             )
@@ -311,3 +314,15 @@ def train(
     result.fc_weights = fc_weights_kept(net)
     result.model = net
     return result
+
+
+def _check_finite(loss_sum: float, epoch: int, step: int, ckpt_path: Path | None) -> None:
+    """Stop before a diverged model is checkpointed or evaluated; the last checkpoint stays."""
+    if not math.isfinite(loss_sum):
+        kept = (
+            f"; the last good checkpoint ({ckpt_path}) is kept" if ckpt_path is not None and ckpt_path.exists() else ""
+        )
+        raise TrainingDiverged(
+            f"the training loss became {loss_sum} in epoch {epoch + 1} (by step {step}): the learning rate "
+            f"is probably too high{kept}"
+        )
