@@ -2,7 +2,9 @@
 
 import os
 import stat
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,41 +348,73 @@ def _resign(blob: bytes, edit) -> bytes:
     return _resigned(blob, edit)
 
 
-def test_forged_architectures_are_refused_as_model_file_errors(tmp_path):
+def _forge(original, out, edit=lambda manifest: None, tensors_edit=None, drop=()):
+    """``original`` rewritten as a forger would: manifest and tensors edited, every digest
+    recomputed, so only mpdcompress's own checks stand between the file and the user."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mpdcompress.modelfile import manifest_digest
+    from mpdcompress.modelfile import manifest_digest, tensor_digest
 
+    with safe_open(str(original), framework="pt") as f:
+        tensors, manifest = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mpdcompress"])
+    edit(manifest)
+    if tensors_edit is not None:
+        tensors_edit(tensors)
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
+    manifest["sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    save_file(tensors, out, metadata={"mpdcompress": json.dumps(manifest)})
+    return out
+
+
+def test_forged_architectures_are_refused_as_model_file_errors(tmp_path):
     torch.manual_seed(0)
     model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4)), 2))
-    path = mpd.save(model, tmp_path / "m.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        tensors, manifest = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mpdcompress"])
-
-    def forge(name, edit, drop=()):
-        forged = json.loads(json.dumps(manifest))
-        edit(forged)
-        for key in drop:
-            del forged["sha256"][key]
-        forged["manifest_sha256"] = manifest_digest(forged)
-        kept = {k: v for k, v in tensors.items() if k not in drop}
-        save_file(kept, tmp_path / name, metadata={"mpdcompress": json.dumps(forged)})
-        return tmp_path / name
+    path = mpd.save(model, tmp_path / "m.safetensors", input_shape=(8,))
 
     def source_keys(m):
         m["architecture"]["children"][0][1]["source_keys"] = [{"a": 1}, None, 5]
 
+    def parameter_free_layer_that_cannot_run(m):  # holds no values, so the size check passes
+        norm = {"type": "LayerNorm", "args": {"normalized_shape": [2**39], "elementwise_affine": False}}
+        m["architecture"]["children"].append(["9", norm])
+
     norm, index = "3.weight", "0.layers.1.row_order"  # 4 values each
     forgeries = [
-        (forge("keys", source_keys), "source_keys"),
-        (forge("tie", lambda m: m.update(ties={norm: index}), drop=[norm]), "different kinds"),  # weight -> indices
+        (_forge(path, tmp_path / "keys", source_keys), "source_keys"),
+        (_forge(path, tmp_path / "tie", lambda m: m.update(ties={norm: index}), drop=[norm]), "different kinds"),
+        (_forge(path, tmp_path / "run", parameter_free_layer_that_cannot_run), "cannot run on its recorded input"),
     ]
     for forged, message in forgeries:
         with pytest.raises(ModelFileError, match=message):
             mpd.load(forged)
+
+
+def test_a_masked_file_with_weights_off_its_mask_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6)), 2)
+    path = mpd.save(model, tmp_path / "m.safetensors")
+    off = (~model[0].mask).nonzero()[0].tolist()
+
+    def put_a_value_off_the_mask(tensors):
+        tensors["0.weight"] = tensors["0.weight"].clone()
+        tensors["0.weight"][off[0], off[1]] = 1.0
+
+    forged = _forge(path, tmp_path / "f.safetensors", tensors_edit=put_a_value_off_the_mask)
+    with pytest.raises(ModelFileError, match="nonzero values off its mask"):
+        mpd.load(forged)
+
+
+def test_a_template_of_another_architecture_is_refused():
+    torch.manual_seed(0)
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2)
+    path = mpd.save(model, Path(tempfile.mkdtemp()) / "m.safetensors")
+    with pytest.raises(ModelFileError, match=r"not the file's architecture \(at children\[1\]"):
+        mpd.load(path, model=nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4)))
+    mpd.load(path, model=nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))  # the right one loads
 
 
 def test_temporary_files_of_a_dead_writer_are_removed_at_the_next_write_whatever_their_age(tmp_path):
@@ -394,3 +428,57 @@ def test_temporary_files_of_a_dead_writer_are_removed_at_the_next_write_whatever
     running.write_bytes(b"x")
     mpd.save(mpd.mpdify_(nn.Sequential(nn.Linear(4, 4)), 2), tmp_path / "m.safetensors")
     assert not orphan.exists() and running.exists()
+
+
+def test_pack_in_place_refusing_a_nested_layer_packs_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6)), nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    )
+    mpd.mpdify_(model, 2)
+    with torch.no_grad():
+        model[1][0].row_order[0] = model[1][0].row_order[1]  # a corrupted mask deep in the model
+    before = _snapshot(model)
+    with pytest.raises(MPDCompressError, match="permutation"):
+        mpd.pack(model, inplace=True)
+    assert _unchanged(model, before)
+
+
+def test_unpack_in_place_refusing_a_nested_layer_unpacks_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6)), nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    )
+    packed = mpd.pack(mpd.mpdify_(model, 2))
+    with torch.no_grad():
+        packed[1][0].row_order[0] = packed[1][0].row_order[1]
+    before = _snapshot(packed)
+    with pytest.raises(MPDCompressError, match="permutation"):
+        mpd.unpack(packed, inplace=True)
+    assert _unchanged(packed, before)
+
+
+def test_structured_forgeries_of_tensor_data_are_refused(tmp_path):
+    """Re-signed files whose tensors overlap in the data, or whose dtypes are mixed (a float64
+    layer in a float32 model, which would fail at its first forward)."""
+    import json
+
+    torch.manual_seed(0)
+    model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6)), 2))
+    path = mpd.save(model, tmp_path / "m.safetensors", input_shape=(8,))
+
+    def to_double(tensors):
+        tensors["0.layers.1.weight_blocks"] = tensors["0.layers.1.weight_blocks"].double()
+
+    mixed = _forge(path, tmp_path / "mixed.safetensors", tensors_edit=to_double)
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    # Two tensors of six float32 values made to read the same bytes.
+    header["3.weight"]["data_offsets"] = header["3.bias"]["data_offsets"]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "overlap.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n :])
+    for forged in (mixed, tmp_path / "overlap.safetensors"):
+        with pytest.raises(ModelFileError):
+            mpd.load(forged)

@@ -296,6 +296,8 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
         raise CompressionError("nothing to pack: the model has no MPDLinear layer (mpdify_ it first)")
     if any(m.weight.device.type == "meta" for m in masked):
         raise CompressionError("cannot pack a model on the meta device: its weights have no values yet")
+    for layer in masked:  # every mask is checked before the first layer is packed
+        layer.mpd_mask
     if not inplace:
         model = _copy_except(model, MPDLinear)
     with torch.no_grad():
@@ -312,6 +314,9 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Inverse of :func:`pack`: packed layers back to :class:`MPDLinear` (masked dense form)."""
     if not any(isinstance(m, (BlockDiagonalLinear, PackedChain)) for m in model.modules()):
         raise CompressionError("nothing to unpack: the model has no packed layer")
+    for layer in model.modules():  # every mask is checked before the first layer is unpacked
+        if isinstance(layer, BlockDiagonalLinear):
+            layer.mpd_mask
     if not inplace:
         model = _copy_except(model, (BlockDiagonalLinear, PackedChain))
     with torch.no_grad():

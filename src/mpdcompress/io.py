@@ -34,6 +34,7 @@ from .errors import (
     NonFiniteWeightsWarning,
 )
 from .layout import BlockLayout
+from .load_checks import check_masked_weights, check_runs, check_template
 from .masks import check_permutation
 from .modelfile import (
     FORMAT_NAME,
@@ -308,8 +309,12 @@ def load(
     state = _check_tensors(tensors, manifest, {k: v for k, v in expected.items() if k not in ties}, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
     _check_padding(state, manifest, path)
+    check_masked_weights(state, manifest, path)
+    if model is not None:
+        check_template(skeleton, manifest, path)
     skeleton.load_state_dict({**state, **{alias: state[key] for alias, key in ties.items()}}, strict=True, assign=True)
     _retie(skeleton, ties)
+    check_runs(skeleton, manifest.get("input_shape"), path)
     if manifest.get("config") is not None:
         skeleton.mpd_config = _recorded_config(manifest["config"], path)
     return guard_state_dict_loading(skeleton.to(device))

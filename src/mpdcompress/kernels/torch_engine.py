@@ -58,6 +58,8 @@ def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
     # eager inference.
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return True
+    if x.is_meta:  # shape inference (torch has no autocast state for the meta device)
+        return True
     if torch.is_autocast_enabled(x.device.type):
         return True
     if not torch.is_grad_enabled():

@@ -1,0 +1,92 @@
+"""Checks ``load`` makes on a model built from a file, beyond the file's own consistency: the
+masked weights really are masked, a template really is the file's architecture, and the model
+runs on the input shape the file records (a file that loads must be a model that runs)."""
+
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .architecture import describe
+from .errors import ModelFileError, UnsupportedArchitectureError
+from .layout import BlockLayout
+from .masks import MPDMask
+
+__all__ = ["check_masked_weights", "check_template", "check_runs"]
+
+
+def check_masked_weights(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    """A masked layer's weight is zero off its mask: a file with values there is not what
+    ``save`` wrote (loading would zero them silently)."""
+    for name, layer in manifest["layers"].items():
+        if layer["kind"] != "MPDLinear":
+            continue
+        layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
+        mask = MPDMask(layout, state[f"{name}.row_order"].long(), state[f"{name}.col_order"].long()).dense()
+        if bool(state[f"{name}.weight"].masked_fill(mask, 0).any()):
+            raise ModelFileError(f"{path}: {name}.weight holds nonzero values off its mask")
+
+
+def check_template(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:
+    """The template, compressed as the file says, must have the file's whole architecture
+    (a Tanh where the file has a ReLU loads the same tensors into another function)."""
+    recorded = manifest.get("architecture")
+    if recorded is None:
+        return
+    try:
+        built = describe(model)
+    except UnsupportedArchitectureError:
+        return  # custom modules: the file cannot record them either
+    if built != recorded:
+        raise ModelFileError(
+            f"{path}: the model given is not the file's architecture ({_first_difference(built, recorded)})"
+        )
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}".strip("."))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return f"at {where or 'the root'}: the model has {str(a)[:80]}, the file {str(b)[:80]}"
+
+
+def check_runs(model: nn.Module, input_shape: list[int] | None, path: Path) -> None:
+    """One forward on the meta device (shapes only, nothing allocated) on the recorded input
+    shape: layers that do not fit each other, nesting deeper than Python's stack, tensors of
+    dtypes that cannot meet are refused here rather than at the user's first call."""
+    if input_shape is None:
+        return
+    tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    on_meta = {name: torch.empty_like(t, device="meta") for name, t in tensors}
+    floats = [t.dtype for t in on_meta.values() if t.is_floating_point()]
+    first = next((m for m in model.modules() if not isinstance(m, (nn.Sequential, nn.ModuleList))), None)
+    if isinstance(first, nn.Embedding):
+        x = torch.empty((1, *input_shape), dtype=torch.int64, device="meta")
+    else:
+        x = torch.empty((1, *input_shape), dtype=floats[0] if floats else torch.float32, device="meta")
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            functional_call(model, on_meta, (x,))
+    except NotImplementedError:
+        return  # an operation without a meta kernel: nothing is known either way
+    except Exception as exc:  # RecursionError included
+        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ModelFileError(
+            f"{path}: the model cannot run on its recorded input shape {tuple(input_shape)}: "
+            f"{type(exc).__name__}: {message}"
+        ) from None
+    finally:
+        for module, mode in training:
+            module.training = mode
