@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from mpdcompress.bench.machine import describe_machine
+from mpdcompress.data.text import held_out_split, load_corpus
 from mpdcompress.experiments.pretrained import (
     QUICK_PROFILE,
     PretrainedProfile,
     run_pretrained_study,
     write_pretrained_report,
 )
-from mpdcompress.sentence import load_sentence_encoder
-from mpdcompress.text import held_out_split, load_corpus
+from mpdcompress.posthoc.sentence import load_sentence_encoder
 
 
 def main() -> None:

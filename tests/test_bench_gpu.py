@@ -102,7 +102,7 @@ def test_the_key_profile_measures_every_key_target():
 
 
 def test_bench_key_profile_is_for_a_gpu_and_conflicts_with_quick(capsys):
-    from mpdcompress.cli import main
+    from mpdcompress.cli.main import main
 
     assert main(["bench", "--profile", "key", "--out", "unused"]) == 2
     assert "--device cuda" in capsys.readouterr().err

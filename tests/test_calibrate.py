@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.calibrate import compress_calibrated, input_moments, refit_
+from mpdcompress.core.mask_search import mask_from_weight
 from mpdcompress.errors import CompressionError, CompressionTypeError, ConfigError
-from mpdcompress.mask_search import mask_from_weight
+from mpdcompress.posthoc.calibrate import compress_calibrated, input_moments, refit_
 
 from .helpers import assert_close_to_scale
 
@@ -175,7 +175,7 @@ def test_refit_refuses_a_teacher_whose_layers_run_another_number_of_times(studen
 
 def test_transformers_encoder_and_gpt2_conv1d_are_refitted():
     transformers = pytest.importorskip("transformers")
-    from mpdcompress.roles import select_roles
+    from mpdcompress.core.roles import select_roles
 
     ids = [torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(s)) for s in range(4)]
     gpt2 = transformers.GPT2LMHeadModel(

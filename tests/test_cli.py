@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.cli import main
+from mpdcompress.cli.main import main
 from mpdcompress.models import MODELS
 
 from .helpers import assert_close_to_scale
@@ -65,12 +65,12 @@ def test_unknown_names_are_one_unquoted_line(capsys):
 
 
 def test_a_bug_in_library_code_keeps_its_traceback(monkeypatch):
-    import mpdcompress.summary
+    import mpdcompress.cli.summary
 
     def broken(*args, **kwargs):
         raise RuntimeError("an internal bug")
 
-    monkeypatch.setattr(mpdcompress.summary, "model_summary", broken)
+    monkeypatch.setattr(mpdcompress.cli.summary, "model_summary", broken)
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(["inspect", "--model", "lenet300"])
 

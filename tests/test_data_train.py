@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mpdcompress as mpd
-from mpdcompress.data import (
+from mpdcompress.data.datasets import DATASETS, dataset_spec, load_dataset
+from mpdcompress.data.sources import (
     DataCorruptError,
     DataUnavailableError,
     load_cifar10,
@@ -19,7 +20,6 @@ from mpdcompress.data import (
     load_mnist,
     read_idx,
 )
-from mpdcompress.datasets import DATASETS, dataset_spec, load_dataset
 from mpdcompress.errors import UnknownNameError
 from mpdcompress.train import CheckpointError, train
 
@@ -69,14 +69,14 @@ def test_truncated_and_wrong_files_are_errors(tmp_path):
 
 def test_known_release_files_are_checked_against_their_digest(tmp_path, monkeypatch):
     write_fake_mnist(tmp_path / "fashion-mnist", gz=True)
-    monkeypatch.setattr("mpdcompress.data.FASHION_SYSTEM_DIR", tmp_path / "fashion-mnist")
+    monkeypatch.setattr("mpdcompress.data.sources.FASHION_SYSTEM_DIR", tmp_path / "fashion-mnist")
     with pytest.raises(DataCorruptError, match="SHA-256"):
         load_fashion_mnist("test", root=tmp_path / "elsewhere")
 
 
 def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
-        monkeypatch.setattr("mpdcompress.data.FASHION_SYSTEM_DIR", tmp_path / "none")
+        monkeypatch.setattr("mpdcompress.data.sources.FASHION_SYSTEM_DIR", tmp_path / "none")
         load_fashion_mnist("train", root=tmp_path)
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(DataUnavailableError, match="npm is not installed"):

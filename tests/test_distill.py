@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.cli import main
+from mpdcompress.cli.main import main
+from mpdcompress.core.roles import select_roles
+from mpdcompress.data.text import corpus, held_out_split
 from mpdcompress.errors import CheckpointError, ConfigError, DataUnavailableError
 from mpdcompress.experiments.pretrained import PretrainedProfile, magnitude_prune_, run_pretrained_study
-from mpdcompress.roles import select_roles
-from mpdcompress.sentence import embed, length_batches, neighbour_agreement
-from mpdcompress.text import corpus, held_out_split
-from mpdcompress.train.distill import DistillConfig, distill, distillation_loss
+from mpdcompress.files.hf import load_compressed
+from mpdcompress.posthoc.distill import DistillConfig, distill, distillation_loss
+from mpdcompress.posthoc.sentence import embed, length_batches, neighbour_agreement
 
 WORDS = "the a cat dog sat ran on under mat tree house red big small quick slow bird sang loud soft".split()
 
@@ -234,7 +235,7 @@ def encoder_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_encoder(encoder_dir):
-    from mpdcompress.sentence import load_sentence_encoder
+    from mpdcompress.posthoc.sentence import load_sentence_encoder
 
     return load_sentence_encoder("all-minilm-l6-v2", encoder_dir)
 
@@ -299,7 +300,7 @@ def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, ca
     assert "compressed mlp layers at 2x (weights masks for 64 calibration sentences" in printed
     assert "tuned 3 steps per block" in printed
     assert "after 6 steps" in printed
-    loaded = mpd.hf.load_compressed(out)
+    loaded = load_compressed(out)
     assert len(mpd.compressed_layers(loaded)) == 4
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 32
     assert main([*argv, "--calibration", "64", "--resume", "--quiet"]) == 0  # at its last step: nothing to do

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import mpdcompress as mc
-from mpdcompress.cli import main
-from mpdcompress.export import export_onnx
-from mpdcompress.io import load, save
+from mpdcompress.cli.main import main
+from mpdcompress.files.io import load, save
+from mpdcompress.files.onnx import export_onnx
 from mpdcompress.models import build_model, fc_stack
 
 ort = pytest.importorskip("onnxruntime")

@@ -57,8 +57,8 @@ def test_a_shared_linear_stays_shared_through_save_and_load(tmp_path):
 def test_an_architecture_that_shares_what_is_not_there_is_refused(tmp_path):
     from pathlib import Path
 
-    from mpdcompress.architecture import build
-    from mpdcompress.modelfile import declared_values
+    from mpdcompress.files.architecture import build
+    from mpdcompress.files.header import declared_values
 
     later = {"type": "Sequential", "children": [["0", {"type": "Shared", "of": "1"}], ["1", {"type": "ReLU"}]]}
     ancestor = {"type": "Sequential", "children": [["0", {"type": "Shared", "of": ""}]]}  # a cycle
@@ -74,8 +74,8 @@ def test_the_two_readers_of_an_architecture_refuse_the_same_malformed_entries():
     # does not would let a file through the check that then fails to build (or the reverse).
     from pathlib import Path
 
-    from mpdcompress.architecture import build
-    from mpdcompress.modelfile import declared_values
+    from mpdcompress.files.architecture import build
+    from mpdcompress.files.header import declared_values
 
     cases = {
         "malformed children": {"type": "Sequential", "children": [["0"]]},
@@ -356,7 +356,7 @@ def _forge(original, out, edit=lambda manifest: None, tensors_edit=None, drop=()
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mpdcompress.modelfile import manifest_digest, tensor_digest
+    from mpdcompress.files.header import manifest_digest, tensor_digest
 
     with safe_open(str(original), framework="pt") as f:
         tensors, manifest = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mpdcompress"])

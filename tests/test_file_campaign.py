@@ -12,8 +12,8 @@ from torch import nn
 
 import mpdcompress as mpd
 from mpdcompress.errors import ModelFileError
-from mpdcompress.io import load, read_manifest, save
-from mpdcompress.modelfile import manifest_digest as _manifest_digest
+from mpdcompress.files.header import manifest_digest as _manifest_digest
+from mpdcompress.files.io import load, read_manifest, save
 
 BUDGET = int(__import__("os").environ.get("MPD_FUZZ_EXAMPLES", "0")) or None
 

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpdcompress.data import DataCorruptError, DataUnavailableError, Split
-from mpdcompress.imagefolder import load_imagenet, random_resized_crop_box
+from mpdcompress.data.imagefolder import load_imagenet, random_resized_crop_box
+from mpdcompress.data.sources import DataCorruptError, DataUnavailableError, Split
 from mpdcompress.train.inputs import InMemoryImages
 
 from .helpers import write_cifar_binary

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mpdcompress as mc
-from mpdcompress.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
-from mpdcompress.modelfile import manifest_digest, tensor_digest
+from mpdcompress.files.header import manifest_digest, tensor_digest
+from mpdcompress.files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from mpdcompress.models import build_model, fc_stack, paper_filter
 
 
@@ -164,7 +164,7 @@ def save_with_tensor(tmp_path, key, value):
     """A well-formed file (valid hashes) whose tensor ``key`` was replaced by ``value``."""
     from safetensors.torch import save as st_save
 
-    from mpdcompress.io import _index_dtype
+    from mpdcompress.files.io import _index_dtype
 
     path = save(packed_lenet(), tmp_path / "edited.safetensors")
     header, _ = split_file(path)
@@ -242,7 +242,7 @@ def test_crash_during_save_keeps_the_previous_file(tmp_path, lenet_file):
     before = path.read_bytes()
     code = f"""
 import os, torch, mpdcompress as mc
-from mpdcompress.io import save
+from mpdcompress.files.io import save
 from mpdcompress.models import fc_stack
 real_fsync = os.fsync
 def die(fd):

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.architecture import construct_layer, describe
 from mpdcompress.errors import ModelFileError
-from mpdcompress.layer_arguments import LAYER_ARGUMENTS, SUPPORTED_LAYERS, check_layer_args
+from mpdcompress.files.architecture import construct_layer, describe
+from mpdcompress.files.layer_arguments import LAYER_ARGUMENTS, SUPPORTED_LAYERS, check_layer_args
 from mpdcompress.nn.packed import ELEMENTWISE_MODULES
 
 DATA = Path(__file__).parent / "data"

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mpdcompress import BlockLayout, MPDMask, make_mask, validate_compression
-from mpdcompress.masks import check_permutation, layer_seed
+from mpdcompress.core.masks import check_permutation, layer_seed
 
 from .helpers import shapes_and_factor
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdcompress as mpd
+from mpdcompress.core.mask_search import kept_mass, mask_from_weight
 from mpdcompress.errors import ConfigError
-from mpdcompress.mask_search import kept_mass, mask_from_weight
 
 from .helpers import shapes_and_factor
 
@@ -79,7 +79,7 @@ def hidden_sub_mlps(d_in, hidden, d_out, c, seed, noise=0.05):
 
 
 def test_joint_masks_find_sub_mlps_and_share_the_hidden_order():
-    from mpdcompress.mask_search import masks_for_layers
+    from mpdcompress.core.mask_search import masks_for_layers
 
     up, down = hidden_sub_mlps(48, 96, 40, 4, seed=3)
     masks = masks_for_layers({"up": up, "down": down}, [("up", "down")], 4, seed=0)
@@ -88,8 +88,8 @@ def test_joint_masks_find_sub_mlps_and_share_the_hidden_order():
 
 
 def test_joined_layers_must_agree_on_their_hidden_width():
+    from mpdcompress.core.mask_search import masks_for_layers
     from mpdcompress.errors import CompressionError
-    from mpdcompress.mask_search import masks_for_layers
 
     with pytest.raises(CompressionError, match="cannot be joined"):
         masks_for_layers({"a": torch.randn(8, 4), "b": torch.randn(4, 6)}, [("a", "b")], 2)
@@ -113,7 +113,7 @@ def test_weights_joint_masks_leave_no_permutation_inside_a_packed_stack():
 @settings(max_examples=10)
 @given(st.integers(2, 5), st.lists(st.integers(8, 30), min_size=3, max_size=4), st.integers(0, 99))
 def test_joint_masks_are_valid_for_any_stack(c, dims, seed):
-    from mpdcompress.mask_search import masks_for_layers
+    from mpdcompress.core.mask_search import masks_for_layers
 
     g = torch.Generator().manual_seed(seed)
     weights = {f"l{i}": torch.randn(dims[i + 1], dims[i], generator=g) for i in range(len(dims) - 1)}

@@ -228,7 +228,7 @@ def test_config_object_is_checked_once_and_recorded(tmp_path):
     model = mpdify_(lenet(), config, filter_fn=lambda m, name: name != "5")
     assert model.mpd_config == config
     assert mpdify_(lenet(), config, seed=4).mpd_config.seed == 4  # keywords override the config's fields
-    from mpdcompress.io import read_manifest
+    from mpdcompress.files.io import read_manifest
 
     save(pack(model), tmp_path / "m.safetensors")
     assert read_manifest(tmp_path / "m.safetensors")["config"] == {

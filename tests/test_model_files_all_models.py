@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.architecture import describe
-from mpdcompress.cli import main
+from mpdcompress.cli.main import main
+from mpdcompress.files.architecture import describe
 from mpdcompress.models import MODELS, build_model, paper_filter
 
 FORMS = ("masked", "packed")

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import mpdcompress as mpd
-from mpdcompress.calibrate import compress_calibrated, refit_
 from mpdcompress.errors import CompressionError, ConfigError
-from mpdcompress.reconstruct import default_blocks, reconstruct_
+from mpdcompress.posthoc.calibrate import compress_calibrated, refit_
+from mpdcompress.posthoc.reconstruct import default_blocks, reconstruct_
 
 from .test_calibrate import correlated_inputs, relative_error
 
@@ -129,7 +129,7 @@ def test_reconstruction_requests_that_cannot_work_are_refused():
 
 def test_transformer_layers_called_with_keywords_are_reconstructed():
     transformers = pytest.importorskip("transformers")
-    from mpdcompress.roles import select_roles
+    from mpdcompress.core.roles import select_roles
 
     torch.manual_seed(0)
     bert = transformers.BertModel(
@@ -162,7 +162,7 @@ def test_a_block_called_with_a_cache_is_refused_until_the_batches_turn_it_off():
     # A key-value cache grows at every call: replayed calls would see longer keys than the real
     # forward did, and the blocks would be tuned to the wrong thing without a word.
     transformers = pytest.importorskip("transformers")
-    from mpdcompress.roles import select_roles
+    from mpdcompress.core.roles import select_roles
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(

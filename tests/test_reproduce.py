@@ -8,7 +8,7 @@ from .helpers import write_fake_mnist
 def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     write_fake_mnist(tmp_path / "data" / "mnist", n_train=300, n_test=100, gz=True)
     write_fake_mnist(tmp_path / "data" / "fashion-mnist", n_train=300, n_test=100, gz=True, seed=1)
-    monkeypatch.setattr("mpdcompress.data.FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("mpdcompress.data.sources.FASHION_SYSTEM_DIR", tmp_path / "nowhere")
     messages = []
     results = run_reproduction(
         tmp_path / "out",
@@ -34,7 +34,7 @@ def test_quick_reproduction_slice_writes_the_report(tmp_path, monkeypatch):
     assert "mpdcompress train --recipe tf-cifar10" in report
     assert "torchrun --standalone --nproc_per_node=8 -m mpdcompress train --recipe alexnet-bn-imagenet" in report
     (out / "report.md").unlink()
-    from mpdcompress.cli import main
+    from mpdcompress.cli.main import main
 
     assert main(["reproduce", "--render-only", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report
@@ -63,7 +63,7 @@ def test_stacked_mask_study_matches_separate_training_runs(tmp_path):
     """The stacked trainer is a faster way to run the same experiments, not a different one."""
     import torch
 
-    from mpdcompress.data import load_mnist
+    from mpdcompress.data.sources import load_mnist
     from mpdcompress.experiments.mask_study import train_mask_study
     from mpdcompress.train import TrainConfig, train
 

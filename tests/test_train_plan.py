@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpdcompress.cli import main
+from mpdcompress.cli.main import main
 from mpdcompress.train import TrainConfig, make_plan
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import mpdcompress as mpd
+from mpdcompress.core.roles import layer_role, roles_of, select_roles
 from mpdcompress.errors import CompressionError, UnknownNameError
-from mpdcompress.hf import load_compressed, save_compressed
-from mpdcompress.roles import layer_role, roles_of, select_roles
+from mpdcompress.files.hf import load_compressed, save_compressed
 
 from .helpers import assert_close_to_scale
 
@@ -187,7 +187,7 @@ def test_joint_weight_masks_group_a_gated_mlps_hidden_units_once():
 
 def test_a_missing_hf_dependency_names_the_extra_that_installs_it(monkeypatch):
     from mpdcompress.errors import MissingDependencyError
-    from mpdcompress.hf import hf_module
+    from mpdcompress.files.hf import hf_module
 
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import now fails
     with pytest.raises(MissingDependencyError, match=r"needs tokenizers: pip install 'mpdcompress\[hf\]'"):

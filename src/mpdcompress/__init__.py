@@ -6,14 +6,14 @@ weights and FLOPs), ship with :func:`save` / :func:`load` / :func:`export_onnx`.
 """
 
 from ._version import __version__
-from .config import MPDConfig
-from .convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack
-from .export import ExportError, export_onnx
-from .io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
+from .core.config import MPDConfig
+from .core.convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack
+from .core.layout import BlockLayout, validate_compression
+from .core.mask_search import kept_mass, mask_from_weight
+from .core.masks import MPDMask, layer_seed, make_mask
+from .files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
+from .files.onnx import ExportError, export_onnx
 from .kernels import EngineUnavailableError, set_engine, tune, use_engine
-from .layout import BlockLayout, validate_compression
-from .mask_search import kept_mass, mask_from_weight
-from .masks import MPDMask, layer_seed, make_mask
 from .nn import BlockDiagonalLinear, MPDLinear, PackedChain
 
 __all__ = [

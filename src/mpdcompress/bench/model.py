@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..convert import mpdify_, pack
+from ..core.convert import mpdify_, pack
 from ..errors import ConfigError
 from ..models import MODELS, build_model, model_spec, paper_filter
 from ..timing import interleaved_medians
@@ -22,7 +22,7 @@ def file_bytes(dense: nn.Module, packed: nn.Module) -> dict[str, int]:
     """Bytes on disk: the dense model as plain safetensors vs the packed model as an mpdcompress file."""
     from safetensors.torch import save_file
 
-    from ..io import save
+    from ..files.io import save
 
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, f"{tmp}/dense.safetensors")

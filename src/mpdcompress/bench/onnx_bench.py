@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..export import export_onnx
+from ..files.onnx import export_onnx
 from ..timing import interleaved_medians
 from .model import build_stack
 

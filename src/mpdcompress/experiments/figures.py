@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..masks import make_mask
+from ..core.masks import make_mask
 from ..nn.masked import MPDLinear
 from ..paper import MASK_STUDY_FLOOR
 from ..plotting import pyplot as _plt

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..convert import compressed_layers
-from ..data import Split
+from ..core.convert import compressed_layers
+from ..data.sources import Split
 from ..kernels import ChainWeights, run_chain
 from ..models import classifier_name
 from ..nn.packed import PackedChain

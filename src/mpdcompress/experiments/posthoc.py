@@ -3,7 +3,7 @@ recover it by distillation, against MPD trained from scratch.
 
 For each model, a dense network is trained with its recipe, compressed at the paper's factor
 with random masks, weight-chosen masks, and calibrated ones (chosen for ``W² E[x²]`` on a few
-thousand training images, kept weights refitted by least squares: :mod:`mpdcompress.calibrate`)
+thousand training images, kept weights refitted by least squares: :mod:`mpdcompress.posthoc.calibrate`)
 on the paper's layers (the classifier stays dense where the paper kept it), then distilled from
 the dense network (KL on the logits, no labels) for each step budget, each budget a separate run
 from the same compressed start. Test accuracy is measured after every budget; the from-scratch
@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ..calibrate import compress_calibrated
-from ..convert import mpdify_
+from ..core.convert import mpdify_
 from ..models import model_spec, paper_filter
+from ..posthoc.calibrate import compress_calibrated
+from ..posthoc.distill import DistillConfig, distill
 from ..train import TrainConfig, train
-from ..train.distill import DistillConfig, distill
 from ..train.inputs import open_datasets, prepare
 from ..train.loop import evaluate
 

@@ -2,7 +2,7 @@
 
 For each factor and mask kind (random, chosen from the weights, chosen jointly for each MLP,
 and "calibrated": chosen for ``W² E[x²]`` on a few hundred training sentences with the kept
-weights refitted to the dense layers, :mod:`mpdcompress.calibrate`), the study compresses the
+weights refitted to the dense layers, :mod:`mpdcompress.posthoc.calibrate`), the study compresses the
 teacher's selected layers, measures how closely the student's sentence embeddings agree with
 the teacher's on held-out sentences (mean cosine, recall@10 of the teacher's neighbours), then
 distills the students it is asked to and measures again. Magnitude pruning to the same density
@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from ..bench.model import file_bytes
-from ..calibrate import compress_calibrated
-from ..convert import compressed_layers, mpdify_, pack
-from ..mask_search import kept_mass
+from ..core.convert import compressed_layers, mpdify_, pack
+from ..core.mask_search import kept_mass
+from ..core.roles import select_roles
 from ..nn import MPDLinear
-from ..roles import select_roles
-from ..sentence import embed, length_batches, length_order, neighbour_agreement, tokenize
+from ..posthoc.calibrate import compress_calibrated
+from ..posthoc.distill import DistillConfig, DistillResult, distill
+from ..posthoc.sentence import embed, length_batches, length_order, neighbour_agreement, tokenize
 from ..timing import interleaved_medians
-from ..train.distill import DistillConfig, DistillResult, distill
 
 __all__ = [
     "PretrainedProfile",
@@ -242,7 +242,7 @@ def render_pretrained_report(results: dict[str, Any], command: str, machine: dic
             if profile.get("block_steps")
             else ""
         )
-        + " (`mpdcompress.calibrate.compress_calibrated`; its time is in the compress column).",
+        + " (`mpdcompress.posthoc.calibrate.compress_calibrated`; its time is in the compress column).",
         "",
         "| c | masks | kept W² (mean / min) | cosine before | recall@10 before | cosine after | recall@10 after "
         "| compress time | distill time |",

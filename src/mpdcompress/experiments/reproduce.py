@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 
 from ..bench.machine import describe_machine
-from ..convert import compressed_layers
-from ..datasets import load_dataset
+from ..core.convert import compressed_layers
+from ..data.datasets import load_dataset
 from ..errors import ConfigError, DataUnavailableError, UnknownNameError
 from ..paper import MASK_STUDY_FLOOR, NON_PERMUTED_ACCURACY, TABLE1
 from ..train import TrainConfig, train

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.layout import BlockLayout
+from ..core.masks import MPDMask, check_incoming_mask, make_mask
 from ..errors import CompressionError, CompressionTypeError
-from ..layout import BlockLayout
-from ..masks import MPDMask, check_incoming_mask, make_mask
 
 __all__ = ["MPDLinear"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.layout import BlockLayout
+from ..core.masks import MPDMask, check_incoming_mask
 from ..errors import CompressionError
 from ..kernels import ChainWeights, run_packed
-from ..layout import BlockLayout
-from ..masks import MPDMask, check_incoming_mask
 from .masked import MPDLinear
 
 __all__ = ["BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]

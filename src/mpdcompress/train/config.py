@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import INITS, MODES, check_choice
+from ..core.config import INITS, MODES, check_choice
 from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..models import model_spec
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data import Split
-from ..datasets import dataset_spec, load_dataset
+from ..data.datasets import dataset_spec, load_dataset
+from ..data.imagefolder import load_imagenet
+from ..data.sources import Split
 from ..errors import ConfigError
-from ..imagefolder import load_imagenet
 from ..models import model_spec
 
 __all__ = [
@@ -43,7 +43,7 @@ def prepare(images: torch.Tensor, dataset: str) -> torch.Tensor:
 
 
 class InMemoryImages:
-    """A :class:`~mpdcompress.data.Split` served at the model's input size.
+    """A :class:`~mpdcompress.data.sources.Split` served at the model's input size.
 
     Larger stored images (CIFAR-10's 32×32 for a 24×24 model) are randomly cropped and flipped
     when training, as in the TF CIFAR-10 tutorial, and centre-cropped for evaluation.

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..convert import mpdify_
-from ..data import Split
+from ..core.convert import mpdify_
+from ..data.sources import Split
 from ..errors import ConfigError, TrainingDiverged
 from ..models import build_model, fc_weights_kept, paper_filter
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint

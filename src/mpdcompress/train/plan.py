@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..datasets import dataset_spec
+from ..core.layout import BlockLayout
+from ..data.datasets import dataset_spec
 from ..errors import ConfigError
-from ..layout import BlockLayout
 from ..models import build_model, paper_filter
 from .config import TrainConfig
 from .inputs import step_plan

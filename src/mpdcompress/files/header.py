@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelFileError, ModelFileNotFoundError
+from ..errors import ModelFileError, ModelFileNotFoundError
 
 __all__ = [
     "FORMAT_NAME",

@@ -1,7 +1,7 @@
 """Block reconstruction: tune a compressed model's kept weights, one block at a time, so that
 each block gives the dense block's output.
 
-:func:`~mpdcompress.calibrate.refit_` fits each compressed layer to its dense layer's output by
+:func:`~mpdcompress.posthoc.calibrate.refit_` fits each compressed layer to its dense layer's output by
 least squares, which is exact for one layer but blind to what follows it: the error a first MLP
 layer leaves passes through a non-linearity before the second layer sees it. Here the unit is a
 block (a transformer layer, say): its compressed layers are tuned together with Adam, on the
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import compressed_layers
-from .errors import CompressionError, ConfigError
-from .nn import MPDLinear
+from ..core.convert import compressed_layers
+from ..errors import CompressionError, ConfigError
+from ..nn import MPDLinear
+from .distill import distillation_loss
 from .taps import evaluating, paired_calls, reiterable, run
-from .train.distill import distillation_loss
 
 __all__ = ["default_blocks", "reconstruct_"]
 
@@ -32,7 +32,7 @@ def default_blocks(model: nn.Module) -> list[str]:
     """The blocks that hold ``model``'s compressed layers: the innermost elements of a
     ``ModuleList`` around them (a transformer's layers), sorted by name; ``[""]`` (the whole
     model) when no list holds any. A compressed layer outside every list is left out: alone, it
-    is one linear layer, which :func:`~mpdcompress.calibrate.refit_` already fits exactly."""
+    is one linear layer, which :func:`~mpdcompress.posthoc.calibrate.refit_` already fits exactly."""
     modules = dict(model.named_modules())
     blocks = set()
     for name in compressed_layers(model):
@@ -45,7 +45,7 @@ def default_blocks(model: nn.Module) -> list[str]:
 
 
 def _captured(model: nn.Module, block: nn.Module, batches: Sequence, calls: list[int], read: str) -> list[Any]:
-    """What ``block`` reads or gives (``read`` as for :func:`~mpdcompress.taps.run`) at each of
+    """What ``block`` reads or gives (``read`` as for :func:`~mpdcompress.posthoc.taps.run`) at each of
     its calls over ``batches``; taken without gradients, so nothing holds on to a graph."""
     got: list[Any] = []
     for batch, times in zip(batches, calls):

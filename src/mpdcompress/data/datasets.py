@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from . import data
-from .errors import UnknownNameError
+from ..errors import UnknownNameError
+from . import sources as data
 
 __all__ = ["DatasetSpec", "DATASETS", "dataset_spec", "load_dataset"]
 

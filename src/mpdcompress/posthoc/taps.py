@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CompressionError, ConfigError
-from .train.distill import batch_to, model_outputs
+from ..errors import CompressionError, ConfigError
+from .distill import batch_to, model_outputs
 
 __all__ = ["reiterable", "evaluating", "run", "call_counts", "check_calls", "paired_calls"]
 

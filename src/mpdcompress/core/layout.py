@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from .errors import CompressionError, CompressionTypeError
+from ..errors import CompressionError, CompressionTypeError
 
 __all__ = ["BlockLayout", "split_sizes", "validate_compression"]
 

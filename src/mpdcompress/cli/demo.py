@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .convert import mpdify_, pack
-from .timing import median_seconds
+from ..core.convert import mpdify_, pack
+from ..timing import median_seconds
 
 __all__ = ["DemoResult", "run_demo"]
 

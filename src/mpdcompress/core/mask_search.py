@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CompressionError, CompressionTypeError
+from ..errors import CompressionError, CompressionTypeError
 from .layout import BlockLayout
 from .masks import MPDMask
 
@@ -150,7 +150,7 @@ def mask_from_weight(
 ) -> MPDMask:
     """The MPD mask of factor ``compression`` that keeps the most of ``weight``'s squared mass
     this search finds; deterministic for a seed. With ``input_moment`` (``E[x_j²]`` of each
-    input, see :func:`~mpdcompress.calibrate.input_moments`) the mass is ``W_ij² E[x_j²]``."""
+    input, see :func:`~mpdcompress.posthoc.calibrate.input_moments`) the mass is ``W_ij² E[x_j²]``."""
     mass = _mass(weight, input_moment)
     layout = BlockLayout.create(*mass.shape, compression)
     sizes = {"rows": torch.tensor(layout.row_sizes), "cols": torch.tensor(layout.col_sizes)}

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataCorruptError, DataUnavailableError, data_root
-from .errors import ConfigError
+from ..errors import ConfigError
+from .sources import DataCorruptError, DataUnavailableError, data_root
 
 __all__ = ["ImageFolderImages", "scan_image_folder", "load_imagenet", "IMAGENET_SPLIT_DIRS"]
 

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Values of the random example the export traces with: 2**28 floats are 1 GiB.
 _MAX_EXAMPLE_VALUES = 2**28
@@ -67,7 +67,7 @@ def load_model_file(path: str, args: argparse.Namespace):
     """The model in ``path``; built from ``--model-class`` when one is given."""
     from torch import nn
 
-    from .io import load
+    from ..files.io import load
 
     if not args.model_class:
         return load(path)

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import read_manifest
-from .layout import BlockLayout
-from .models import build_model, fc_weight_count, fc_weights_kept, model_spec, paper_filter
+from ..core.layout import BlockLayout
+from ..files.io import read_manifest
+from ..models import build_model, fc_weight_count, fc_weights_kept, model_spec, paper_filter
 
 __all__ = ["file_summary", "model_summary"]
 
@@ -50,7 +50,7 @@ def file_summary(path: str | os.PathLike) -> dict[str, Any]:
 def model_summary(name: str, compression: int | None = None) -> dict[str, Any]:
     """FC weight counts of a registered model, dense and compressed as the registry says (the
     paper's way for paper models), next to the paper's Table 1 where it has the model."""
-    from .convert import mpdify_
+    from ..core.convert import mpdify_
 
     spec = model_spec(name)
     model = build_model(name)

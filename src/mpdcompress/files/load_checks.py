@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.layout import BlockLayout
+from ..core.masks import MPDMask
+from ..errors import ModelFileError, UnsupportedArchitectureError
 from .architecture import describe
-from .errors import ModelFileError, UnsupportedArchitectureError
-from .layout import BlockLayout
-from .masks import MPDMask
 
 __all__ = ["check_masked_weights", "check_template", "check_runs"]
 

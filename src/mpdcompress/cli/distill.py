@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import nonnegative_int, positive_float, positive_int, seed
-from .config import MASKS, MODES
-from .errors import ConfigError
-from .roles import ROLE_GROUPS, ROLES
-from .sentence import PRETRAINED
-from .text import CORPORA
+from ..core.config import MASKS, MODES
+from ..core.roles import ROLE_GROUPS, ROLES
+from ..data.text import CORPORA
+from ..errors import ConfigError
+from ..posthoc.sentence import PRETRAINED
+from .arguments import nonnegative_int, positive_float, positive_int, seed
 
 __all__ = ["add_distill_parser"]
 
@@ -20,14 +20,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .calibrate import compress_calibrated
-    from .convert import mpdify_, pack
-    from .experiments.pretrained import distill_encoder
-    from .hf import save_compressed
-    from .roles import select_roles
-    from .sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement, pretrained_spec
-    from .text import held_out_split, load_corpus
-    from .train.distill import DistillConfig
+    from ..core.convert import mpdify_, pack
+    from ..core.roles import select_roles
+    from ..data.text import held_out_split, load_corpus
+    from ..experiments.pretrained import distill_encoder
+    from ..files.hf import save_compressed
+    from ..posthoc.calibrate import compress_calibrated
+    from ..posthoc.distill import DistillConfig
+    from ..posthoc.sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement, pretrained_spec
 
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume continues from --checkpoint: give the checkpoint file")
@@ -96,7 +96,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     print(f"after {result.steps} steps ({result.seconds / 60:.1f} min): " + _agreement(after))
     packed = pack(student) if args.mode == "masked" else student
     folder = save_compressed(packed.encoder, args.output)
-    print(f"saved the packed encoder to {folder} (load with mpdcompress.hf.load_compressed)")
+    print(f"saved the packed encoder to {folder} (load with mpdcompress.files.hf.load_compressed)")
     return 0
 
 

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import CompressionError, CompressionTypeError, UnknownNameError
+from ..nn.loading import guard_state_dict_loading
+from ..nn.masked import MPDLinear
+from ..nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .config import MPDConfig
-from .errors import CompressionError, CompressionTypeError, UnknownNameError
 from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
-from .nn.loading import guard_state_dict_loading
-from .nn.masked import MPDLinear
-from .nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .roles import mlp_pairs
 
 __all__ = ["mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers", "LayerFilter"]
@@ -55,11 +55,11 @@ def mpdify_(
     masks in every process. Existing parameter objects are kept, so an optimizer built before
     this call stays valid (except a ``Conv1D``'s weight, which is transposed into a new
     parameter: build the optimizer after compressing GPT-2). Layers can be selected by what they
-    do in a transformer with ``filter_fn=select_roles("mlp")`` (see :mod:`mpdcompress.roles`).
+    do in a transformer with ``filter_fn=select_roles("mlp")`` (see :mod:`mpdcompress.core.roles`).
     A model built on the meta device gets its masks back when ``to_empty`` materializes it.
-    ``input_moments`` (from :func:`~mpdcompress.calibrate.input_moments`) makes weight-chosen
+    ``input_moments`` (from :func:`~mpdcompress.posthoc.calibrate.input_moments`) makes weight-chosen
     masks keep the most of ``W² E[x²]`` instead of ``W²``; see also
-    :func:`~mpdcompress.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
+    :func:`~mpdcompress.posthoc.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
     """
     if not isinstance(model, nn.Module):

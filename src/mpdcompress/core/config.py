@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import CompressionTypeError, ConfigError
+from ..errors import CompressionTypeError, ConfigError
 
 __all__ = ["MPDConfig", "MODES", "INITS", "MASKS", "MAX_SEED", "check_choice", "checked_device"]
 

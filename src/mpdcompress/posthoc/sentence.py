@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, DataUnavailableError, UnknownNameError
-from .hf import hf_module
+from ..errors import ConfigError, DataUnavailableError, UnknownNameError
+from ..files.hf import hf_module
 
 __all__ = [
     "PretrainedSpec",
@@ -151,7 +151,7 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 6
 
 def length_batches(tokenizer, sentences: list[str], batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """All of ``sentences`` as tokenized batches of similar lengths, the batches in a seeded
-    random order: one epoch for :func:`~mpdcompress.train.distill.distill` with ~1/3 of the
+    random order: one epoch for :func:`~mpdcompress.posthoc.distill.distill` with ~1/3 of the
     padding of random batches on short text."""
     order = length_order(tokenizer, sentences)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

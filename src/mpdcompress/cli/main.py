@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_distill import add_distill_parser
-from .cli_models import add_model_class_arguments
-from .cli_train import add_train_parser
-from .cli_types import device_name, nonnegative_int, opset, positive_int, seed
-from .errors import ConfigError, MPDCompressError, UnknownNameError
-from .models import MODELS, model_spec
+from ..errors import ConfigError, MPDCompressError, UnknownNameError
+from ..models import MODELS, model_spec
+from .arguments import device_name, nonnegative_int, opset, positive_int, seed
+from .distill import add_distill_parser
+from .models import add_model_class_arguments
+from .train import add_train_parser
 
 __all__ = ["main"]
 
@@ -99,9 +99,9 @@ def _bench_profile(args: argparse.Namespace, base, shapes, what: str, **changes)
 
 
 def _bench_cpu(args: argparse.Namespace, command: str, progress) -> list:
-    from .bench.gpu import DTYPES
-    from .bench.report import write_bench_report
-    from .bench.suite import FULL, QUICK, run_suite
+    from ..bench.gpu import DTYPES
+    from ..bench.report import write_bench_report
+    from ..bench.suite import FULL, QUICK, run_suite
 
     changes: dict = {}
     if args.compile:
@@ -121,8 +121,8 @@ def _profile_name(args: argparse.Namespace) -> str:
 
 
 def _bench_gpu(args: argparse.Namespace, command: str) -> list:
-    from .bench.gpu import GPU_PROFILES, GPU_SHAPES, row_summary, run_gpu_suite
-    from .bench.gpu_report import write_gpu_report
+    from ..bench.gpu import GPU_PROFILES, GPU_SHAPES, row_summary, run_gpu_suite
+    from ..bench.gpu_report import write_gpu_report
 
     if args.compile:
         raise ConfigError("--compile is for the CPU suite; the GPU suite reports eager and CUDA-graph figures")
@@ -139,9 +139,9 @@ def _bench_gpu(args: argparse.Namespace, command: str) -> list:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .cli_models import load_model_file
-    from .convert import pack
-    from .io import read_manifest, save
+    from ..core.convert import pack
+    from ..files.io import read_manifest, save
+    from .models import load_model_file
 
     manifest = read_manifest(args.checkpoint)
     if manifest["form"] == "packed":
@@ -194,9 +194,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .cli_models import example_inputs, load_model_file, parse_dynamic_dims
-    from .export import export_onnx
-    from .io import read_manifest
+    from ..files.io import read_manifest
+    from ..files.onnx import export_onnx
+    from .models import example_inputs, load_model_file, parse_dynamic_dims
 
     dims = parse_dynamic_dims(args.dynamic_dims)
     model = load_model_file(args.file, args)
@@ -223,7 +223,7 @@ def _input_shape(model) -> tuple[int, ...] | None:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .experiments import rerender_report, run_reproduction
+    from ..experiments import rerender_report, run_reproduction
 
     if args.render_only:
         print(f"wrote {rerender_report(args.out)}")

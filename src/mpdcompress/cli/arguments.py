@@ -36,7 +36,7 @@ def nonnegative_float(text: str) -> float:
 
 
 def opset(text: str) -> int:
-    from .export import MIN_OPSET, max_opset
+    from ..files.onnx import MIN_OPSET, max_opset
 
     top = max_opset()
     return _number(
@@ -45,7 +45,7 @@ def opset(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    from .config import MAX_SEED
+    from ..core.config import MAX_SEED
 
     return _number(int, text, lambda v: 0 <= v <= MAX_SEED, "a seed from 0 to 2**63 - 1")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CompressionError, CompressionTypeError, ConfigError
+from ..errors import CompressionError, CompressionTypeError, ConfigError
 from .layout import BlockLayout
 
 __all__ = ["check_incoming_mask", "MPDMask", "make_mask", "layer_seed", "check_permutation", "inverse_permutation"]

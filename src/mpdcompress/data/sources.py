@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataCorruptError, DataUnavailableError
+from ..errors import ConfigError, DataCorruptError, DataUnavailableError
 
 __all__ = [
     "DataUnavailableError",

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import ModelFileError, UnsupportedArchitectureError
+from ..core.layout import BlockLayout
+from ..core.masks import MPDMask
+from ..errors import ModelFileError, UnsupportedArchitectureError
+from ..nn.masked import MPDLinear
+from ..nn.packed import BlockDiagonalLinear, PackedChain
 from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
-from .layout import BlockLayout
-from .masks import MPDMask
-from .nn.masked import MPDLinear
-from .nn.packed import BlockDiagonalLinear, PackedChain
 
 __all__ = [
     "describe",

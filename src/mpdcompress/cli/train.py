@@ -10,16 +10,16 @@ import statistics
 import sys
 from pathlib import Path
 
-from .cli_types import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
-from .errors import ConfigError
+from ..errors import ConfigError
+from .arguments import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 
 __all__ = ["add_train_parser"]
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from .datasets import DATASETS
-    from .models import MODELS
-    from .train import RECIPES
+    from ..data.datasets import DATASETS
+    from ..models import MODELS
+    from ..train import RECIPES
 
     tr = sub.add_parser(
         "train",
@@ -98,8 +98,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     import dataclasses
 
-    from .models import model_spec
-    from .train import TrainConfig
+    from ..models import model_spec
+    from ..train import TrainConfig
 
     # Every TrainConfig field that has a flag of the same name (argparse dest) comes from the command line.
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -116,7 +116,7 @@ def _config(args: argparse.Namespace):
 
 
 def _print_plan(plan, recipe: str | None) -> None:
-    from .train import RECIPES
+    from ..train import RECIPES
 
     p = plan
     kind = f"MPD c={p.compression}, {p.mode} mode" if p.compression else "dense"
@@ -160,8 +160,8 @@ class _StopOnSignal:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainingInterrupted, init_from_env, make_plan
-    from .train.distributed import barrier, shutdown
+    from ..train import TrainingInterrupted, init_from_env, make_plan
+    from ..train.distributed import barrier, shutdown
 
     config = _config(args)
     if args.nproc and not args.dry_run:
@@ -190,9 +190,9 @@ def run_train(args: argparse.Namespace) -> int:
 def _estimate(config, args, ctx) -> int:
     import dataclasses
 
-    from .train import RECIPES, make_plan
-    from .train.config import recipe_for_model
-    from .train.plan import estimate_step_seconds
+    from ..train import RECIPES, make_plan
+    from ..train.config import recipe_for_model
+    from ..train.plan import estimate_step_seconds
 
     plan = make_plan(config, ctx.world_size)
     projected, stand_in = plan, ""
@@ -220,9 +220,9 @@ def _estimate(config, args, ctx) -> int:
 def _train(config, args, ctx) -> int:
     from tqdm import tqdm
 
-    from .io import save
-    from .models import model_spec
-    from .train import train
+    from ..files.io import save
+    from ..models import model_spec
+    from ..train import train
 
     main = ctx.is_main
     resolved = config.resolved()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataUnavailableError, UnknownNameError
+from ..errors import ConfigError, DataUnavailableError, UnknownNameError
 
 __all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split"]
 

@@ -1,0 +1,228 @@
+"""Compressing a trained model with a little of its data, before any fine-tuning.
+
+Two uses of a few hundred calibration inputs, neither of which trains anything:
+
+* :func:`input_moments` measures ``E[x_j²]`` for each input feature of each selected layer. A
+  mask that keeps ``W_ij`` drops ``W_ij x_j`` from the output otherwise, so the mass worth
+  keeping is ``W_ij² E[x_j²]`` (the layer's expected output energy per weight), not ``W_ij²``:
+  ``mpdify_(..., masks="weights", input_moments=...)`` searches masks for that mass.
+* :func:`refit_` then sets the kept weights and bias of every compressed layer to the least-
+  squares fit of the dense layer's output, given what the mask lets it see. For output ``i`` in
+  block ``k`` (whose columns are ``S``) that is a small linear regression of the dense output on
+  ``x_S``: the dropped inputs are partly predictable from the kept ones, and the fit folds that
+  part into the kept weights (and the mean of the rest into the bias). Layers are fitted one at
+  a time in forward order, each on the inputs the already-fitted student gives it, so a layer
+  also corrects the error the layers before it left (as SparseGPT does for pruning).
+
+:func:`compress_calibrated` is the one call: a compressed copy of a trained model, masks chosen
+for its data and kept weights refitted, and on request tuned block by block on the same inputs
+(:mod:`mpdcompress.posthoc.reconstruct`, the one step that trains); the model itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import MPDConfig
+from ..core.convert import LayerFilter, compressed_layers, is_transposed_linear, mpdify_
+from ..errors import CompressionError, ConfigError
+from ..nn import MPDLinear
+from .reconstruct import default_blocks, reconstruct_
+from .taps import evaluating, paired_calls, reiterable, run
+
+__all__ = ["input_moments", "refit_", "compress_calibrated"]
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).double()
+
+
+def _linears(model: nn.Module, filter_fn: LayerFilter | None) -> dict[str, nn.Module]:
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if (type(m) is nn.Linear or is_transposed_linear(m)) and (filter_fn is None or filter_fn(m, name))
+    }
+
+
+def input_moments(
+    model: nn.Module, batches: Iterable, *, filter_fn: LayerFilter | None = None
+) -> dict[str, torch.Tensor]:
+    """``E[x²]`` per input feature of every plain ``nn.Linear`` (or ``Conv1D``) that
+    ``filter_fn(module, name)`` selects, over every position of every batch (float32, on CPU)."""
+    layers = _linears(model, filter_fn)
+    if not layers:
+        raise CompressionError("no nn.Linear layer was selected")
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str) -> Callable[[torch.Tensor], None]:
+        def add(x: torch.Tensor) -> None:
+            x = _features(x)
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] += x.shape[0]
+
+        return add
+
+    with evaluating(model):
+        run(model, reiterable(batches), {m: hook(n) for n, m in layers.items()})
+    unused = sorted(n for n, c in counts.items() if not c)
+    if unused:
+        raise CompressionError(f"the calibration batches never reach these layers: {unused}")
+    return {name: (sums[name] / counts[name]).float().cpu() for name in layers}
+
+
+class _Moments:
+    """Running sums of the student's input ``u``, the teacher's input ``x`` and the products the
+    fit needs, ``uᵀu`` and ``uᵀx``, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.u = self.x = self.uu = self.ux = 0
+        self.pending: list[torch.Tensor] = []  # the teacher's inputs of this batch, in call order
+
+    def teacher(self, x: torch.Tensor) -> None:
+        self.pending.append(_features(x))
+
+    def student(self, u: torch.Tensor) -> None:
+        u, x = _features(u), self.pending.pop(0)  # refit_ checked that both layers run as often
+        x = x.to(u.device)  # the teacher may sit on another device
+        if u.shape != x.shape:
+            raise CompressionError("student and teacher layers saw inputs of different shapes")
+        self.n += u.shape[0]
+        self.u, self.x = self.u + u.sum(0), self.x + x.sum(0)
+        self.uu, self.ux = self.uu + u.t() @ u, self.ux + u.t() @ x
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    return (layer.weight.t() if is_transposed_linear(layer) else layer.weight).detach().double()
+
+
+@torch.no_grad()
+def _fit(layer: MPDLinear, dense: nn.Module, m: _Moments, damping: float) -> None:
+    """Least-squares kept weights (and bias) of ``layer``, block by block, from the moments."""
+    w = _dense_weight(dense).to(m.uu.device)
+    b = dense.bias.detach().double().to(m.uu.device) if dense.bias is not None else None
+    mu_u, mu_x = m.u / m.n, m.x / m.n
+    uu, ux = m.uu / m.n, m.ux / m.n
+    if layer.bias is not None:  # the bias absorbs the means: fit the centred parts
+        uu, ux = uu - torch.outer(mu_u, mu_u), ux - torch.outer(mu_u, mu_x)
+    mask = layer.mpd_mask
+    layout = mask.layout
+    new_w = torch.zeros_like(w)
+    for k in range(layout.compression):
+        rows = mask.row_order[layout.row_offsets[k] : layout.row_offsets[k] + layout.row_sizes[k]].to(w.device)
+        cols = mask.col_order[layout.col_offsets[k] : layout.col_offsets[k] + layout.col_sizes[k]].to(w.device)
+        gram = uu[cols][:, cols]
+        # Damping as GPTQ does: a share of the mean diagonal keeps the solve well posed for
+        # inputs that never vary (padding features, dead units).
+        gram = gram + torch.eye(len(cols), dtype=gram.dtype, device=gram.device) * (
+            damping * gram.diagonal().mean().clamp_min(1e-12)
+        )
+        target = w[rows] @ ux[cols].t()  # Cov(dense output, kept inputs): (rows, |S|)
+        new_w[rows[:, None], cols] = torch.linalg.solve(gram, target.t()).t()
+    layer.weight.copy_(new_w.to(layer.weight))
+    if layer.bias is not None:
+        dense_mean = w @ mu_x + (b if b is not None else 0)
+        layer.bias.copy_((dense_mean - new_w @ mu_u).to(layer.bias))
+    layer.apply_mask_()
+
+
+def refit_(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    *,
+    damping: float = 0.01,
+    layers: Collection[str] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> nn.Module:
+    """Refit every compressed layer of ``student`` (masked form, from :func:`mpdify_`), or those
+    ``layers`` names, to the same-named dense layer of ``teacher`` on ``batches`` (see the
+    module's description); one pass over the batches per layer, in the order the forward reaches
+    them. ``progress`` receives ``{"layer", "index", "layers"}`` after each layer. Returns
+    ``student``."""
+    if not damping > 0:
+        raise ConfigError(f"damping must be positive, got {damping!r}")
+    if student is teacher:
+        raise ConfigError("the student must be a separate (compressed) copy of the teacher")
+    masked = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
+    if not masked:
+        raise CompressionError("the student has no masked MPD layer to refit (refit before pack)")
+    unknown = sorted(set(layers or ()) - set(masked))
+    if unknown:
+        raise CompressionError(f"the student has no masked MPD layers named {unknown}")
+    fitted = {n: m for n, m in masked.items() if layers is None or n in layers}
+    dense: dict[str, nn.Module] = {}
+    for name in fitted:
+        try:
+            dense[name] = teacher.get_submodule(name)
+        except AttributeError:
+            raise CompressionError(f"the teacher has no layer {name!r} to refit the student's to") from None
+        if _dense_weight(dense[name]).shape != fitted[name].weight.shape:
+            raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
+    batches = reiterable(batches)
+    with evaluating(teacher, student):
+        order, calls = paired_calls(student, teacher, batches, fitted, dense, "layers")
+        for index, name in enumerate(order):
+            moments = _Moments()
+            # The teacher's layer runs first for each batch, then the student's same layer;
+            # each forward stops at the layer's last call.
+            for batch, times in zip(batches, calls[name]):
+                if times:
+                    run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
+                    run(student, [batch], {fitted[name]: moments.student}, stop_after=times)
+            _fit(fitted[name], dense[name], moments, damping)
+            if progress is not None:
+                progress({"layer": name, "index": index + 1, "layers": len(order)})
+    return student
+
+
+def compress_calibrated(
+    model: nn.Module,
+    config: MPDConfig | int | Mapping[str, int],
+    batches: Iterable,
+    *,
+    filter_fn: LayerFilter | None = None,
+    refit: bool = True,
+    damping: float = 0.01,
+    block_steps: int = 0,
+    block_lr: float = 1e-3,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A compressed copy of the trained ``model`` (left untouched, the teacher for a later
+    :func:`~mpdcompress.posthoc.distill.distill`): selected layers get masks chosen for the mass
+    ``W² E[x²]`` on ``batches`` (``masks="weights"`` unless the options say ``"weights-joint"``;
+    ``"random"`` keeps random masks), then with ``refit`` their kept weights are refitted
+    (:func:`refit_`), and with ``block_steps`` tuned block by block to the model's blocks
+    (:func:`~mpdcompress.posthoc.reconstruct.reconstruct_`, that many steps per block at ``block_lr``).
+    ``progress`` receives both calls' events. ``config``, ``filter_fn`` and ``options`` are
+    :func:`mpdify_`'s."""
+    defaults = {} if isinstance(config, MPDConfig) else {"masks": "weights"}
+    config = MPDConfig.of(config, **{**defaults, **options})
+    if config.mode != "masked":
+        raise ConfigError("compress_calibrated fits the masked form: leave mode='masked', then pack the result")
+    moments = input_moments(model, batches, filter_fn=filter_fn) if config.masks != "random" else None
+    student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments)
+    if refit:
+        refit_(student, model, batches, damping=damping, progress=progress)
+    if block_steps:
+        blocks = default_blocks(student)
+        reconstruct_(
+            student, model, batches, blocks=blocks, steps=block_steps, lr=block_lr, seed=config.seed, progress=progress
+        )
+        # Layers outside the blocks were fitted to what the blocks gave before they were tuned.
+        outside = [n for n in compressed_layers(student) if not any(_within(n, b) for b in blocks)]
+        if refit and outside:
+            refit_(student, model, batches, damping=damping, layers=outside, progress=progress)
+    return student
+
+
+def _within(name: str, block: str) -> bool:
+    return block == "" or name == block or name.startswith(block + ".")
