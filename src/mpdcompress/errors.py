@@ -27,7 +27,14 @@ __all__ = [
     "DistributedFailure",
     "NonFiniteWeightsWarning",
     "MissingDependencyError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, for one-line reports of someone else's error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
 
 
 class MPDCompressError(Exception):

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 # Values of the random example the export traces with: 2**28 floats are 1 GiB.
 _MAX_EXAMPLE_VALUES = 2**28
@@ -32,11 +32,6 @@ def add_model_class_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
 def _user_class(spec: str):
     module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name.isidentifier():
@@ -54,7 +49,7 @@ def _user_class(spec: str):
     except ImportError as exc:
         raise ConfigError(f"--model-class: cannot import {module_name!r}: {exc}") from None
     except Exception as exc:  # the user's module failed while it ran (SyntaxError, its own errors)
-        raise ConfigError(f"--model-class: your module {module_name!r} failed: {_first_line(exc)}") from None
+        raise ConfigError(f"--model-class: your module {module_name!r} failed: {first_line(exc)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"--model-class: {module_name!r} has no {class_name!r}")
@@ -81,7 +76,7 @@ def load_model_file(path: str, args: argparse.Namespace):
     try:
         template = cls(**kwargs)
     except Exception as exc:  # the keywords do not fit, or the user's constructor raised
-        raise ConfigError(f"--model-class: your {cls.__name__}(**{kwargs}) failed: {_first_line(exc)}") from None
+        raise ConfigError(f"--model-class: your {cls.__name__}(**{kwargs}) failed: {first_line(exc)}") from None
     if not isinstance(template, nn.Module):
         raise ConfigError(f"--model-class built a {type(template).__name__}, not a torch.nn.Module")
     return load(path, model=template)

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
-from ..errors import ModelFileError, UnsupportedArchitectureError
+from ..errors import ModelFileError, UnsupportedArchitectureError, first_line
 from .architecture import describe
 
 __all__ = ["check_masked_weights", "check_template", "check_runs"]
@@ -82,10 +82,8 @@ def check_runs(model: nn.Module, input_shape: list[int] | None, path: Path) -> N
     except NotImplementedError:
         return  # an operation without a meta kernel: nothing is known either way
     except Exception as exc:  # RecursionError included
-        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise ModelFileError(
-            f"{path}: the model cannot run on its recorded input shape {tuple(input_shape)}: "
-            f"{type(exc).__name__}: {message}"
+            f"{path}: the model cannot run on its recorded input shape {tuple(input_shape)}: {first_line(exc)}"
         ) from None
     finally:
         for module, mode in training:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, first_line
 from ..kernels import use_engine
 
 __all__ = ["export_onnx", "ExportError", "MIN_OPSET", "max_opset"]
@@ -111,10 +111,7 @@ def _check_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
             model(*args, **kwargs)
     except Exception as exc:
         shapes = [tuple(t.shape) for t in args] + [f"{k}={tuple(t.shape)}" for k, t in kwargs.items()]
-        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ExportError(
-            f"the model does not run on the example inputs {shapes}: {type(exc).__name__}: {message}"
-        ) from None
+        raise ExportError(f"the model does not run on the example inputs {shapes}: {first_line(exc)}") from None
 
 
 def _split_inputs(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:

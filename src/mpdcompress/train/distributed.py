@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError, DistributedFailure, MaskMismatchError
+from ..errors import ConfigError, DistributedFailure, MaskMismatchError, first_line
 from ..nn import BlockDiagonalLinear, MPDLinear
 
 __all__ = [
@@ -122,7 +122,7 @@ def collective(what: str) -> Iterator[None]:
     except RuntimeError as exc:
         raise DistributedFailure(
             f"rank {dist.get_rank()} could not {what}: another rank died, was killed or lost its connection "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+            f"({first_line(exc)})"
         ) from exc
 
 
