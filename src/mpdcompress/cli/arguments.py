@@ -52,12 +52,11 @@ def seed(text: str) -> int:
 
 def device_name(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked when it is used)."""
-    import torch
+    from ..core.config import checked_device
+    from ..errors import ConfigError
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: mpdcompress runs on cpu or cuda devices")
+        checked_device(text, "", available=False)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
     return text

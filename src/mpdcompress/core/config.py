@@ -31,18 +31,18 @@ INITS: tuple[str, ...] = ("dense", "block")
 MASKS: tuple[str, ...] = ("random", "weights", "weights-joint")
 
 
-def checked_device(device: Any, what: str = "device") -> torch.device:
-    """``device`` as a ``torch.device`` that mpdcompress can use here (``cpu``, or ``cuda[:N]``
-    where CUDA is available), else :class:`ConfigError` saying why."""
+def checked_device(device: Any, what: str = "device", *, available: bool = True) -> torch.device:
+    """``device`` as a ``torch.device`` that mpdcompress can use (``cpu`` or ``cuda[:N]``; with
+    ``available``, only where CUDA is there), else :class:`ConfigError` saying why."""
     if not isinstance(device, (str, torch.device)):
         raise ConfigError(f"{what} must be a device name such as 'cpu' or 'cuda', got {device!r}")
     try:
         resolved = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"{what} {str(device)!r} is not a device name: {str(exc).splitlines()[0][:120]}") from None
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what} {str(device)!r} is not a device name such as 'cpu', 'cuda' or 'cuda:1'") from None
     if resolved.type not in DEVICE_TYPES:
         raise ConfigError(f"{what} {str(device)!r}: mpdcompress runs on {' or '.join(DEVICE_TYPES)} devices")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if available and resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{what} {str(device)!r} was asked for but torch.cuda.is_available() is False")
     return resolved
 
