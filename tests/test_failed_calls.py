@@ -482,3 +482,27 @@ def test_structured_forgeries_of_tensor_data_are_refused(tmp_path):
     for forged in (mixed, tmp_path / "overlap.safetensors"):
         with pytest.raises(ModelFileError):
             mpd.load(forged)
+
+
+class _DataDependentNet(nn.Module):
+    """A user's own module whose forward does what meta tensors cannot (a value on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        assert float(x.abs().sum()) >= 0
+        return self.fc(x)
+
+
+def test_a_file_of_a_custom_model_loads_into_its_template_despite_the_run_check(tmp_path):
+    # The meta-device forward of load only runs on modules a file can describe: this valid file
+    # was refused ("Tensor.item() cannot be called on meta tensors") when it ran on every model.
+    torch.manual_seed(0)
+    model = mpd.mpdify_(_DataDependentNet(), 2)
+    path = mpd.save(model, tmp_path / "m.safetensors", input_shape=(8,))
+    loaded = mpd.load(path, model=_DataDependentNet())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

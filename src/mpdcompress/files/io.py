@@ -3,7 +3,7 @@
 Nothing is unpickled. The manifest records the format version, the form (``packed`` or
 ``masked``), every compressed layer (shape, factor, bias), the architecture when it can be
 described (:mod:`.architecture`), the compression config, and a SHA-256 of every tensor; it is
-covered by its own digest. :mod:`.modelfile` checks the header before anything is built, and
+covered by its own digest. :mod:`.header` checks the header before anything is built, and
 loading checks every tensor before it reaches a module, so a damaged or hand-edited file raises
 :class:`ModelFileError` naming the problem instead of yielding a wrong model.
 """
@@ -24,7 +24,6 @@ from .._version import __version__
 from ..atomic import write_atomic
 from ..core.config import MPDConfig, checked_device
 from ..core.convert import compressed_layers, mpdify_, pack
-from ..core.layout import BlockLayout
 from ..core.masks import check_permutation
 from ..errors import (
     CompressionError,
@@ -46,7 +45,7 @@ from .header import (
     read_header,
     tensor_digest,
 )
-from .load_checks import check_masked_weights, check_runs, check_template
+from .load_checks import check_layer_tensors, check_runs, check_template
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
 
@@ -209,18 +208,6 @@ def _check_digests(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], p
             raise ModelFileError(f"{path}: tensor {key!r} fails its SHA-256 check (corrupted file)")
 
 
-def _check_padding(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
-    """Padding entries of uneven packed layers must be zero, or the packed model would compute
-    something else than its masked form (and differently with and without autograd)."""
-    for name, layer in manifest["layers"].items():
-        layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
-        if layer["kind"] != "BlockDiagonalLinear" or layout.is_even:
-            continue
-        where = layout.nonzero_padding(state[f"{name}.weight_blocks"], state.get(f"{name}.bias"))
-        if where is not None:
-            raise ModelFileError(f"{path}: padding entries of {name}.{where} are not zero")
-
-
 def _check_tensors(
     tensors: dict[str, torch.Tensor],
     manifest: dict[str, Any],
@@ -308,13 +295,12 @@ def load(
     _check_ties(ties, expected, tensors, path)
     state = _check_tensors(tensors, manifest, {k: v for k, v in expected.items() if k not in ties}, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
-    _check_padding(state, manifest, path)
-    check_masked_weights(state, manifest, path)
+    check_layer_tensors(state, manifest, path)
     if model is not None:
         check_template(skeleton, manifest, path)
     skeleton.load_state_dict({**state, **{alias: state[key] for alias, key in ties.items()}}, strict=True, assign=True)
     _retie(skeleton, ties)
-    check_runs(skeleton, manifest.get("input_shape"), path)
+    check_runs(skeleton, manifest, path)
     if manifest.get("config") is not None:
         skeleton.mpd_config = _recorded_config(manifest["config"], path)
     return guard_state_dict_loading(skeleton.to(device))

@@ -17,16 +17,20 @@ from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError, first_line
 from .architecture import describe
 
-__all__ = ["check_masked_weights", "check_template", "check_runs"]
+__all__ = ["check_layer_tensors", "check_template", "check_runs"]
 
 
-def check_masked_weights(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
-    """A masked layer's weight is zero off its mask: a file with values there is not what
-    ``save`` wrote (loading would zero them silently)."""
+def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    """What ``save`` never writes: nonzero padding in an uneven packed layer (the packed model
+    would compute something other than its masked form, and differently with and without
+    autograd), or nonzero weights off a masked layer's mask (loading would zero them silently)."""
     for name, layer in manifest["layers"].items():
-        if layer["kind"] != "MPDLinear":
-            continue
         layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
+        if layer["kind"] == "BlockDiagonalLinear":
+            where = layout.nonzero_padding(state[f"{name}.weight_blocks"], state.get(f"{name}.bias"))
+            if where is not None:
+                raise ModelFileError(f"{path}: padding entries of {name}.{where} are not zero")
+            continue
         mask = MPDMask(layout, state[f"{name}.row_order"].long(), state[f"{name}.col_order"].long()).dense()
         if bool(state[f"{name}.weight"].masked_fill(mask, 0).any()):
             raise ModelFileError(f"{path}: {name}.weight holds nonzero values off its mask")
@@ -60,11 +64,18 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return f"at {where or 'the root'}: the model has {str(a)[:80]}, the file {str(b)[:80]}"
 
 
-def check_runs(model: nn.Module, input_shape: list[int] | None, path: Path) -> None:
+def check_runs(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:
     """One forward on the meta device (shapes only, nothing allocated) on the recorded input
     shape: layers that do not fit each other, nesting deeper than Python's stack, tensors of
-    dtypes that cannot meet are refused here rather than at the user's first call."""
+    dtypes that cannot meet are refused here rather than at the user's first call. Only for
+    models made of the modules a file can describe (all of which run on meta): the forward of a
+    user's own module may do what meta tensors cannot (``.item()``)."""
+    input_shape = manifest.get("input_shape")
     if input_shape is None:
+        return
+    try:
+        describe(model)
+    except UnsupportedArchitectureError:
         return
     tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
     on_meta = {name: torch.empty_like(t, device="meta") for name, t in tensors}
