@@ -194,11 +194,11 @@ def test_every_supported_layer_has_a_strategy_and_fused_chains_can_be_rebuilt():
 def test_the_allow_list_names_only_arguments_this_torch_has_and_everything_describe_records():
     for cls, allowed in LAYER_ARGUMENTS.items():
         assert set(allowed) <= set(inspect.signature(cls.__init__).parameters), cls.__name__
-    recorded = {"device", "dtype", "_weight", "_freeze", "init", "args", "kwargs", "self"}
+    never_recorded = {"device", "dtype", "_weight", "_freeze", "init", "args", "kwargs", "self"}
     for cls, allowed in LAYER_ARGUMENTS.items():
         # Every constructor argument that describe() may record (the rest are device, dtype and
         # initial values, which a file never carries) is on the list.
-        params = set(inspect.signature(cls.__init__).parameters) - recorded
+        params = set(inspect.signature(cls.__init__).parameters) - never_recorded
         stored = {p for p in params if p not in ("min_value", "max_value")}  # Hardtanh's deprecated aliases
         assert stored <= set(allowed), (cls.__name__, stored - set(allowed))
 

@@ -301,6 +301,7 @@ def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp
     monkeypatch.setattr(triton_kernels, "_block_weight_grad", _NoLaunch())
     monkeypatch.setattr(tuning, "interpreting", lambda: False)  # choose as on a GPU
     monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_recent", {})
     monkeypatch.setenv("MPDCOMPRESS_TILE_CACHE", str(tmp_path / "tiles.json"))
     measured = []
 
@@ -326,6 +327,7 @@ def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp
 
     # A new process reads the cache: nothing is measured again.
     monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_recent", {})
     monkeypatch.setattr(tuning, "_measure", lambda options, run: pytest.fail("measured a cached shape"))
     with use_engine("triton"):
         model(torch.randn(20, 32)).sum().backward()

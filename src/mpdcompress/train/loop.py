@@ -290,8 +290,9 @@ def train(
                     and step < plan.steps_per_epoch
                 )
                 if ckpt_path is not None and (stop or due):
-                    _check_finite(loss_acc.item(), epoch, step, ckpt_path)
-                    save(epoch, step, (loss_acc.item(), micro_count), result.seconds + time.perf_counter() - began)
+                    loss_sum = loss_acc.item()
+                    _check_finite(loss_sum, epoch, step, ckpt_path)
+                    save(epoch, step, (loss_sum, micro_count), result.seconds + time.perf_counter() - began)
                 if stop:
                     barrier(ctx)  # nobody exits (and gets the job torn down) before rank 0 wrote
                     raise TrainingInterrupted(epoch, step, ckpt_path)
