@@ -1,6 +1,6 @@
-"""The documentation is tested: every Python block of README.md and DEVELOPERS.md runs (tiny
-models, synthetic data), every relative link points at a file, and every `mpdcompress`
-subcommand the README names exists with the flags it shows."""
+"""The documentation is tested: every Python block of README.md, DEVELOPERS.md and docs/ runs
+(tiny models, synthetic data), every relative link points at a file, and every `mpdcompress`
+subcommand the pages name exists, prints its help, and takes the flags they show."""
 
 import os
 import re
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "DEVELOPERS.md"]
+DOCS = [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _blocks(path: Path, language: str) -> list[tuple[int, str]]:
@@ -61,16 +61,28 @@ def test_relative_links_point_at_files():
             assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
 
 
-def test_every_subcommand_and_flag_the_readme_shows_exists():
+def _shown_commands() -> list[tuple[str, str, str]]:
+    """(page, subcommand, rest of the line) for every `mpdcompress <word> ...` the pages show."""
+    return [
+        (path.name, command, rest)
+        for path in DOCS
+        for command, rest in re.findall(r"mpdcompress ([a-z]+)((?: [^`|\n]*)?)", path.read_text())
+    ]
+
+
+def test_every_subcommand_and_flag_the_docs_show_exists(capsys):
     from mpdcompress.cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
-    text = (ROOT / "README.md").read_text()
-    for line in re.findall(r"mpdcompress ([a-z]+)((?: [^`|\n]*)?)", text):
-        command, rest = line
-        if command not in commands:
-            continue  # prose ("mpdcompress is ...")
+    shown = [(page, command, rest) for page, command, rest in _shown_commands() if command in commands]
+    assert {command for _, command, _ in shown} >= {"demo", "train", "reproduce", "bench", "pack", "inspect", "export"}
+    for page, command, rest in shown:
         known = {opt for action in commands[command]._actions for opt in action.option_strings}
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
-            assert flag in known, f"README shows `mpdcompress {command} ... {flag}`, which {command} does not take"
+            assert flag in known, f"{page} shows `mpdcompress {command} ... {flag}`, which {command} does not take"
+    for command in sorted({command for _, command, _ in shown}):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([command, "--help"])
+        assert exit_.value.code == 0
+        assert f"mpdcompress {command}" in capsys.readouterr().out

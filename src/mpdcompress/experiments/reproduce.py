@@ -259,7 +259,7 @@ def run_reproduction(
 RUN_COMMANDS = {
     "cifar10": "mpdcompress train --recipe tf-cifar10 --data DIR (-c 0 for dense)",
     "imagenet": "torchrun --standalone --nproc_per_node=8 -m mpdcompress train --recipe alexnet-bn-imagenet "
-    "--device cuda --data DIR (-c 0 for dense; see README, Training at scale)",
+    "--device cuda --data DIR (-c 0 for dense; see docs/scale.md)",
 }
 
 
