@@ -1,3 +1,5 @@
+"""Run the command line as ``python -m mpdcompress`` (what torchrun starts)."""
+
 import sys
 
 from .cli.main import main

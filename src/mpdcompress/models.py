@@ -213,12 +213,14 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_spec(name: str) -> ModelSpec:
+    """The registered model called ``name``; UnknownNameError lists the registered names."""
     if name not in MODELS:
         raise UnknownNameError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return MODELS[name]
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """A fresh model of the registry, with ``num_classes`` outputs if given."""
     spec = model_spec(name)
     return spec.build() if num_classes is None else spec.build(num_classes)
 

@@ -12,6 +12,7 @@ __all__ = ["median_seconds", "interleaved_medians", "synchronize", "cuda_medians
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued CUDA work on ``device`` (all CUDA devices when None); nothing on a CPU."""
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()
 

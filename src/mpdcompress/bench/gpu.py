@@ -40,6 +40,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class GpuProfile:
+    """What the GPU suite measures: layer shapes, factors, batches, dtypes and whole models."""
+
     shapes: tuple[tuple[str, int, int], ...] = tuple(GPU_SHAPES)
     factors: tuple[int, ...] = (8,)
     batches: tuple[int, ...] = (1, 16, 128, 2048)

@@ -92,6 +92,7 @@ def _layer_table(rows: list[dict], mode: str) -> list[str]:
 
 
 def write_gpu_report(result: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``bench.json`` and ``bench.md`` (with the targets checked) to ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checks = check_targets(result)

@@ -40,6 +40,8 @@ LAYER_SHAPES: list[tuple[str, int, int]] = [
 
 @dataclass
 class LayerResult:
+    """One single-layer timing row: the shape, factor, batch and dtype, and each variant's time."""
+
     shape: str
     d_out: int
     d_in: int

@@ -22,6 +22,7 @@ def _cpu_model() -> str:
 
 
 def describe_machine(device: str = "cpu") -> dict[str, object]:
+    """The machine a benchmark ran on (CPU or GPU model, cores, torch version), for its report."""
     info: dict[str, object] = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

@@ -63,6 +63,7 @@ def run_suite(
     command: str = "mpdcompress bench",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
+    """Run the CPU-style suite (layers, whole models, training steps) side by side; returns its result dict."""
     result: dict = {
         "command": command,
         "machine": describe_machine(device),

@@ -20,22 +20,27 @@ def _number(kind, text: str, ok, what: str):
 
 
 def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     return _number(int, text, lambda v: v >= 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
     return _number(int, text, lambda v: v >= 0, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
     return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 
 
 def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0."""
     return _number(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def opset(text: str) -> int:
+    """argparse type: an ONNX opset this torch can export."""
     from ..files.onnx import MIN_OPSET, max_opset
 
     top = max_opset()
@@ -45,6 +50,7 @@ def opset(text: str) -> int:
 
 
 def seed(text: str) -> int:
+    """argparse type: a seed in 0..MAX_SEED."""
     from ..core.config import MAX_SEED
 
     return _number(int, text, lambda v: 0 <= v <= MAX_SEED, "a seed from 0 to 2**63 - 1")

@@ -16,6 +16,8 @@ __all__ = ["DemoResult", "run_demo"]
 
 @dataclass
 class DemoResult:
+    """What the demo measured: losses, accuracy, sizes, exactness and speed of the packed model."""
+
     compression: int
     steps: int
     first_loss: float

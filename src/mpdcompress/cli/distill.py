@@ -105,6 +105,7 @@ def _agreement(scores: dict[str, float]) -> str:
 
 
 def add_distill_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` subcommand (pretrained sentence encoders) to ``sub``."""
     p = sub.add_parser(
         "distill",
         help="compress a pretrained sentence encoder and recover it by distillation on real text",

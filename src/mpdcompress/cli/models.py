@@ -21,6 +21,7 @@ __all__ = ["add_model_class_arguments", "load_model_file", "example_inputs", "pa
 
 
 def add_model_class_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--model-class`` and ``--model-kwargs`` (files saved from the user's own modules)."""
     parser.add_argument(
         "--model-class",
         metavar="MODULE:CLASS",
@@ -83,6 +84,7 @@ def load_model_file(path: str, args: argparse.Namespace):
 
 
 def parse_dynamic_dims(items: list[str]) -> dict[int, str]:
+    """Parse ``--dynamic-dims 0=batch 1=sequence`` into ``{0: 'batch', 1: 'sequence'}``."""
     dims = {}
     for item in items:
         axis, sep, name = item.partition("=")

@@ -17,6 +17,7 @@ __all__ = ["add_train_parser"]
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand (paper models, recipes, torchrun) to ``sub``."""
     from ..data.datasets import DATASETS
     from ..models import MODELS
     from ..train import RECIPES

@@ -48,6 +48,7 @@ def checked_device(device: Any, what: str = "device", *, available: bool = True)
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``; else a ConfigError naming ``what`` and the choices."""
     if value not in choices:
         raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

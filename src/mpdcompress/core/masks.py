@@ -24,6 +24,7 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``perm``: ``inverse[perm[i]] = i``."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
     return inv

@@ -17,6 +17,8 @@ __all__ = ["DatasetSpec", "DATASETS", "dataset_spec", "load_dataset"]
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A registered dataset: sizes, image shape, normalization, where it is looked for and its loader."""
+
     name: str
     train_images: int
     test_images: int
@@ -95,6 +97,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def dataset_spec(name: str) -> DatasetSpec:
+    """The registered dataset called ``name``; UnknownNameError lists the registered names."""
     if name not in DATASETS:
         raise UnknownNameError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]

@@ -77,6 +77,7 @@ class Split:
 
 
 def data_root() -> Path:
+    """Where datasets are looked for and kept: ``$MPDCOMPRESS_DATA``, else ``~/.cache/mpdcompress``."""
     return Path(os.environ.get("MPDCOMPRESS_DATA") or Path.home() / ".cache" / "mpdcompress")
 
 

@@ -47,6 +47,8 @@ def _fortunes(folder: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class TextCorpus:
+    """A corpus of English text that a Debian package installs, and how to read it into sentences."""
+
     name: str
     folder: Path  # where its Debian package installs it
     marker: str  # a file that shows it is installed
@@ -93,12 +95,14 @@ CORPORA: dict[str, TextCorpus] = {
 
 
 def corpus(name: str) -> TextCorpus:
+    """The registered text corpus called ``name`` (``wordnet``, ``fortunes``)."""
     if name not in CORPORA:
         raise UnknownNameError(f"unknown text corpus {name!r}; choose from {', '.join(CORPORA)}")
     return CORPORA[name]
 
 
 def load_corpus(name: str, root: str | os.PathLike | None = None) -> list[str]:
+    """The sentences of corpus ``name``, read from ``root`` or where its package installs it."""
     return corpus(name).load(root)
 
 

@@ -34,6 +34,8 @@ __all__ = ["PosthocProfile", "run_posthoc_study", "render_posthoc_report", "writ
 
 @dataclass(frozen=True)
 class PosthocProfile:
+    """What the MNIST post-training study runs: models with their epochs and learning rate, budgets, masks."""
+
     # (model, training epochs, distillation lr). LeNet-300-100, every hidden layer compressed,
     # recovers best at 1e-2 (1 epoch of KL from weight-chosen masks: 96.1 / 97.3 / 97.7 / 96.8 %
     # at lr 1e-3 / 3e-3 / 1e-2 / 3e-2); Deep MNIST, one FC layer compressed, recovered at 1e-3.
@@ -51,6 +53,7 @@ def _epoch_steps(n_images: int, batch_size: int) -> int:
 
 
 def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train dense models, compress them afterwards and distill them for each budget; returns the results."""
     say = progress or (lambda message: None)
     results: dict[str, Any] = {"profile": asdict(profile), "models": []}
     for name, epochs, lr in profile.models:
@@ -101,6 +104,7 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
 
 
 def render_posthoc_report(results: dict[str, Any], command: str) -> str:
+    """The study's results as a Markdown report headed by ``command``."""
     lines = [
         "# Compressing trained image classifiers afterwards, then distilling",
         "",
@@ -132,6 +136,7 @@ def render_posthoc_report(results: dict[str, Any], command: str) -> str:
 
 
 def write_posthoc_report(results: dict[str, Any], out: Path, command: str, machine: dict[str, Any]) -> None:
+    """Write the study's ``report.md`` and ``results.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**results, "command": command, "machine": machine}, indent=1))
     (out / "report.md").write_text(render_posthoc_report(results, command))

@@ -44,6 +44,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PretrainedProfile:
+    """What the pretrained-encoder study runs: model, corpus, factors, mask kinds, roles and budgets."""
+
     model: str = "all-minilm-l6-v2"
     corpus: str = "wordnet"
     factors: tuple[int, ...] = (2, 4, 8)
@@ -222,6 +224,7 @@ def _fmt(x: float) -> str:
 
 
 def render_pretrained_report(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    """The pretrained-encoder study's results as a Markdown report headed by ``command``."""
     profile = results["profile"]
     lines = [
         f"# Compressing a pretrained {profile['model']} after training",

@@ -180,6 +180,7 @@ def fold(
 
 
 def tuple_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments with JSON lists turned back into tuples."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 

@@ -116,6 +116,7 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def header_shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from a safetensors header."""
     return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
 
 

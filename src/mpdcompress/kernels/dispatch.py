@@ -54,6 +54,7 @@ def set_engine(name: str) -> None:
 
 
 def get_engine() -> str:
+    """The engine chosen now: ``auto``, ``torch`` or ``triton`` (``use_engine``, ``set_engine``, env)."""
     return _engine
 
 

@@ -29,6 +29,8 @@ __all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates",
 
 @dataclass(frozen=True)
 class TileConfig:
+    """One tile choice of the Triton kernels: tile sizes along batch, rows and columns, warps, stages."""
+
     block_b: int  # batch entries per program (for the weight gradient: the reduction step)
     block_r: int  # block rows per program
     block_k: int  # block columns per step (for the weight gradient: columns per program)
@@ -42,6 +44,7 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def interpreting() -> bool:
+    """Whether Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _INTERPRETING
 
 
@@ -88,6 +91,7 @@ _warned: set[str] = set()
 
 
 def cache_path() -> Path:
+    """The file that keeps measured tile choices: ``$MPDCOMPRESS_TILE_CACHE`` or ``~/.cache/mpdcompress/tiles.json``."""
     return Path(os.environ.get("MPDCOMPRESS_TILE_CACHE") or Path.home() / ".cache" / "mpdcompress" / "tiles.json")
 
 

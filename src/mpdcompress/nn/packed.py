@@ -47,6 +47,7 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
 
 
 def is_elementwise(module: nn.Module) -> bool:
+    """Whether ``module`` acts on each element alone, so that a permutation commutes with it."""
     if isinstance(module, nn.PReLU):
         return module.num_parameters == 1
     return type(module) in ELEMENTWISE_MODULES

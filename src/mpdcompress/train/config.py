@@ -96,6 +96,8 @@ PRECISIONS = ("fp32", "bf16")  # bf16: autocast on CPU and CUDA
 
 @dataclass
 class TrainConfig:
+    """Everything one ``mpdcompress train`` run needs: model, data, compression, optimizer, schedule, devices."""
+
     model: str = "lenet300"
     dataset: str = "mnist"  # or "fake": random images of the model's input shape
     compression: int | None = 10  # None: the dense baseline

@@ -47,6 +47,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in a torchrun job (rank, world size, local rank, backend); one process by default."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -103,6 +105,7 @@ def init_from_env(device: str, timeout_minutes: float = 30.0) -> DistContext:
 
 
 def shutdown() -> None:
+    """Leave the process group cleanly, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         # DDP's reducer keeps the process group alive through reference cycles; left to the
         # interpreter's final teardown, gloo's worker threads are destroyed while still joinable

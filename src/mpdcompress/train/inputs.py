@@ -181,6 +181,7 @@ class StepPlan:
 
 
 def step_plan(global_batch: int, micro_batch: int | None, world_size: int, train_images: int) -> StepPlan:
+    """Split the global batch over processes and micro-batches; ConfigError if it does not divide."""
     if global_batch % world_size:
         raise ConfigError(
             f"the global batch {global_batch} does not split over {world_size} processes; "

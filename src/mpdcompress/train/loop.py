@@ -60,6 +60,8 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class TrainResult:
+    """What a training run produced: its config, per-epoch history, test accuracy, sizes and time."""
+
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     test_accuracy: float = float("nan")
@@ -70,6 +72,7 @@ class TrainResult:
 
 
 def build_for(config: TrainConfig) -> nn.Module:
+    """The model a TrainConfig describes, compressed as it says, from its seed."""
     torch.manual_seed(config.seed)
     model = build_model(config.model)
     if config.compression:

@@ -20,6 +20,8 @@ __all__ = ["TrainPlan", "make_plan", "estimate_step_seconds"]
 
 @dataclass
 class TrainPlan:
+    """The whole plan of a training run (data, steps, batches, devices), as ``--dry-run`` prints it."""
+
     model: str
     dataset: str
     data_location: str
