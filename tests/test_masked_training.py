@@ -238,6 +238,7 @@ def test_config_object_is_checked_once_and_recorded(tmp_path):
         "mode": "masked",
         "init": "block",
         "masks": "random",
+        "convs": False,
     }
     for bad in (dict(seed=1.5), dict(seed=True), dict(permute="yes")):
         with pytest.raises(CompressionTypeError):

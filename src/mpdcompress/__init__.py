@@ -14,7 +14,7 @@ from .core.masks import MPDMask, layer_seed, make_mask
 from .files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from .files.onnx import ExportError, export_onnx
 from .kernels import EngineUnavailableError, set_engine, tune, use_engine
-from .nn import BlockDiagonalLinear, MPDLinear, PackedChain
+from .nn import BlockDiagonalConv, BlockDiagonalLinear, MPDConv1d, MPDConv2d, MPDLinear, PackedChain
 
 __all__ = [
     "__version__",
@@ -23,6 +23,9 @@ __all__ = [
     "MPDLinear",
     "BlockDiagonalLinear",
     "PackedChain",
+    "MPDConv1d",
+    "MPDConv2d",
+    "BlockDiagonalConv",
     "make_mask",
     "mask_from_weight",
     "kept_mass",

@@ -64,6 +64,9 @@ class MPDConfig:
     ``mode="compact"`` packs right away so the blocks train directly. ``init="dense"`` (default)
     never changes the kept weights; ``"block"`` is for training from scratch. ``masks="weights"``
     chooses each mask to keep the most of the layer's trained weight instead of at random.
+    ``convs=True`` also compresses ``nn.Conv1d`` / ``nn.Conv2d`` layers on their channel plane,
+    except those the default rules skip (see :func:`~mpdcompress.mpdify_`); a convolution named
+    in a ``compression`` mapping is compressed either way.
     """
 
     compression: int | Mapping[str, int]
@@ -72,6 +75,7 @@ class MPDConfig:
     mode: Mode = "masked"
     init: Init = "dense"
     masks: Literal["random", "weights", "weights-joint"] = "random"
+    convs: bool = False
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -85,8 +89,9 @@ class MPDConfig:
             raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
-        if not isinstance(self.permute, bool):
-            raise CompressionTypeError(f"permute must be a bool, got {type(self.permute).__name__}")
+        for flag in ("permute", "convs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise CompressionTypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
         if not isinstance(self.compression, Mapping) and (
             isinstance(self.compression, bool) or not isinstance(self.compression, int)
         ):
@@ -101,7 +106,7 @@ class MPDConfig:
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)} - {"compression"})
         if unknown:
             raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)}; MPDConfig takes seed, permute, mode, init and masks"
+                f"unknown option(s) {', '.join(unknown)}; MPDConfig takes seed, permute, mode, init, masks and convs"
             )
         if not isinstance(config, cls):
             return cls(config, **options)
@@ -117,4 +122,5 @@ class MPDConfig:
             "mode": self.mode,
             "init": self.init,
             "masks": self.masks,
+            "convs": self.convs,
         }

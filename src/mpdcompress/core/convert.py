@@ -14,18 +14,30 @@ from torch.nn.utils import parametrize
 
 from ..errors import CompressionError, CompressionTypeError, UnknownNameError
 from ..nn.loading import guard_state_dict_loading
-from ..nn.masked import MPDLinear
+from ..nn.masked import MASKED_CONVS, MaskedWeight, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
+from ..nn.packed_conv import BlockDiagonalConv
 from .config import MPDConfig
 from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
 from .roles import mlp_pairs
 
-__all__ = ["mpdify_", "mpdify", "pack", "unpack", "apply_masks_", "compressed_layers", "LayerFilter"]
+__all__ = [
+    "mpdify_",
+    "mpdify",
+    "pack",
+    "unpack",
+    "apply_masks_",
+    "compressed_layers",
+    "conv_skip_reason",
+    "LayerFilter",
+]
 
 # torchao's convention: filter_fn(module, fully qualified name) -> compress it?
-LayerFilter = Callable[[nn.Linear, str], bool]
+LayerFilter = Callable[[nn.Module, str], bool]
+# A packed layer of either kind, and everything pack() produces.
+_PACKED = (BlockDiagonalLinear, PackedChain, BlockDiagonalConv)
 
 
 def mpdify_(
@@ -61,6 +73,13 @@ def mpdify_(
     masks keep the most of ``W² E[x²]`` instead of ``W²``; see also
     :func:`~mpdcompress.posthoc.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
+
+    With ``convs=True``, ``nn.Conv1d`` / ``nn.Conv2d`` layers become :class:`MPDConv1d` /
+    :class:`MPDConv2d` (the mask on the channel plane, alike at every kernel position; packed,
+    a grouped convolution). Convolutions that :func:`conv_skip_reason` names a reason for (a
+    first layer reading image channels, grouped and depthwise convolutions, fewer channels
+    than ``c``, non-zero padding modes) are left dense; ``model.mpd_skipped`` maps their names
+    to the reasons. ``filter_fn`` is then called for convolutions too.
     """
     if not isinstance(model, nn.Module):
         raise CompressionTypeError(f"mpdify_ takes a torch.nn.Module, got {type(model).__name__}")
@@ -70,21 +89,33 @@ def mpdify_(
         for name, module in model.named_modules()
         if (isinstance(module, nn.Linear) and not isinstance(module, MPDLinear)) or is_transposed_linear(module)
     }
+    convs = {name: module for name, module in model.named_modules() if type(module) in MASKED_CONVS}
+    candidates = {**linears, **convs}
     compression = config.compression
+    skipped: dict[str, str] = {}
     if isinstance(compression, Mapping):
-        unknown = sorted(set(compression) - set(linears))
+        unknown = sorted(set(compression) - set(candidates))
         if unknown:
-            raise UnknownNameError(f"compression names layers that are not uncompressed nn.Linear modules: {unknown}")
+            raise UnknownNameError(
+                f"compression names layers that are not uncompressed nn.Linear or nn.Conv1d/2d modules: {unknown}"
+            )
         factors = dict(compression)
     else:
         factors = {name: compression for name in linears}
+        if config.convs:
+            for name, conv in convs.items():
+                reason = conv_skip_reason(conv, compression)
+                if reason is None:
+                    factors[name] = compression
+                else:
+                    skipped[name] = reason
     if filter_fn is not None:
-        factors = {name: c for name, c in factors.items() if filter_fn(linears[name], name)}
+        factors = {name: c for name, c in factors.items() if filter_fn(candidates[name], name)}
     if not factors:
         if not linears and compressed_layers(model):
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
         raise CompressionError("no nn.Linear layer was selected for compression")
-    _refuse_unsafe_layers(model, {name: linears[name] for name in factors})
+    _refuse_unsafe_layers(model, {name: candidates[name] for name in factors})
     if config.masks.startswith("weights") and any(linears[name].weight.device.type == "meta" for name in factors):
         raise CompressionError(
             "masks='weights' chooses masks from the weights, and a model on the meta device has none yet: "
@@ -94,39 +125,38 @@ def mpdify_(
     if input_moments is not None and not config.masks.startswith("weights"):
         raise CompressionError("input_moments weigh the mass of weight-chosen masks: use masks='weights'")
     moments = dict(input_moments or {})
-    joint = (
-        _joint_weight_masks(model, linears, factors, config.seed, moments) if config.masks == "weights-joint" else {}
-    )
+    joint = {}
+    if config.masks == "weights-joint":  # convolutions get their weight-chosen masks one by one
+        linear_factors = {name: c for name, c in factors.items() if name in linears}
+        joint = _joint_weight_masks(model, linears, linear_factors, config.seed, moments)
     # Every mask is made (and every factor validated) before any layer changes: a refused call
     # leaves the model as it was.
-    planned: dict[int, tuple[nn.Linear, MPDMask]] = {}
+    planned: dict[int, tuple[nn.Module, MPDMask]] = {}
     for name, c in factors.items():
-        linear = linears[name]
-        if id(linear) in planned:
+        layer = candidates[name]
+        if id(layer) in planned:
             continue
-        original = linear
-        if is_transposed_linear(linear):
-            linear = _linear_from_transposed(linear)
+        original = layer
+        if is_transposed_linear(layer):
+            layer = _linear_from_transposed(layer)
+        d_out, d_in = _plane(layer)
+        label = name or type(model).__name__
         if name in joint:
             mask = joint[name]
         elif config.masks.startswith("weights"):
-            validate_compression(linear.out_features, linear.in_features, c, name or type(model).__name__)
+            validate_compression(d_out, d_in, c, label)
             mask = mask_from_weight(
-                linear.weight, c, input_moment=moments.get(name), seed=layer_seed(config.seed, name)
+                _plane_magnitude(layer.weight), c, input_moment=moments.get(name), seed=layer_seed(config.seed, name)
             )
         else:
-            mask = make_mask(
-                linear.out_features,
-                linear.in_features,
-                c,
-                seed=layer_seed(config.seed, name),
-                permute=config.permute,
-                name=name or type(model).__name__,
-            )
-        planned[id(original)] = linear, mask
-    replacements: dict[int, MPDLinear] = {}
-    for key, (linear, mask) in planned.items():
-        replacements[key] = MPDLinear.from_linear(linear, mask)
+            mask = make_mask(d_out, d_in, c, seed=layer_seed(config.seed, name), permute=config.permute, name=label)
+        planned[id(original)] = layer, mask
+    replacements: dict[int, MaskedWeight] = {}
+    for key, (layer, mask) in planned.items():
+        if type(layer) in MASKED_CONVS:
+            replacements[key] = MASKED_CONVS[type(layer)].from_conv(layer, mask)
+        else:
+            replacements[key] = MPDLinear.from_linear(layer, mask)
         if config.init == "block":
             _block_fan_in_(replacements[key])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
@@ -135,7 +165,36 @@ def mpdify_(
         # mask study address them by their Sequential keys.
         model = pack(model, inplace=True, fold_dense=False)
     model.mpd_config = config
+    if config.convs:
+        model.mpd_skipped = skipped
     return guard_state_dict_loading(model)
+
+
+def conv_skip_reason(conv: nn.Module, compression: int) -> str | None:
+    """Why ``mpdify_(..., convs=True)`` leaves this convolution dense, or None to compress it."""
+    if conv.groups > 1:
+        if conv.groups == conv.in_channels:
+            return "depthwise convolution: each output reads one channel, nothing to compress"
+        return f"grouped convolution (groups={conv.groups}): name it or filter it out to decide"
+    if conv.in_channels <= 4:
+        return f"reads {conv.in_channels} input channels (the image): too few to split into blocks"
+    if min(conv.in_channels, conv.out_channels) < compression:
+        return f"{conv.in_channels}->{conv.out_channels} channels: fewer than c={compression}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: packed convolutions pad with zeros"
+    return None
+
+
+def _plane(layer: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the matrix a layer's mask lives on."""
+    if type(layer) in MASKED_CONVS:
+        return layer.out_channels, layer.in_channels
+    return layer.out_features, layer.in_features
+
+
+def _plane_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """The 2-D weight whose squares are a channel pair's squared mass over every kernel position."""
+    return weight if weight.dim() == 2 else weight.detach().flatten(2).square().sum(2).sqrt()
 
 
 def mpdify(
@@ -173,7 +232,18 @@ def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> N
         hint = "; leave it out with filter_fn"
         if parametrize.is_parametrized(linear):
             raise CompressionError(f"layer {label!r} has a parametrized weight (weight_norm, ...)" + hint)
-        if type(linear) is not nn.Linear and not is_transposed_linear(linear):
+        if type(linear) in MASKED_CONVS:
+            if linear.groups > 1:
+                raise CompressionError(
+                    f"layer {label!r} is a grouped convolution (groups={linear.groups}): mpdcompress compresses "
+                    "ungrouped convolutions only" + hint
+                )
+            if linear.padding_mode != "zeros":
+                raise CompressionError(
+                    f"layer {label!r} pads with padding_mode={linear.padding_mode!r}: packed convolutions pad "
+                    "with zeros only" + hint
+                )
+        elif type(linear) is not nn.Linear and not is_transposed_linear(linear):
             raise CompressionError(
                 f"layer {label!r} is a {type(linear).__module__}.{type(linear).__name__}, not a plain nn.Linear: "
                 "its own forward, or its parent module (nn.MultiheadAttention reads out_proj.weight directly), "
@@ -268,13 +338,13 @@ def _linear_from_transposed(conv: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def _block_fan_in_(layer: MPDLinear) -> None:
-    """Rescale weights and bias as if ``nn.Linear`` had been built with the block width as fan-in."""
+def _block_fan_in_(layer: MaskedWeight) -> None:
+    """Rescale weights and bias as if the layer had been built with the block width as fan-in."""
     mask = layer.mpd_mask
     layout = mask.layout
     widths = torch.tensor(layout.col_sizes, dtype=torch.float64)[mask.row_groups()]
     scale = (layout.d_in / widths).sqrt().to(layer.weight.dtype).to(layer.weight.device)
-    layer.weight.mul_(scale[:, None])
+    layer.weight.mul_(scale.view(-1, *[1] * (layer.weight.dim() - 1)))
     if layer.bias is not None:
         layer.bias.mul_(scale)
 
@@ -291,34 +361,40 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     nothing at run time. The result computes the same function as the masked model. Unless
     ``inplace``, ``model`` is untouched.
     """
-    masked = [m for m in model.modules() if isinstance(m, MPDLinear)]
+    masked = [m for m in model.modules() if isinstance(m, MaskedWeight)]
     if not masked:
-        raise CompressionError("nothing to pack: the model has no MPDLinear layer (mpdify_ it first)")
+        raise CompressionError("nothing to pack: the model has no MPDLinear or MPDConv layer (mpdify_ it first)")
     if any(m.weight.device.type == "meta" for m in masked):
         raise CompressionError("cannot pack a model on the meta device: its weights have no values yet")
     for layer in masked:  # every mask is checked before the first layer is packed
         layer.mpd_mask
     if not inplace:
-        model = _copy_except(model, MPDLinear)
+        model = _copy_except(model, MaskedWeight)
     with torch.no_grad():
         shared = _shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             _fuse_sequential(seq, fold_dense, shared)
-        packed = _replace_modules(
-            model, lambda m: BlockDiagonalLinear.from_masked(m) if isinstance(m, MPDLinear) else None
-        )
+        packed = _replace_modules(model, _pack_one)
     return guard_state_dict_loading(packed)
+
+
+def _pack_one(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, MPDLinear):
+        return BlockDiagonalLinear.from_masked(module)
+    if isinstance(module, MaskedWeight):
+        return BlockDiagonalConv.from_masked(module)
+    return None
 
 
 def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Inverse of :func:`pack`: packed layers back to :class:`MPDLinear` (masked dense form)."""
-    if not any(isinstance(m, (BlockDiagonalLinear, PackedChain)) for m in model.modules()):
+    if not any(isinstance(m, _PACKED) for m in model.modules()):
         raise CompressionError("nothing to unpack: the model has no packed layer")
     for layer in model.modules():  # every mask is checked before the first layer is unpacked
-        if isinstance(layer, BlockDiagonalLinear):
+        if isinstance(layer, (BlockDiagonalLinear, BlockDiagonalConv)):
             layer.mpd_mask
     if not inplace:
-        model = _copy_except(model, (BlockDiagonalLinear, PackedChain))
+        model = _copy_except(model, _PACKED)
     with torch.no_grad():
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             items: list[tuple[str, nn.Module]] = []
@@ -329,7 +405,7 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         def _unpack_one(module: nn.Module) -> nn.Module | None:
             if isinstance(module, PackedChain):
                 return nn.Sequential(OrderedDict(module.unfused()))
-            if isinstance(module, BlockDiagonalLinear):
+            if isinstance(module, (BlockDiagonalLinear, BlockDiagonalConv)):
                 return module.to_masked()
             return None
 
@@ -345,15 +421,15 @@ def _copy_except(model: nn.Module, kinds: type | tuple[type, ...]) -> nn.Module:
 
 
 def apply_masks_(model: nn.Module) -> None:
-    """Re-zero the off-mask weights of every :class:`MPDLinear` (for optimizers that move them)."""
+    """Re-zero the off-mask weights of every masked layer (for optimizers that move them)."""
     for module in model.modules():
-        if isinstance(module, MPDLinear):
+        if isinstance(module, MaskedWeight):
             module.apply_mask_()
 
 
 def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name → compressed module (masked, packed or chain) for every one in ``model``."""
-    kinds = (MPDLinear, BlockDiagonalLinear, PackedChain)
+    kinds = (MaskedWeight, *_PACKED)
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, kinds) and not any(name.startswith(p + ".") for p in found):

@@ -139,11 +139,14 @@ class BlockLayout:
 
     def nonzero_padding(self, blocks: torch.Tensor, bias: torch.Tensor | None) -> str | None:
         """``"weight_blocks"`` or ``"bias"`` if that packed tensor is not zero (NaN included) at a
-        padding position, else None. Nonzero padding makes a packed layer compute something
+        padding position, else None (``blocks``: ``(c, max_rows, max_cols, *kernel)``). Nonzero padding makes a packed layer compute something
         other than its masked form (and differently with and without autograd)."""
         if self.is_even:
             return None
-        if bool((blocks * ~self.padding_mask().to(blocks.device)).any()):
+        padding = ~self.padding_mask().to(blocks.device)
+        # A packed convolution's blocks carry its kernel positions as trailing dimensions.
+        padding = padding.view(*padding.shape, *[1] * (blocks.dim() - 3))
+        if bool((blocks * padding).any()):
             return "weight_blocks"
         if bias is not None:
             padded = torch.ones(bias.numel(), dtype=torch.bool, device=bias.device)

@@ -1,6 +1,16 @@
 """Layer types: the masked training form and the packed block-diagonal form."""
 
-from .masked import MPDLinear
+from .masked import MaskedWeight, MPDConv1d, MPDConv2d, MPDLinear
 from .packed import BlockDiagonalLinear, PackedChain, is_elementwise
+from .packed_conv import BlockDiagonalConv
 
-__all__ = ["MPDLinear", "BlockDiagonalLinear", "PackedChain", "is_elementwise"]
+__all__ = [
+    "MaskedWeight",
+    "MPDLinear",
+    "MPDConv1d",
+    "MPDConv2d",
+    "BlockDiagonalLinear",
+    "BlockDiagonalConv",
+    "PackedChain",
+    "is_elementwise",
+]

@@ -53,7 +53,7 @@ def is_elementwise(module: nn.Module) -> bool:
     return type(module) in ELEMENTWISE_MODULES
 
 
-def _padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int, fill: int = 0) -> torch.Tensor:
+def padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int, fill: int = 0) -> torch.Tensor:
     """The original index behind every padded packed position.
 
     Packed position ``i`` holds original index ``order[i]`` and sits at padded position
@@ -125,8 +125,8 @@ class BlockDiagonalLinear(nn.Module):
         c, br, bc = layout.compression, layout.max_rows, layout.max_cols
         pr = layout.padded_row_positions().to(device)
         pc = layout.padded_col_positions().to(device)
-        rows = _padded_sources(mask.row_order.to(device), pr, c * br)
-        cols = _padded_sources(mask.col_order.to(device), pc, c * bc)
+        rows = padded_sources(mask.row_order.to(device), pr, c * br)
+        cols = padded_sources(mask.col_order.to(device), pc, c * bc)
         blocks = weight[rows.view(c, br, 1), cols.view(c, 1, bc)]
         if not layout.is_even:
             blocks = blocks * layout.padding_mask().to(device)
@@ -194,13 +194,13 @@ class BlockDiagonalLinear(nn.Module):
         device = self.row_order.device
         pr = layout.padded_row_positions()
         pc = layout.padded_col_positions()
-        in_gather = _padded_sources(mask.col_order, pc, layout.compression * layout.max_cols)
+        in_gather = padded_sources(mask.col_order, pc, layout.compression * layout.max_cols)
         out_gather = torch.empty(layout.d_out, dtype=torch.int64)
         out_gather[mask.row_order] = pr
         self.register_buffer("in_gather", in_gather.to(device), persistent=False)
         self.register_buffer("out_gather", out_gather.to(device), persistent=False)
-        kernel_in = _padded_sources(mask.col_order, pc, layout.compression * layout.max_cols, fill=-1)
-        kernel_out = _padded_sources(mask.row_order, pr, layout.compression * layout.max_rows, fill=-1)
+        kernel_in = padded_sources(mask.col_order, pc, layout.compression * layout.max_cols, fill=-1)
+        kernel_out = padded_sources(mask.row_order, pr, layout.compression * layout.max_rows, fill=-1)
         self.register_buffer("kernel_in_index", kernel_in.to(torch.int32).to(device), persistent=False)
         self.register_buffer("kernel_out_index", kernel_out.to(torch.int32).to(device), persistent=False)
         padding = None if layout.is_even else layout.padding_mask().to(device)

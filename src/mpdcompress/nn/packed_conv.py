@@ -1,0 +1,204 @@
+"""Packed form of a compressed convolution: a grouped convolution between two channel gathers.
+
+A masked convolution's weight is, on its channel plane, a permuted block-diagonal matrix, the
+same at every kernel position. Gathering the input channels into block order turns it into a
+convolution with ``groups = c``, which every runtime already runs fast; a second gather puts the
+output channels back in their order. Uneven blocks are padded to the largest block with zero
+weights (padding input positions read channel 0 and multiply it by zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.layout import BlockLayout
+from ..core.masks import MPDMask, check_incoming_mask
+from ..errors import CompressionError
+from .masked import MPDConv1d, MPDConv2d
+from .packed import padded_sources
+
+__all__ = ["BlockDiagonalConv"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_MASKED = {1: MPDConv1d, 2: MPDConv2d}
+
+
+def _rebuild_conv_indices(module: "BlockDiagonalConv", _keys) -> None:
+    # A module-level function, not a lambda, so packed models pickle.
+    module._build_indices()
+
+
+class BlockDiagonalConv(nn.Module):
+    """A compressed 1-D or 2-D convolution stored as ``c`` padded blocks
+    ``(c, max_rows, max_cols, *kernel_size)`` and run as a grouped convolution.
+
+    Computes exactly the masked convolution it was packed from. ``bias`` is kept in packed,
+    padded output order (padding entries are zero and never read).
+    """
+
+    row_order: torch.Tensor
+    col_order: torch.Tensor
+    num_blocks: torch.Tensor
+    in_gather: torch.Tensor
+    out_gather: torch.Tensor
+
+    def __init__(
+        self,
+        mask: MPDMask,
+        weight_blocks: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        stride: tuple[int, ...] | int = 1,
+        padding: tuple[int, ...] | int | str = 0,
+        dilation: tuple[int, ...] | int = 1,
+    ) -> None:
+        super().__init__()
+        layout = mask.layout
+        dims = weight_blocks.dim() - 3
+        if dims not in _CONV or tuple(weight_blocks.shape[:3]) != (layout.compression, layout.max_rows, layout.max_cols):
+            raise CompressionError(
+                f"weight_blocks must have shape {(layout.compression, layout.max_rows, layout.max_cols)} followed by "
+                f"one or two kernel sizes, got {tuple(weight_blocks.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (layout.compression * layout.max_rows,):
+            raise CompressionError(
+                f"packed bias must have shape {(layout.compression * layout.max_rows,)}, got {tuple(bias.shape)}"
+            )
+        self.in_channels, self.out_channels = layout.d_in, layout.d_out
+        self.kernel_size = tuple(weight_blocks.shape[3:])
+        self.stride, self.dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
+        self.padding = padding if isinstance(padding, str) else _per_dim(padding, dims)
+        self.weight_blocks = nn.Parameter(weight_blocks)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        device = weight_blocks.device
+        self.register_buffer("row_order", mask.row_order.to(device))
+        self.register_buffer("col_order", mask.col_order.to(device))
+        self.register_buffer("num_blocks", torch.tensor(layout.compression, device=device))
+        self._build_indices()
+        self.register_load_state_dict_post_hook(_rebuild_conv_indices)
+
+    @classmethod
+    @torch.no_grad()
+    def from_masked(cls, conv: MPDConv1d | MPDConv2d) -> "BlockDiagonalConv":
+        """Pack the kept weights of a masked convolution (off-mask weights are dropped)."""
+        if conv.padding_mode != "zeros":
+            raise CompressionError(f"cannot pack a convolution with padding_mode={conv.padding_mode!r} (only 'zeros')")
+        mask = conv.mpd_mask
+        layout = mask.layout
+        device = conv.weight.device
+        c, br, bc = layout.compression, layout.max_rows, layout.max_cols
+        pr = layout.padded_row_positions().to(device)
+        rows = padded_sources(mask.row_order.to(device), pr, c * br)
+        cols = padded_sources(mask.col_order.to(device), layout.padded_col_positions().to(device), c * bc)
+        blocks = conv.weight[rows.view(c, br, 1), cols.view(c, 1, bc)]  # (c, br, bc, *kernel)
+        if not layout.is_even:
+            blocks = blocks * layout.padding_mask().to(device).view(c, br, bc, *[1] * (blocks.dim() - 3))
+        bias = None
+        if conv.bias is not None:
+            bias = conv.bias.new_zeros(c * br)
+            bias[pr] = conv.bias[mask.row_order.to(device)]
+        return cls(mask, blocks.contiguous(), bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+
+    # -- views of the layer ---------------------------------------------------------------------
+    @property
+    def layout(self) -> BlockLayout:
+        """How the channels split into blocks."""
+        return BlockLayout.create(self.out_channels, self.in_channels, int(self.num_blocks))
+
+    @property
+    def compression(self) -> int:
+        """The factor ``c``: the number of blocks (the grouped convolution's groups)."""
+        return int(self.num_blocks)
+
+    @property
+    def mpd_mask(self) -> MPDMask:
+        """The layer's mask (validated from its buffers)."""
+        return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_channels, in_channels, *kernel_size)`` masked weight this layer computes with."""
+        layout = self.layout
+        device = self.row_order.device
+        c, br, bc = layout.compression, layout.max_rows, layout.max_cols
+        rows = padded_sources(self.row_order, layout.padded_row_positions().to(device), c * br, fill=-1)
+        cols = padded_sources(self.col_order, layout.padded_col_positions().to(device), c * bc, fill=-1)
+        dense = self.weight_blocks.new_zeros(layout.d_out, layout.d_in, *self.kernel_size)
+        r, k = rows.view(c, br, 1).expand(c, br, bc), cols.view(c, 1, bc).expand(c, br, bc)
+        real = (r >= 0) & (k >= 0)
+        dense[r[real], k[real]] = self.weight_blocks[real]
+        return dense
+
+    @torch.no_grad()
+    def to_masked(self) -> MPDConv1d | MPDConv2d:
+        """The masked convolution this layer was packed from (exact)."""
+        conv = _MASKED[len(self.kernel_size)](
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            mask=self.mpd_mask,
+            device=self.weight_blocks.device,
+            dtype=self.weight_blocks.dtype,
+        )
+        conv.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            conv.bias.copy_(self.bias[self.out_gather])
+        return conv
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _build_indices(self) -> None:
+        layout = self.layout
+        mask = MPDMask(layout, self.row_order.cpu(), self.col_order.cpu())  # validates loaded orders
+        out_gather = torch.empty(layout.d_out, dtype=torch.int64)
+        out_gather[mask.row_order] = layout.padded_row_positions()
+        in_gather = padded_sources(mask.col_order, layout.padded_col_positions(), layout.compression * layout.max_cols)
+        device = self.row_order.device
+        self.register_buffer("in_gather", in_gather.to(device), persistent=False)
+        self.register_buffer("out_gather", out_gather.to(device), persistent=False)
+
+    def check_incoming(self, state_dict: dict, prefix: str) -> None:
+        """Refuse a mask that is no permutation, or nonzero padding, before anything is copied."""
+        check_incoming_mask(state_dict, prefix, self.out_channels, self.in_channels, self.compression)
+        c = int(state_dict.get(prefix + "num_blocks", self.compression))
+        layout = BlockLayout.create(self.out_channels, self.in_channels, c)
+        blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
+        expected = (c, layout.max_rows, layout.max_cols, *self.kernel_size)
+        if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != expected:
+            return  # a missing or misshapen tensor: load_state_dict reports it itself
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
+            bias = None
+        where = layout.nonzero_padding(blocks, bias)
+        if where is not None:
+            raise CompressionError(
+                f"{prefix}{where}: padding entries are not zero (a packed layer's padding must stay zero, "
+                "or it computes something other than its masked form)"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_incoming(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        c, br, bc = self.weight_blocks.shape[:3]
+        weight = self.weight_blocks.reshape(c * br, bc, *self.kernel_size)
+        x = input.index_select(-1 - len(self.kernel_size), self.in_gather)
+        y = _CONV[len(self.kernel_size)](x, weight, self.bias, self.stride, self.padding, self.dilation, c)
+        return y.index_select(-1 - len(self.kernel_size), self.out_gather)
+
+    def extra_repr(self) -> str:
+        layout = self.layout
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, compression={layout.compression}, "
+            f"blocks={layout.compression}x{layout.max_rows}x{layout.max_cols}, bias={self.bias is not None}"
+        )
+
+
+def _per_dim(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
