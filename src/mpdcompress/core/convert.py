@@ -84,6 +84,42 @@ def mpdify_(
     if not isinstance(model, nn.Module):
         raise CompressionTypeError(f"mpdify_ takes a torch.nn.Module, got {type(model).__name__}")
     config = MPDConfig.of(config, **options)
+    candidates, factors, skipped = _selected_factors(model, config, filter_fn)
+    _refuse_unsafe_layers(model, {name: candidates[name] for name in factors})
+    if config.masks.startswith("weights") and any(candidates[name].weight.device.type == "meta" for name in factors):
+        raise CompressionError(
+            "masks='weights' chooses masks from the weights, and a model on the meta device has none yet: "
+            "load its weights first"
+        )
+    if input_moments is not None and not config.masks.startswith("weights"):
+        raise CompressionError("input_moments weigh the mass of weight-chosen masks: use masks='weights'")
+    # Every mask is made (and every factor validated) before any layer changes: a refused call
+    # leaves the model as it was.
+    planned = _planned_masks(model, config, candidates, factors, dict(input_moments or {}))
+    replacements: dict[int, MaskedWeight] = {}
+    for key, (layer, mask) in planned.items():
+        if type(layer) in MASKED_CONVS:
+            replacements[key] = MASKED_CONVS[type(layer)].from_conv(layer, mask)
+        else:
+            replacements[key] = MPDLinear.from_linear(layer, mask)
+        if config.init == "block":
+            _block_fan_in_(replacements[key])
+    model = _replace_modules(model, lambda m: replacements.get(id(m)))
+    if config.mode == "compact":
+        # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
+        # mask study address them by their Sequential keys.
+        model = pack(model, inplace=True, fold_dense=False)
+    model.mpd_config = config
+    if config.convs:
+        model.mpd_skipped = skipped
+    return guard_state_dict_loading(model)
+
+
+def _selected_factors(
+    model: nn.Module, config: MPDConfig, filter_fn: LayerFilter | None
+) -> tuple[dict[str, nn.Module], dict[str, int], dict[str, str]]:
+    """The layers that could be compressed by name, the factor of each selected one, and the
+    convolutions the default rules leave dense with the reason."""
     linears = {
         name: module
         for name, module in model.named_modules()
@@ -102,35 +138,37 @@ def mpdify_(
         factors = dict(compression)
     else:
         factors = {name: compression for name in linears}
-        if config.convs:
-            for name, conv in convs.items():
-                reason = conv_skip_reason(conv, compression)
-                if reason is None:
-                    factors[name] = compression
-                else:
-                    skipped[name] = reason
+        for name, conv in convs.items() if config.convs else ():
+            reason = conv_skip_reason(conv, compression)
+            if reason is None:
+                factors[name] = compression
+            else:
+                skipped[name] = reason
     if filter_fn is not None:
         factors = {name: c for name, c in factors.items() if filter_fn(candidates[name], name)}
     if not factors:
         if not linears and compressed_layers(model):
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
-        raise CompressionError("no nn.Linear layer was selected for compression")
-    _refuse_unsafe_layers(model, {name: candidates[name] for name in factors})
-    if config.masks.startswith("weights") and any(linears[name].weight.device.type == "meta" for name in factors):
-        raise CompressionError(
-            "masks='weights' chooses masks from the weights, and a model on the meta device has none yet: "
-            "load its weights first"
-        )
+        hint = " (convolutions are compressed with convs=True)" if convs and not config.convs else ""
+        raise CompressionError("no nn.Linear layer was selected for compression" + hint)
+    return candidates, factors, skipped
 
-    if input_moments is not None and not config.masks.startswith("weights"):
-        raise CompressionError("input_moments weigh the mass of weight-chosen masks: use masks='weights'")
-    moments = dict(input_moments or {})
+
+def _planned_masks(
+    model: nn.Module,
+    config: MPDConfig,
+    candidates: dict[str, nn.Module],
+    factors: dict[str, int],
+    moments: dict[str, torch.Tensor],
+) -> dict[int, tuple[nn.Module, MPDMask]]:
+    """Each selected layer (a Conv1D already turned into its nn.Linear) with its mask, by the id
+    of the module it replaces."""
     joint = {}
     if config.masks == "weights-joint":  # convolutions get their weight-chosen masks one by one
-        linear_factors = {name: c for name, c in factors.items() if name in linears}
-        joint = _joint_weight_masks(model, linears, linear_factors, config.seed, moments)
-    # Every mask is made (and every factor validated) before any layer changes: a refused call
-    # leaves the model as it was.
+        linears = {name: m for name, m in candidates.items() if type(m) not in MASKED_CONVS}
+        joint = _joint_weight_masks(
+            model, linears, {n: c for n, c in factors.items() if n in linears}, config.seed, moments
+        )
     planned: dict[int, tuple[nn.Module, MPDMask]] = {}
     for name, c in factors.items():
         layer = candidates[name]
@@ -151,23 +189,7 @@ def mpdify_(
         else:
             mask = make_mask(d_out, d_in, c, seed=layer_seed(config.seed, name), permute=config.permute, name=label)
         planned[id(original)] = layer, mask
-    replacements: dict[int, MaskedWeight] = {}
-    for key, (layer, mask) in planned.items():
-        if type(layer) in MASKED_CONVS:
-            replacements[key] = MASKED_CONVS[type(layer)].from_conv(layer, mask)
-        else:
-            replacements[key] = MPDLinear.from_linear(layer, mask)
-        if config.init == "block":
-            _block_fan_in_(replacements[key])
-    model = _replace_modules(model, lambda m: replacements.get(id(m)))
-    if config.mode == "compact":
-        # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
-        # mask study address them by their Sequential keys.
-        model = pack(model, inplace=True, fold_dense=False)
-    model.mpd_config = config
-    if config.convs:
-        model.mpd_skipped = skipped
-    return guard_state_dict_loading(model)
+    return planned
 
 
 def conv_skip_reason(conv: nn.Module, compression: int) -> str | None:

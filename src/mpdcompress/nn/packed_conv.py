@@ -31,11 +31,14 @@ def _rebuild_conv_indices(module: "BlockDiagonalConv", _keys) -> None:
 
 
 class BlockDiagonalConv(nn.Module):
-    """A compressed 1-D or 2-D convolution stored as ``c`` padded blocks
-    ``(c, max_rows, max_cols, *kernel_size)`` and run as a grouped convolution.
+    """A compressed 1-D or 2-D convolution stored as ``c`` padded blocks and run as a grouped
+    convolution.
 
-    Computes exactly the masked convolution it was packed from. ``bias`` is kept in packed,
-    padded output order (padding entries are zero and never read).
+    ``weight_blocks`` has the grouped convolution's weight shape, ``(c * max_rows, max_cols,
+    *kernel_size)`` (block ``k`` is rows ``k * max_rows ...``), so it takes any memory format a
+    convolution weight takes (``channels_last`` included). Computes exactly the masked
+    convolution it was packed from. ``bias`` is kept in packed, padded output order (padding
+    entries are zero and never read).
     """
 
     row_order: torch.Tensor
@@ -43,6 +46,7 @@ class BlockDiagonalConv(nn.Module):
     num_blocks: torch.Tensor
     in_gather: torch.Tensor
     out_gather: torch.Tensor
+    padding_mask: torch.Tensor | None
 
     def __init__(
         self,
@@ -56,18 +60,19 @@ class BlockDiagonalConv(nn.Module):
     ) -> None:
         super().__init__()
         layout = mask.layout
-        dims = weight_blocks.dim() - 3
-        if dims not in _CONV or tuple(weight_blocks.shape[:3]) != (layout.compression, layout.max_rows, layout.max_cols):
+        dims = weight_blocks.dim() - 2
+        grouped = (layout.compression * layout.max_rows, layout.max_cols)
+        if dims not in _CONV or tuple(weight_blocks.shape[:2]) != grouped:
             raise CompressionError(
-                f"weight_blocks must have shape {(layout.compression, layout.max_rows, layout.max_cols)} followed by "
-                f"one or two kernel sizes, got {tuple(weight_blocks.shape)}"
+                f"weight_blocks must have shape {grouped} followed by one or two kernel sizes, "
+                f"got {tuple(weight_blocks.shape)}"
             )
         if bias is not None and tuple(bias.shape) != (layout.compression * layout.max_rows,):
             raise CompressionError(
                 f"packed bias must have shape {(layout.compression * layout.max_rows,)}, got {tuple(bias.shape)}"
             )
         self.in_channels, self.out_channels = layout.d_in, layout.d_out
-        self.kernel_size = tuple(weight_blocks.shape[3:])
+        self.kernel_size = tuple(weight_blocks.shape[2:])
         self.stride, self.dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
         self.padding = padding if isinstance(padding, str) else _per_dim(padding, dims)
         self.weight_blocks = nn.Parameter(weight_blocks)
@@ -99,7 +104,8 @@ class BlockDiagonalConv(nn.Module):
         if conv.bias is not None:
             bias = conv.bias.new_zeros(c * br)
             bias[pr] = conv.bias[mask.row_order.to(device)]
-        return cls(mask, blocks.contiguous(), bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        blocks = blocks.reshape(c * br, bc, *blocks.shape[3:]).contiguous()
+        return cls(mask, blocks, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
     # -- views of the layer ---------------------------------------------------------------------
     @property
@@ -117,6 +123,11 @@ class BlockDiagonalConv(nn.Module):
         """The layer's mask (validated from its buffers)."""
         return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
 
+    def blocks(self) -> torch.Tensor:
+        """The weights as ``(c, max_rows, max_cols, *kernel_size)`` blocks (a view)."""
+        layout = self.layout
+        return self.weight_blocks.view(layout.compression, layout.max_rows, layout.max_cols, *self.kernel_size)
+
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_channels, in_channels, *kernel_size)`` masked weight this layer computes with."""
@@ -128,7 +139,7 @@ class BlockDiagonalConv(nn.Module):
         dense = self.weight_blocks.new_zeros(layout.d_out, layout.d_in, *self.kernel_size)
         r, k = rows.view(c, br, 1).expand(c, br, bc), cols.view(c, 1, bc).expand(c, br, bc)
         real = (r >= 0) & (k >= 0)
-        dense[r[real], k[real]] = self.weight_blocks[real]
+        dense[r[real], k[real]] = self.blocks()[real]
         return dense
 
     @torch.no_grad()
@@ -155,12 +166,17 @@ class BlockDiagonalConv(nn.Module):
     def _build_indices(self) -> None:
         layout = self.layout
         mask = MPDMask(layout, self.row_order.cpu(), self.col_order.cpu())  # validates loaded orders
+        self.groups = layout.compression  # a Python int: reading num_blocks in forward would sync a GPU
         out_gather = torch.empty(layout.d_out, dtype=torch.int64)
         out_gather[mask.row_order] = layout.padded_row_positions()
         in_gather = padded_sources(mask.col_order, layout.padded_col_positions(), layout.compression * layout.max_cols)
         device = self.row_order.device
         self.register_buffer("in_gather", in_gather.to(device), persistent=False)
         self.register_buffer("out_gather", out_gather.to(device), persistent=False)
+        padding = None
+        if not layout.is_even:
+            padding = layout.padding_mask().view(-1, layout.max_cols, *[1] * len(self.kernel_size))
+        self.register_buffer("padding_mask", None if padding is None else padding.to(device), persistent=False)
 
     def check_incoming(self, state_dict: dict, prefix: str) -> None:
         """Refuse a mask that is no permutation, or nonzero padding, before anything is copied."""
@@ -168,9 +184,10 @@ class BlockDiagonalConv(nn.Module):
         c = int(state_dict.get(prefix + "num_blocks", self.compression))
         layout = BlockLayout.create(self.out_channels, self.in_channels, c)
         blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
-        expected = (c, layout.max_rows, layout.max_cols, *self.kernel_size)
+        expected = (c * layout.max_rows, layout.max_cols, *self.kernel_size)
         if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != expected:
             return  # a missing or misshapen tensor: load_state_dict reports it itself
+        blocks = blocks.reshape(c, layout.max_rows, *expected[1:])
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
             bias = None
         where = layout.nonzero_padding(blocks, bias)
@@ -184,11 +201,18 @@ class BlockDiagonalConv(nn.Module):
         self.check_incoming(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def effective_blocks(self) -> torch.Tensor:
+        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
+        w = self.weight_blocks
+        if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
+            return w * self.padding_mask
+        return w
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        c, br, bc = self.weight_blocks.shape[:3]
-        weight = self.weight_blocks.reshape(c * br, bc, *self.kernel_size)
         x = input.index_select(-1 - len(self.kernel_size), self.in_gather)
-        y = _CONV[len(self.kernel_size)](x, weight, self.bias, self.stride, self.padding, self.dilation, c)
+        y = _CONV[len(self.kernel_size)](
+            x, self.effective_blocks(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         return y.index_select(-1 - len(self.kernel_size), self.out_gather)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,207 @@
+"""Compressed convolutions: the channel-plane mask, exact packing into a grouped convolution,
+the default rules of mpdify_(..., convs=True), and training in both forms."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import mpdcompress as mpd
+from mpdcompress.core.convert import conv_skip_reason
+from mpdcompress.errors import CompressionError
+from mpdcompress.models import build_model
+
+from .helpers import assert_close_to_scale
+
+
+@st.composite
+def conv_cases(draw):
+    dims = draw(st.sampled_from([1, 2]))
+    d_in, d_out = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    c = draw(st.integers(1, min(d_in, d_out)))
+    kernel = draw(st.integers(1, 4))
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.sampled_from([0, 1, 2, "same", "valid"] if stride == 1 else [0, 1, 2]))
+    return dims, d_in, d_out, c, kernel, stride, padding, dilation, draw(st.booleans())
+
+
+def _conv(dims, d_in, d_out, kernel, stride, padding, dilation, bias):
+    kind = nn.Conv1d if dims == 1 else nn.Conv2d
+    return kind(d_in, d_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+
+
+@given(conv_cases(), st.integers(0, 1000))
+def test_packed_conv_computes_the_masked_conv(case, seed):
+    dims, d_in, d_out, c, kernel, stride, padding, dilation, bias = case
+    torch.manual_seed(seed)
+    masked = mpd.mpdify_(_conv(dims, d_in, d_out, kernel, stride, padding, dilation, bias), {"": c}, seed=seed)
+    packed = mpd.pack(masked)
+    assert isinstance(packed, mpd.BlockDiagonalConv)
+    size = (kernel - 1) * dilation + 1 + 3
+    x = torch.randn(2, d_in, *[size] * dims)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), masked(x), 1e-5)
+    back = mpd.unpack(packed)
+    assert torch.equal(back.weight, masked.weight)
+    assert (back.bias is None) == (not bias) and (not bias or torch.equal(back.bias, masked.bias))
+
+
+def test_the_mask_is_the_same_at_every_kernel_position_and_stays_through_training():
+    torch.manual_seed(0)
+    conv = mpd.mpdify_(nn.Conv2d(12, 10, 3, padding=1), {"": 4}, seed=1)
+    plane = conv.mpd_mask.dense()
+    assert torch.equal(conv.mask.expand_as(conv.weight), plane[:, :, None, None].expand_as(conv.weight))
+    assert int(plane.sum()) == conv.mpd_mask.layout.nnz
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        conv(torch.randn(4, 12, 6, 6)).square().mean().backward()
+        opt.step()
+    assert not conv.weight[~plane].any()
+    assert conv.weight[plane].abs().min() > 0
+
+
+def test_compact_training_of_an_uneven_conv_keeps_padding_zero_and_matches_masked_training():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(10, 7, 3), nn.ReLU(), nn.Conv2d(7, 9, 1))
+    masked = mpd.mpdify_(copy.deepcopy(dense), 3, convs=True, seed=0)
+    compact = mpd.mpdify_(copy.deepcopy(dense), 3, convs=True, seed=0, mode="compact")
+    assert all(isinstance(m, mpd.BlockDiagonalConv) for m in mpd.compressed_layers(compact).values())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (masked, compact)]
+    for _ in range(10):
+        x = torch.randn(4, 10, 8, 8)
+        for model, opt in zip((masked, compact), opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for layer in mpd.compressed_layers(compact).values():
+        assert layer.layout.nonzero_padding(layer.blocks(), layer.bias) is None
+    x = torch.randn(2, 10, 8, 8)
+    with torch.no_grad():
+        assert_close_to_scale(compact(x), masked(x), 1e-5)
+
+
+def test_default_rules_skip_image_grouped_depthwise_and_narrow_convs_with_reasons():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),  # reads the image
+        nn.Conv2d(16, 32, 3),
+        nn.Conv2d(32, 32, 3, groups=32),  # depthwise
+        nn.Conv2d(32, 32, 1, groups=4),  # grouped
+        nn.Conv2d(32, 32, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(32, 6, 1),  # fewer channels than c
+        nn.Flatten(),
+        nn.LazyLinear(10),
+    )
+    model(torch.randn(1, 3, 16, 16))  # materializes the lazy linear
+    mpd.mpdify_(model, 8, convs=True)
+    assert set(mpd.compressed_layers(model)) == {"1", "7"}
+    reasons = model.mpd_skipped
+    assert set(reasons) == {"0", "2", "3", "4", "5"}
+    assert "image" in reasons["0"] and "depthwise" in reasons["2"] and "groups=4" in reasons["3"]
+    assert "padding_mode" in reasons["4"] and "fewer than c=8" in reasons["5"]
+    assert conv_skip_reason(nn.Conv2d(64, 64, 3), 8) is None
+
+
+def test_convs_are_opt_in_and_explicit_choices_are_refused_by_name():
+    model = build_model("deep-mnist")
+    mpd.mpdify_(model, 4)
+    assert all(isinstance(m, mpd.MPDLinear) for m in mpd.compressed_layers(model).values())
+    grouped = nn.Sequential(nn.Conv2d(16, 16, 3, groups=2))
+    with pytest.raises(CompressionError, match="'0' is a grouped convolution"):
+        mpd.mpdify_(grouped, {"0": 2})
+    with pytest.raises(CompressionError, match="padding_mode='reflect'"):
+        mpd.mpdify_(nn.Sequential(nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")), {"0": 2})
+    named = nn.Sequential(nn.Conv2d(3, 8, 3))  # the default rules skip it; naming it compresses it
+    mpd.mpdify_(named, {"0": 3})
+    assert isinstance(named[0], mpd.MPDConv2d)
+
+
+@pytest.mark.parametrize("name", ["deep-mnist", "tf-cifar10", "alexnet-bn"])
+def test_paper_cnns_with_every_conv_but_the_first_pack_exactly(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    shape = {"deep-mnist": (1, 28, 28), "tf-cifar10": (3, 24, 24), "alexnet-bn": (3, 224, 224)}[name]
+    mpd.mpdify_(model, 4, convs=True, seed=0)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert sum(isinstance(m, mpd.MPDConv2d) for m in convs) == len(convs) - 1
+    packed = mpd.pack(model)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x), 1e-5)
+        assert torch.equal(mpd.unpack(packed)(x), model(x))
+    dense_weights = sum(m.weight.numel() for m in build_model(name).modules() if hasattr(m, "weight"))
+    packed_weights = sum(p.numel() for n, p in packed.named_parameters() if n.endswith(("weight", "weight_blocks")))
+    assert packed_weights < dense_weights / 4 * 1.1 + convs[0].weight.numel()
+
+
+def test_weight_chosen_masks_keep_more_of_a_conv_than_random_ones():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3)
+    with torch.no_grad():  # a trained-looking weight: strong channel pairs
+        conv.weight.mul_(torch.rand(32, 32, 1, 1).pow(4) * 4)
+    mass = conv.weight.detach().square().sum()
+    kept = {}
+    for masks in ("random", "weights"):
+        layer = mpd.mpdify_(copy.deepcopy(conv), {"": 4}, masks=masks, seed=0)
+        kept[masks] = float(layer.weight.detach().square().sum() / mass)
+    assert kept["weights"] > kept["random"] * 1.5
+
+
+def test_block_init_scales_a_conv_to_its_block_fan_in():
+    torch.manual_seed(0)
+    dense = nn.Conv2d(64, 64, 3)
+    layer = mpd.mpdify_(copy.deepcopy(dense), {"": 4}, init="block", seed=0)
+    kept = layer.mask.expand_as(layer.weight)
+    ratio = layer.weight[kept] / dense.weight.detach()[kept]
+    assert torch.allclose(ratio, torch.full_like(ratio, 2.0))  # sqrt(64 / 16)
+
+
+def test_state_dict_carries_the_conv_mask_and_bad_masks_are_refused():
+    source = mpd.mpdify_(nn.Sequential(nn.Conv2d(8, 8, 3)), 2, convs=True, seed=1)
+    target = mpd.mpdify_(nn.Sequential(nn.Conv2d(8, 8, 3)), 2, convs=True, seed=2)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target[0].mask, source[0].mask) and torch.equal(target[0].weight, source[0].weight)
+    state = source.state_dict()
+    state["0.row_order"] = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(CompressionError):
+        target.load_state_dict(state)
+    packed = mpd.pack(source)
+    state = packed.state_dict()
+    other = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Conv2d(8, 8, 3)), 2, convs=True, seed=3))
+    other.load_state_dict(state)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(other(x), packed(x))
+
+
+def test_meta_built_conv_gets_its_mask_back_and_packed_convs_pickle():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    mpd.mpdify_(model, 4, convs=True, seed=0)
+    model.to_empty(device="cpu")
+    reference = mpd.mpdify_(nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)), 4, convs=True, seed=0)
+    for a, b in zip(mpd.compressed_layers(model).values(), mpd.compressed_layers(reference).values()):
+        assert torch.equal(a.mask, b.mask)
+    packed = mpd.pack(reference)
+    clone = pickle.loads(pickle.dumps(packed))
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(clone(x), packed(x))
+
+
+def test_compiled_and_channels_last_packed_convs_compute_the_same():
+    torch.manual_seed(0)
+    masked = mpd.mpdify_(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3)), 4,
+                         convs=True, seed=0).eval()  # fmt: skip
+    packed = mpd.pack(masked)
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        expected = masked(x)
+        assert_close_to_scale(torch.compile(packed)(x), expected, 1e-5)
+        last = packed.to(memory_format=torch.channels_last)
+        assert_close_to_scale(last(x.to(memory_format=torch.channels_last)), expected, 1e-5)
