@@ -2,6 +2,7 @@
 the default rules of mpdify_(..., convs=True), and training in both forms."""
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -205,3 +206,66 @@ def test_compiled_and_channels_last_packed_convs_compute_the_same():
         assert_close_to_scale(torch.compile(packed)(x), expected, 1e-5)
         last = packed.to(memory_format=torch.channels_last)
         assert_close_to_scale(last(x.to(memory_format=torch.channels_last)), expected, 1e-5)
+
+
+def _forged(tmp_path, model, edit_state=None, edit_manifest=None):
+    """``model`` saved, then re-signed after an edit of its tensors or manifest, as a forger would."""
+    from safetensors.torch import save as st_save
+
+    from mpdcompress.files.header import manifest_digest, tensor_digest
+    from mpdcompress.files.io import _index_dtype
+
+    path = mpd.save(model, tmp_path / "forged.safetensors")
+    manifest = mpd.read_manifest(path)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_blocks")}
+    if edit_state:
+        edit_state(state)
+    tensors = {k: (v.to(_index_dtype(v.numel())) if k.endswith("_order") else v).contiguous() for k, v in state.items()}
+    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
+    if edit_manifest:
+        edit_manifest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
+    return path
+
+
+def _uneven_conv_model():
+    torch.manual_seed(0)
+    return mpd.mpdify_(nn.Sequential(nn.Conv2d(10, 7, 3), nn.ReLU(), nn.Flatten()), 3, convs=True, seed=0).eval()
+
+
+def test_conv_files_with_nonzero_padding_or_off_mask_weights_are_refused(tmp_path):
+    packed = mpd.pack(_uneven_conv_model())
+
+    def pad(state):
+        state["0.weight_blocks"] = state["0.weight_blocks"].clone()
+        state["0.weight_blocks"][-1, -1] = 1.0  # the last block has 2 of 3 rows and 3 of 4 columns
+
+    with pytest.raises(mpd.ModelFileError, match="padding entries of 0.weight_blocks"):
+        mpd.load(_forged(tmp_path, packed, edit_state=pad))
+    masked = _uneven_conv_model()
+
+    def off_mask(state):
+        weight = state["0.weight"].clone()
+        weight[~masked[0].mask.expand_as(weight)] = 1.0
+        state["0.weight"] = weight
+
+    with pytest.raises(mpd.ModelFileError, match="off its mask"):
+        mpd.load(_forged(tmp_path, masked, edit_state=off_mask))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m["layers"]["0"].update(kernel_size=[5, 5]), r"declares weight_blocks of shape \(9, 4, 5, 5\)"),
+        (lambda m: m["layers"]["0"].update(kernel_size=[3, 3, 3]), "malformed"),
+        (lambda m: m["layers"]["0"].pop("kernel_size"), "malformed"),
+        (lambda m: m["architecture"]["children"][0][1]["args"].update(stride=[0, 1]), r"Conv2d.stride must be"),
+        (lambda m: m["architecture"]["children"][0][1]["args"].update(groups=2), r"unknown args"),
+    ],
+    ids=["kernel-vs-tensor", "kernel-dims", "no-kernel", "stride", "extra-arg"],
+)
+def test_conv_manifest_and_architecture_edits_are_refused(tmp_path, edit, message):
+    packed = mpd.pack(_uneven_conv_model())
+    with pytest.raises(mpd.ModelFileError, match=message):
+        mpd.load(_forged(tmp_path, packed, edit_manifest=edit))

@@ -1,4 +1,5 @@
-"""Every registered model, masked and packed, through every entry point that reads a model file:
+"""Every registered model, masked and packed (CNNs also with their convolutions compressed),
+through every entry point that reads a model file:
 ``load`` without and with a template, and the CLI's ``inspect``, ``pack`` and ``export``. Each
 loaded model must compute exactly what the saved one computed."""
 
@@ -13,14 +14,20 @@ from mpdcompress.files.architecture import describe
 from mpdcompress.models import MODELS, build_model, paper_filter
 
 FORMS = ("masked", "packed")
-CASES = [pytest.param(name, form, id=f"{name}-{form}") for name in MODELS for form in FORMS]
+CASES = [
+    pytest.param(name, form, convs, id=f"{name}-{form}{'-convs' if convs else ''}")
+    for name in MODELS
+    for convs in ((False,) if MODELS[name].fc_only else (False, True))
+    for form in FORMS
+]
 
 
-def _compressed(name: str, form: str) -> nn.Module:
+def _compressed(name: str, form: str, convs: bool) -> nn.Module:
     spec = MODELS[name]
     torch.manual_seed(0)
     model = build_model(name)
-    mpd.mpdify_(model, spec.compression, filter_fn=paper_filter(model, name), seed=1)
+    mpd.mpdify_(model, spec.compression, filter_fn=paper_filter(model, name), seed=1, convs=convs)
+    assert any(isinstance(m, mpd.MPDConv2d) for m in model.modules()) == convs
     for module in model.modules():  # running statistics that are not the identity, so they count
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -34,12 +41,13 @@ def saved(tmp_path_factory):
     """(model, path, example input) per case, made once per test module and worker."""
     folder, cache = tmp_path_factory.mktemp("registry"), {}
 
-    def get(name: str, form: str):
-        if (name, form) not in cache:
-            model = _compressed(name, form)
-            path = mpd.save(model, folder / f"{name}-{form}.safetensors", input_shape=MODELS[name].input_shape)
-            cache[name, form] = model, path, torch.randn(2, *MODELS[name].input_shape)
-        return cache[name, form]
+    def get(name: str, form: str, convs: bool):
+        if (name, form, convs) not in cache:
+            model = _compressed(name, form, convs)
+            path = folder / f"{name}-{form}-{convs}.safetensors"
+            mpd.save(model, path, input_shape=MODELS[name].input_shape)
+            cache[name, form, convs] = model, path, torch.randn(2, *MODELS[name].input_shape)
+        return cache[name, form, convs]
 
     return get
 
@@ -50,26 +58,26 @@ def _same_output(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
     assert torch.equal(got, expected), f"max difference {(got - expected).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("name,form", CASES)
-def test_load_rebuilds_the_architecture_and_computes_the_same(saved, name, form):
-    model, path, x = saved(name, form)
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_load_rebuilds_the_architecture_and_computes_the_same(saved, name, form, convs):
+    model, path, x = saved(name, form, convs)
     loaded = mpd.load(path)
     assert describe(loaded) == describe(model)
     _same_output(model, loaded, x)
 
 
-@pytest.mark.parametrize("name,form", CASES)
-def test_load_into_a_dense_template_computes_the_same(saved, name, form):
-    model, path, x = saved(name, form)
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_load_into_a_dense_template_computes_the_same(saved, name, form, convs):
+    model, path, x = saved(name, form, convs)
     template = build_model(name)  # freshly initialized: every value must come from the file
     loaded = mpd.load(path, model=template)
     assert describe(loaded) == describe(model)
     _same_output(model, loaded, x)
 
 
-@pytest.mark.parametrize("name,form", CASES)
-def test_inspect_lists_every_compressed_layer(saved, name, form, capsys):
-    model, path, _ = saved(name, form)
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_inspect_lists_every_compressed_layer(saved, name, form, convs, capsys):
+    model, path, _ = saved(name, form, convs)
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{form} model" in out and "architecture included" in out
@@ -77,9 +85,9 @@ def test_inspect_lists_every_compressed_layer(saved, name, form, capsys):
         assert layer in out
 
 
-@pytest.mark.parametrize("name,form", CASES)
-def test_pack_command_packs_masked_files_and_refuses_packed_ones(saved, name, form, tmp_path, capsys):
-    model, path, x = saved(name, form)
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_pack_command_packs_masked_files_and_refuses_packed_ones(saved, name, form, convs, tmp_path, capsys):
+    model, path, x = saved(name, form, convs)
     out = tmp_path / "packed.safetensors"
     if form == "packed":
         assert main(["pack", str(path), "-o", str(out)]) == 2
@@ -91,10 +99,10 @@ def test_pack_command_packs_masked_files_and_refuses_packed_ones(saved, name, fo
     _same_output(mpd.pack(model), packed, x)
 
 
-@pytest.mark.parametrize("name,form", CASES)
-def test_export_command_writes_an_onnx_model_that_computes_the_same(saved, name, form, tmp_path):
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_export_command_writes_an_onnx_model_that_computes_the_same(saved, name, form, convs, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    model, path, x = saved(name, form)
+    model, path, x = saved(name, form, convs)
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(path), "-o", str(onnx_path)]) == 0  # input shape from the file
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -19,9 +19,11 @@ from torch import nn
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError
-from ..nn.masked import MPDLinear
+from ..nn.masked import MPDConv1d, MPDConv2d, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain
+from ..nn.packed_conv import BlockDiagonalConv
 from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
+from .layer_kinds import CONV_DIMS, LAYER_KINDS
 
 __all__ = [
     "describe",
@@ -32,7 +34,12 @@ __all__ = [
     "CONTAINERS",
     "tuple_args",
     "construct_layer",
+    "compressed_layer_sizes",
 ]
+
+_MASKED_CONVS = {"MPDConv1d": MPDConv1d, "MPDConv2d": MPDConv2d}
+# What a packed convolution records besides its sizes (its padding mode is always zeros).
+_PACKED_CONV_ARGS = ("kernel_size", "stride", "padding", "dilation")
 
 CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 # Constructor arguments that are not stored under their own name, or are not JSON values.
@@ -47,9 +54,10 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not a JSON value: {value!r}")
 
 
-def _layer_args(module: nn.Module) -> dict[str, Any]:
+def _layer_args(module: nn.Module, kind: type[nn.Module] | None = None) -> dict[str, Any]:
+    """The constructor arguments of ``kind`` (default: the module's own type) read from ``module``."""
     args = {}
-    for name in inspect.signature(type(module).__init__).parameters:
+    for name in inspect.signature((kind or type(module)).__init__).parameters:
         if name in _SKIP_ARGS or not hasattr(module, name):
             continue
         value = getattr(module, name)
@@ -123,6 +131,14 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
                 "bias": module.bias is not None,
             },
         }
+    if isinstance(module, (MPDConv1d, MPDConv2d)):
+        base = nn.Conv1d if isinstance(module, MPDConv1d) else nn.Conv2d
+        args = {k: v for k, v in _layer_args(module, base).items() if k != "groups"}  # always 1
+        return {"type": kind, "args": {**args, "compression": module.compression}}
+    if isinstance(module, BlockDiagonalConv):
+        sizes = {"d_out": module.out_channels, "d_in": module.in_channels, "compression": module.compression}
+        conv = {name: _jsonable(getattr(module, name)) for name in _PACKED_CONV_ARGS}
+        return {"type": kind, "args": {**sizes, "bias": module.bias is not None, **conv}}
     if type(module) in SUPPORTED_LAYERS.values():
         return {"type": kind, "args": _layer_args(module)}
     raise UnsupportedArchitectureError(
@@ -202,18 +218,65 @@ def _build_node(spec: dict[str, Any], children: dict[str, nn.Module]) -> nn.Modu
     return container
 
 
+def compressed_layer_sizes(
+    kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError
+) -> tuple[int, int, int, bool, list[int] | None]:
+    """``(d_out, d_in, compression, bias, kernel_size or None)`` of a compressed layer's
+    architecture entry, every argument checked (a convolution's against the allow-list of the
+    ``nn.Conv1d``/``nn.Conv2d`` it packs) before anything is built."""
+    if not isinstance(args, dict):
+        raise fail(f"architecture {kind} has malformed args")
+    compression = args.get("compression")
+    if kind in _MASKED_CONVS:
+        conv_args = {k: v for k, v in args.items() if k != "compression"}
+        base, dims = f"Conv{CONV_DIMS[kind][0]}d", CONV_DIMS[kind][0]
+        d_out, d_in, bias = args.get("out_channels"), args.get("in_channels"), args.get("bias", True)
+    elif kind == "BlockDiagonalConv":
+        kernel = args.get("kernel_size")
+        dims = len(kernel) if isinstance(kernel, list) and len(kernel) in CONV_DIMS[kind] else 2
+        base, d_out, d_in, bias = f"Conv{dims}d", args.get("d_out"), args.get("d_in"), args.get("bias")
+        conv_args = {"in_channels": d_in, "out_channels": d_out, "bias": bias}
+        conv_args.update({k: v for k, v in args.items() if k in _PACKED_CONV_ARGS})
+        if set(args) - {"d_out", "d_in", "compression", "bias", *_PACKED_CONV_ARGS}:
+            raise fail(f"architecture {kind} has unknown args {sorted(set(args))}")
+    else:
+        base, dims, conv_args = None, 0, {}
+        d_out, d_in, bias = args.get("d_out"), args.get("d_in"), args.get("bias")
+    problem = check_layer_args(base, conv_args) if base else None
+    if problem is not None:
+        raise fail(problem)
+    ints = (d_out, d_in, compression)
+    if not (all(type(v) is int and 0 < v < 2**40 for v in ints) and type(bias) is bool):
+        raise fail(f"architecture {kind} has malformed args {json.dumps(args)[:120]}")
+    if compression > min(d_out, d_in):
+        raise fail(f"architecture {kind}: compression {compression} exceeds its dimensions")
+    if not base:
+        return d_out, d_in, compression, bias, None
+    if "kernel_size" not in conv_args:
+        raise fail(f"architecture {kind} has no kernel_size")
+    kernel = conv_args["kernel_size"]
+    return d_out, d_in, compression, bias, list(kernel) if isinstance(kernel, list) else [kernel] * dims
+
+
 def _build_layer(spec: dict[str, Any]) -> nn.Module:
     kind = spec["type"]
-    if kind in ("BlockDiagonalLinear", "MPDLinear"):
-        a = spec["args"]
-        layout = BlockLayout.create(a["d_out"], a["d_in"], a["compression"])
-        mask = MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
-        if kind == "MPDLinear":
-            return MPDLinear(a["d_in"], a["d_out"], bool(a["bias"]), mask=mask)
-        blocks = torch.zeros(layout.compression, layout.max_rows, layout.max_cols)
-        bias = torch.zeros(layout.compression * layout.max_rows) if a["bias"] else None
-        return BlockDiagonalLinear(mask, blocks, bias)
-    return construct_layer(kind, spec.get("args", {}))
+    if kind not in LAYER_KINDS:
+        return construct_layer(kind, spec.get("args", {}))
+    a = spec["args"]
+    d_out, d_in, c, bias, kernel = compressed_layer_sizes(kind, a)
+    layout = BlockLayout.create(d_out, d_in, c)
+    mask = MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
+    if kind == "MPDLinear":
+        return MPDLinear(d_in, d_out, bias, mask=mask)
+    if kind in _MASKED_CONVS:
+        conv_args = {k: v for k, v in tuple_args(a).items() if k != "compression"}
+        return _MASKED_CONVS[kind](**conv_args, mask=mask)
+    bias_tensor = torch.zeros(layout.compression * layout.max_rows) if bias else None
+    if kind == "BlockDiagonalLinear":
+        return BlockDiagonalLinear(mask, torch.zeros(c, layout.max_rows, layout.max_cols), bias_tensor)
+    blocks = torch.zeros(c * layout.max_rows, layout.max_cols, *kernel)
+    conv_args = {k: v for k, v in tuple_args(a).items() if k in ("stride", "padding", "dilation")}
+    return BlockDiagonalConv(mask, blocks, bias_tensor, **conv_args)
 
 
 def construct_layer(kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError) -> nn.Module:

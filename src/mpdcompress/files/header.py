@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError, ModelFileNotFoundError
+from .layer_kinds import LAYER_KINDS, PACKED_KINDS, kernel_problem, layer_tensor_shapes, stored_values
 
 __all__ = [
     "FORMAT_NAME",
@@ -42,7 +43,6 @@ __all__ = [
 FORMAT_NAME = "mpdcompress"
 # 2: the manifest carries its own digest and tensor digests cover dtype and shape.
 FORMAT_VERSION = 2
-_LAYER_KINDS = ("BlockDiagonalLinear", "MPDLinear")
 _MAX_DIM = 2**40  # no tensor dimension in a real model comes near this
 
 
@@ -150,31 +150,26 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
     for name, layer in manifest["layers"].items():
         if not (
             isinstance(layer, dict)
-            and layer.get("kind") in _LAYER_KINDS
+            and layer.get("kind") in LAYER_KINDS
             and isinstance(layer.get("source"), str)
             and all(_is_int(layer.get(k)) for k in ("d_out", "d_in", "compression"))
             and type(layer.get("bias")) is bool
+            and kernel_problem(layer["kind"], layer.get("kernel_size"), _is_int) is None
         ):
             raise _fail(path, f"layer {name!r} in the manifest is malformed: {json.dumps(layer)[:160]}")
         if layer["compression"] > min(layer["d_out"], layer["d_in"]):
             raise _fail(path, f"layer {name!r}: compression {layer['compression']} exceeds its dimensions")
     kinds = {layer["kind"] for layer in manifest["layers"].values()}
-    if kinds != {"BlockDiagonalLinear" if manifest["form"] == "packed" else "MPDLinear"}:
+    if {kind in PACKED_KINDS for kind in kinds} != {manifest["form"] == "packed"}:
         raise _fail(path, f"a {manifest['form']} file lists layers of kinds {sorted(kinds)}")
 
 
 def _check_layers_against_tensors(manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """Each compressed layer's declared sizes must be the sizes of its tensors in the file."""
     for name, layer in manifest["layers"].items():
-        d_out, d_in, c = layer["d_out"], layer["d_in"], layer["compression"]
-        rows, cols = -(-d_out // c), -(-d_in // c)
-        if layer["kind"] == "BlockDiagonalLinear":
-            expected = {"weight_blocks": (c, rows, cols), "bias": (c * rows,)}
-        else:
-            expected = {"weight": (d_out, d_in), "bias": (d_out,)}
-        expected.update({"row_order": (d_out,), "col_order": (d_in,)})
-        if not layer["bias"]:
-            del expected["bias"]
+        expected = layer_tensor_shapes(
+            layer["kind"], layer["d_out"], layer["d_in"], layer["compression"], layer["bias"], layer.get("kernel_size")
+        )
         for suffix, shape in expected.items():
             found = shapes.get(f"{name}.{suffix}")
             if found != shape:
@@ -216,22 +211,14 @@ def declared_values(spec: Any, path: Path) -> int:
 
 
 def _layer_values(spec: dict[str, Any], path: Path) -> int:
-    from .architecture import construct_layer
+    from .architecture import compressed_layer_sizes, construct_layer
 
     kind = spec["type"]
     args = spec.get("args", {})
     if not isinstance(args, dict):
         raise _fail(path, f"architecture {kind} has malformed args")
-    if kind in ("BlockDiagonalLinear", "MPDLinear"):
-        if not (all(_is_int(args.get(k)) for k in ("d_out", "d_in", "compression")) and type(args.get("bias")) is bool):
-            raise _fail(path, f"architecture {kind} has malformed args {json.dumps(args)[:120]}")
-        d_out, d_in, c = args["d_out"], args["d_in"], args["compression"]
-        if c > min(d_out, d_in):
-            raise _fail(path, f"architecture {kind}: compression {c} exceeds its dimensions")
-        rows, cols = -(-d_out // c), -(-d_in // c)
-        weights = c * rows * cols if kind == "BlockDiagonalLinear" else d_out * d_in
-        bias = (c * rows if kind == "BlockDiagonalLinear" else d_out) if args["bias"] else 0
-        return weights + bias + d_out + d_in  # num_blocks is not stored
+    if kind in LAYER_KINDS:
+        return stored_values(layer_tensor_shapes(kind, *compressed_layer_sizes(kind, args, partial(_fail, path))))
     with torch.device("meta"):  # no argument can move a layer off it: device= is not allowed
         module = construct_layer(kind, args, partial(_fail, path))
     return _module_values(module)

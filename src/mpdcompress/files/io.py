@@ -45,6 +45,7 @@ from .header import (
     read_header,
     tensor_digest,
 )
+from .layer_kinds import PACKED_KINDS
 from .load_checks import check_layer_tensors, check_runs, check_template
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
@@ -78,14 +79,17 @@ def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
         else:
             named = [(name, module, name)]
         for key, layer, source in named:
+            d_out, d_in = layer.mpd_mask.shape
             layers[key] = {
                 "kind": type(layer).__name__,
                 "source": source,
-                "d_out": layer.out_features,
-                "d_in": layer.in_features,
+                "d_out": d_out,
+                "d_in": d_in,
                 "compression": layer.compression,
                 "bias": layer.bias is not None,
             }
+            if hasattr(layer, "kernel_size"):
+                layers[key]["kernel_size"] = list(layer.kernel_size)
     return layers
 
 
@@ -116,8 +120,8 @@ def save(
     layers = _compressed_manifest(model)
     if not layers:
         raise CompressionError("model has no compressed layer; call mpdify_() (and pack()) first")
-    kinds = {v["kind"] for v in layers.values()}
-    if len(kinds) > 1:
+    packed = {v["kind"] in PACKED_KINDS for v in layers.values()}
+    if len(packed) > 1:
         raise CompressionError("model mixes packed and masked layers; pack() all of them or none")
     try:
         architecture = describe(model)
@@ -155,7 +159,7 @@ def save(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "writer": f"mpdcompress {__version__}",
-        "form": "packed" if kinds == {"BlockDiagonalLinear"} else "masked",
+        "form": "packed" if packed == {True} else "masked",
         "layers": layers,
         "architecture": architecture,
         "sha256": {key: tensor_digest(t) for key, t in tensors.items()},

@@ -16,6 +16,7 @@ from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError, first_line
 from .architecture import describe
+from .layer_kinds import PACKED_KINDS
 
 __all__ = ["check_layer_tensors", "check_template", "check_runs"]
 
@@ -26,13 +27,18 @@ def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any]
     autograd), or nonzero weights off a masked layer's mask (loading would zero them silently)."""
     for name, layer in manifest["layers"].items():
         layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
-        if layer["kind"] == "BlockDiagonalLinear":
-            where = layout.nonzero_padding(state[f"{name}.weight_blocks"], state.get(f"{name}.bias"))
+        if layer["kind"] in PACKED_KINDS:
+            blocks = state[f"{name}.weight_blocks"]
+            if layer["kind"] == "BlockDiagonalConv":  # stored as the grouped convolution's weight
+                blocks = blocks.reshape(layout.compression, layout.max_rows, *blocks.shape[1:])
+            where = layout.nonzero_padding(blocks, state.get(f"{name}.bias"))
             if where is not None:
                 raise ModelFileError(f"{path}: padding entries of {name}.{where} are not zero")
             continue
         mask = MPDMask(layout, state[f"{name}.row_order"].long(), state[f"{name}.col_order"].long()).dense()
-        if bool(state[f"{name}.weight"].masked_fill(mask, 0).any()):
+        weight = state[f"{name}.weight"]
+        mask = mask.view(*mask.shape, *[1] * (weight.dim() - 2))  # a convolution's, at every kernel position
+        if bool(weight.masked_fill(mask, 0).any()):
             raise ModelFileError(f"{path}: {name}.weight holds nonzero values off its mask")
 
 
