@@ -85,13 +85,18 @@ def test_file_system_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("mpdcompress pack: error: ") and "\n" not in err and "Errno" not in err
 
 
-@pytest.mark.parametrize("model", ["deep-mnist", "tf-cifar10"])
-def test_a_trained_cnn_file_goes_through_pack_inspect_export_and_load(model, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "model,convs", [("deep-mnist", False), ("tf-cifar10", False), ("deep-mnist", True), ("tf-cifar10", True)]
+)
+def test_a_trained_cnn_file_goes_through_pack_inspect_export_and_load(model, convs, tmp_path, capsys):
     """The steps a CNN user takes after `train`, as the trainer prints them (0.1.0 refused the
-    file at `pack`: 'Conv2d.stride must be a number')."""
+    file at `pack`: 'Conv2d.stride must be a number'), with and without --compress-convs."""
     out = tmp_path / "run"
     train = ["train", "--model", model, "--dataset", "fake", "--train-limit", "64", "--epochs", "1"]
+    train += ["--compress-convs"] if convs else []
     assert main([*train, "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    kinds = {layer["kind"] for layer in mpd.read_manifest(out / "masked.safetensors")["layers"].values()}
+    assert ("MPDConv2d" in kinds) == convs
     masked, packed = out / "masked.safetensors", tmp_path / "packed.safetensors"
     assert f"mpdcompress pack {masked}" in capsys.readouterr().out
     assert main(["pack", str(masked), "-o", str(packed)]) == 0

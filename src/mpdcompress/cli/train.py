@@ -41,6 +41,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--no-permute", dest="permute", action="store_false", help="plain block-diagonal masks (the paper's ablation)"
     )
     tr.add_argument(
+        "--compress-convs",
+        action="store_true",
+        help="compress the convolutions too (grouped convolutions when packed), all but the one reading the image",
+    )
+    tr.add_argument(
         "--mode",
         choices=["masked", "compact"],
         default="masked",
@@ -233,6 +238,7 @@ def _train(config, args, ctx) -> int:
             f"training {resolved.model} on {resolved.dataset} with {where}: "
             + (
                 f"MPD c={resolved.compression} {resolved.mode}{'' if resolved.permute else ' (non-permuted)'}"
+                + (", convolutions too" if resolved.compress_convs else "")
                 if resolved.compression
                 else "dense"
             )

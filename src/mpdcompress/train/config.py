@@ -102,6 +102,7 @@ class TrainConfig:
     dataset: str = "mnist"  # or "fake": random images of the model's input shape
     compression: int | None = 10  # None: the dense baseline
     permute: bool = True
+    compress_convs: bool = False  # also every convolution but those mpdify_'s rules skip (the image-reading one)
     mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
     init: str = "block"  # training from scratch; "dense" keeps nn.Linear's initialization (see mpdify_)
     seed: int = 0  # initialization and data order

@@ -82,6 +82,7 @@ def build_for(config: TrainConfig) -> nn.Module:
             filter_fn=paper_filter(model, config.model),
             seed=config.mask_seed,
             permute=config.permute,
+            convs=config.compress_convs,
             mode=config.mode,
             init=config.init,
         )
