@@ -72,7 +72,7 @@ def test_compact_training_of_an_uneven_conv_keeps_padding_zero_and_matches_maske
     dense = nn.Sequential(nn.Conv2d(10, 7, 3), nn.ReLU(), nn.Conv2d(7, 9, 1))
     masked = mpd.mpdify_(copy.deepcopy(dense), 3, convs=True, seed=0)
     compact = mpd.mpdify_(copy.deepcopy(dense), 3, convs=True, seed=0, mode="compact")
-    assert all(isinstance(m, mpd.BlockDiagonalConv) for m in mpd.compressed_layers(compact).values())
+    assert sum(isinstance(m, mpd.BlockDiagonalConv) for m in compact.modules()) == 2
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (masked, compact)]
     for _ in range(10):
         x = torch.randn(4, 10, 8, 8)
@@ -80,7 +80,7 @@ def test_compact_training_of_an_uneven_conv_keeps_padding_zero_and_matches_maske
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
-    for layer in mpd.compressed_layers(compact).values():
+    for layer in [m for m in compact.modules() if isinstance(m, mpd.BlockDiagonalConv)]:
         assert layer.layout.nonzero_padding(layer.blocks(), layer.bias) is None
     x = torch.randn(2, 10, 8, 8)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def _forged(tmp_path, model, edit_state=None, edit_manifest=None):
 
 def _uneven_conv_model():
     torch.manual_seed(0)
-    return mpd.mpdify_(nn.Sequential(nn.Conv2d(10, 7, 3), nn.ReLU(), nn.Flatten()), 3, convs=True, seed=0).eval()
+    return mpd.mpdify_(nn.Sequential(nn.Conv2d(10, 7, 3), nn.Flatten()), 3, convs=True, seed=0).eval()
 
 
 def test_conv_files_with_nonzero_padding_or_off_mask_weights_are_refused(tmp_path):
@@ -269,3 +269,93 @@ def test_conv_manifest_and_architecture_edits_are_refused(tmp_path, edit, messag
     packed = mpd.pack(_uneven_conv_model())
     with pytest.raises(mpd.ModelFileError, match=message):
         mpd.load(_forged(tmp_path, packed, edit_manifest=edit))
+
+
+CHANNELWISE = [
+    lambda ch, dims: (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(ch),
+    lambda ch, dims: nn.ReLU(),
+    lambda ch, dims: nn.GELU(),
+    lambda ch, dims: (nn.MaxPool1d if dims == 1 else nn.MaxPool2d)(2, 1),
+    lambda ch, dims: (nn.AvgPool1d if dims == 1 else nn.AvgPool2d)(2, 1),
+]
+
+
+@st.composite
+def conv_stacks(draw):
+    """A Sequential of convolutions (some compressed, uneven blocks included) with channel-wise
+    modules between them, as pack meets them in CNNs."""
+    dims = draw(st.sampled_from([1, 2]))
+    c = draw(st.integers(2, 4))
+    widths = draw(st.lists(st.integers(c, 13), min_size=2, max_size=5))
+    compressed = draw(st.lists(st.booleans(), min_size=len(widths) - 1, max_size=len(widths) - 1))
+    modules, factors = [], {}
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        if compressed[i]:
+            factors[str(len(modules))] = c
+        kind = nn.Conv1d if dims == 1 else nn.Conv2d
+        modules.append(kind(a, b, draw(st.integers(1, 3)), padding=1, bias=draw(st.booleans())))
+        for make in draw(st.lists(st.sampled_from(CHANNELWISE), max_size=3)):
+            modules.append(make(b, dims))
+    return dims, widths[0], modules, factors
+
+
+@given(conv_stacks(), st.integers(0, 1000), st.booleans())
+def test_fused_conv_chains_compute_the_masked_model_and_unpack_exactly(stack, seed, fold_dense):
+    dims, channels, modules, factors = stack
+    torch.manual_seed(seed)
+    model = nn.Sequential(*modules)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 2.0)
+            nn.init.uniform_(module.bias, -1.0, 1.0)
+    if not factors:
+        return
+    mpd.mpdify_(model, factors, seed=seed)
+    packed = mpd.pack(model, fold_dense=fold_dense)
+    unpacked = mpd.unpack(packed)
+    assert list(unpacked.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(unpacked.state_dict()[key], value), key
+    x = torch.randn(3, channels, *[9] * dims)
+    for training in (False, True):  # batch statistics too: BatchNorm runs in block order
+        model.train(training)
+        packed.train(training)
+        with torch.no_grad():
+            assert_close_to_scale(packed(x), model(x), 1e-5)
+
+
+def test_alexnet_bn_convs_pack_into_one_chain_with_the_first_conv_folded():
+    model = build_model("alexnet-bn").eval()
+    mpd.mpdify_(model, 8, convs=True, seed=0)
+    packed = mpd.pack(model)
+    chain = packed[0]
+    assert isinstance(chain, mpd.PackedConvChain) and len(chain.layers) == 4
+    assert isinstance(chain.head, nn.Conv2d) and chain.tail is None and chain.tail_gap is not None
+    gathers = sum(getattr(chain, f"link_{i}") is not None for i in range(1, 4))
+    assert gathers == 3  # one gather between consecutive convolutions, none before the first
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x), 1e-5)
+
+
+def test_compact_training_through_a_chain_with_batchnorm_matches_masked_training():
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 12, 3), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 10, 3), nn.BatchNorm2d(10), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(10, 16, 1), nn.Flatten(),
+    )  # fmt: skip
+    factors = {"3": 4, "7": 4}  # 10 channels over 4 blocks: uneven
+    masked = mpd.mpdify_(copy.deepcopy(dense), factors, seed=0)
+    compact = mpd.pack(mpd.mpdify_(copy.deepcopy(dense), factors, seed=0))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (masked, compact)]
+    for _ in range(8):
+        x = torch.randn(6, 3, 10, 10)
+        for model, opt in zip((masked, compact), opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    back = mpd.unpack(compact)
+    for key, value in masked.state_dict().items():
+        assert torch.allclose(back.state_dict()[key].float(), value.float(), atol=1e-5), key

@@ -14,7 +14,15 @@ from .core.masks import MPDMask, layer_seed, make_mask
 from .files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from .files.onnx import ExportError, export_onnx
 from .kernels import EngineUnavailableError, set_engine, tune, use_engine
-from .nn import BlockDiagonalConv, BlockDiagonalLinear, MPDConv1d, MPDConv2d, MPDLinear, PackedChain
+from .nn import (
+    BlockDiagonalConv,
+    BlockDiagonalLinear,
+    MPDConv1d,
+    MPDConv2d,
+    MPDLinear,
+    PackedChain,
+    PackedConvChain,
+)
 
 __all__ = [
     "__version__",
@@ -26,6 +34,7 @@ __all__ = [
     "MPDConv1d",
     "MPDConv2d",
     "BlockDiagonalConv",
+    "PackedConvChain",
     "make_mask",
     "mask_from_weight",
     "kept_mass",

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import CompressionError, CompressionTypeError, UnknownNameError
+from ..nn.conv_chain import DENSE_CONVS, PackedConvChain, is_channelwise, reordered
 from ..nn.loading import guard_state_dict_loading
 from ..nn.masked import MASKED_CONVS, MaskedWeight, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
@@ -37,7 +38,7 @@ __all__ = [
 # torchao's convention: filter_fn(module, fully qualified name) -> compress it?
 LayerFilter = Callable[[nn.Module, str], bool]
 # A packed layer of either kind, and everything pack() produces.
-_PACKED = (BlockDiagonalLinear, PackedChain, BlockDiagonalConv)
+_PACKED = (BlockDiagonalLinear, PackedChain, BlockDiagonalConv, PackedConvChain)
 
 
 def mpdify_(
@@ -395,6 +396,7 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     with torch.no_grad():
         shared = _shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+            _fuse_conv_sequential(seq, fold_dense, shared)
             _fuse_sequential(seq, fold_dense, shared)
         packed = _replace_modules(model, _pack_one)
     return guard_state_dict_loading(packed)
@@ -421,11 +423,12 @@ def unpack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             items: list[tuple[str, nn.Module]] = []
             for key, child in seq._modules.items():
-                items.extend(child.unfused() if isinstance(child, PackedChain) else [(key, child)])
+                chain = isinstance(child, (PackedChain, PackedConvChain))
+                items.extend(child.unfused() if chain else [(key, child)])
             _reset_sequential(seq, items)
 
         def _unpack_one(module: nn.Module) -> nn.Module | None:
-            if isinstance(module, PackedChain):
+            if isinstance(module, (PackedChain, PackedConvChain)):
                 return nn.Sequential(OrderedDict(module.unfused()))
             if isinstance(module, (BlockDiagonalLinear, BlockDiagonalConv)):
                 return module.to_masked()
@@ -543,6 +546,85 @@ def _fuse_sequential(seq: nn.Sequential, fold_dense: bool, shared: set[int]) -> 
                 tail=None if tail is None else PackedChain.fold_tail(tail, packed[-1]),
             )
             out.append((items[start][0], chain))
+        i = stop
+    _reset_sequential(seq, out)
+
+
+def _skip_channelwise(items: list[tuple[str, nn.Module]], k: int, step: int) -> int:
+    while 0 <= k < len(items) and is_channelwise(items[k][1]):
+        k += step
+    return k
+
+
+def _fuse_conv_sequential(seq: nn.Sequential, fold_dense: bool, shared: set[int]) -> None:
+    """Runs ``masked conv → channel-wise modules → masked conv ...`` of ``seq`` (with a dense
+    convolution right before or after, when ``fold_dense``) become one :class:`PackedConvChain`
+    under the key of the run's first module; ``shared`` modules stay standalone, as in
+    :func:`_fuse_sequential`."""
+    items = list(seq._modules.items())
+
+    def masked(module: nn.Module, dims: int | None = None) -> bool:
+        return (
+            isinstance(module, MaskedWeight)
+            and not isinstance(module, MPDLinear)
+            and id(module) not in shared
+            and module.padding_mode == "zeros"
+            and dims in (None, module.weight.dim() - 2)
+        )
+
+    def dense(module: nn.Module, dims: int) -> bool:
+        return (
+            type(module) in DENSE_CONVS
+            and id(module) not in shared
+            and module.groups == 1
+            and module.weight.dim() - 2 == dims
+        )
+
+    out: list[tuple[str, nn.Module]] = []
+    i = 0
+    while i < len(items):
+        if not masked(items[i][1]):
+            out.append(items[i])
+            i += 1
+            continue
+        dims = items[i][1].weight.dim() - 2
+        layers, gaps, j = [items[i][1]], [], i + 1
+        while (k := _skip_channelwise(items, j, 1)) < len(items) and masked(items[k][1], dims):
+            gaps.append([m for _, m in items[j:k]])
+            layers.append(items[k][1])
+            j = k + 1
+        start, stop = i, j
+        packed = [BlockDiagonalConv.from_masked(m) for m in layers]
+        parts: dict[str, nn.Module | None] = {}
+        if fold_dense:
+            h = _skip_channelwise(items, i - 1, -1)
+            # The dense convolution before the run (and its gap) must still be the last modules
+            # emitted, not folded into the previous run as its tail.
+            emitted = out[len(out) - (i - h) :] if 0 <= h and len(out) >= i - h else []
+            if emitted and dense(items[h][1], dims) and all(a[1] is b[1] for a, b in zip(emitted, items[h:i])):
+                head, head_gap = PackedConvChain.fold_head(items[h][1], [m for _, m in items[h + 1 : i]], packed[0])
+                parts.update(head=head, head_gap=nn.Sequential(*head_gap) if head_gap else None)
+                start, out = h, out[: len(out) - (i - h)]
+            # The channel-wise modules after the run join it (the last gather then moves pooled,
+            # smaller activations), and so does a dense convolution after them.
+            t = _skip_channelwise(items, j, 1)
+            order = PackedConvChain.block_order(packed[-1])
+            tail_gap = [reordered(m, order) for _, m in items[j:t]]
+            parts.update(tail_gap=nn.Sequential(*tail_gap) if tail_gap else None)
+            stop = t
+            if t < len(items) and dense(items[t][1], dims):
+                parts.update(tail=PackedConvChain.fold_tail(items[t][1], packed[-1]))
+                stop = t + 1
+        if len(layers) == 1 and not any(parts.values()):
+            out.append(items[i])
+            i += 1
+            continue
+        gap_modules = [
+            nn.Sequential(*[reordered(m, PackedConvChain.block_order(layer)) for m in gap])
+            for layer, gap in zip(packed, gaps)
+        ]
+        chain = PackedConvChain(packed, gap_modules, source_keys=[key for key, _ in items[start:stop]], **parts)
+        out.append((items[start][0], chain))
         i = stop
     _reset_sequential(seq, out)
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError
+from ..nn.conv_chain import PackedConvChain
 from ..nn.masked import MPDConv1d, MPDConv2d, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain
 from ..nn.packed_conv import BlockDiagonalConv
@@ -80,20 +81,31 @@ def _place(parent: str, key: str) -> str:
     return f"{parent}.{key}".strip(".")
 
 
-def _chain_children(layers: list[T], activations: list[T], parts: dict[str, T | None]) -> list[tuple[str, T]]:
+# What sits between a chain's layers: PackedChain's element-wise activations, PackedConvChain's
+# channel-wise gaps.
+CHAINS: dict[str, tuple[type[nn.Module], str]] = {
+    "PackedChain": (PackedChain, "activations"),
+    "PackedConvChain": (PackedConvChain, "gaps"),
+}
+
+
+def _chain_children(
+    layers: list[T], between: list[T], parts: dict[str, T | None], between_name: str = "activations"
+) -> list[tuple[str, T]]:
     """A chain's children under the names its state dict gives them."""
     return (
         [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
-        + [(f"activations.{i}", act) for i, act in enumerate(activations)]
+        + [(f"{between_name}.{i}", act) for i, act in enumerate(between)]
         + [(part, parts[part]) for part in CHAIN_PARTS if parts.get(part) is not None]
     )
 
 
-def _chain_of(children: dict[str, T]) -> tuple[list[T], list[T], dict[str, T]]:
-    """The inverse of :func:`_chain_children`: layers, activations and parts by name."""
+def _chain_of(children: dict[str, T], between_name: str = "activations") -> tuple[list[T], list[T], dict[str, T]]:
+    """The inverse of :func:`_chain_children`: layers, what is between them, and parts by name."""
     layers = [children[f"layers.{i}"] for i in range(sum(k.startswith("layers.") for k in children))]
-    acts = [children[f"activations.{i}"] for i in range(sum(k.startswith("activations.") for k in children))]
-    return layers, acts, {part: children[part] for part in CHAIN_PARTS if part in children}
+    n = sum(k.startswith(f"{between_name}.") for k in children)
+    between = [children[f"{between_name}.{i}"] for i in range(n)]
+    return layers, between, {part: children[part] for part in CHAIN_PARTS if part in children}
 
 
 def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = None) -> dict[str, Any]:
@@ -111,13 +123,15 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
 
     if type(module) in CONTAINERS.values():
         return {"type": kind, "children": [list(kv) for kv in described(list(module._modules.items())).items()]}
-    if isinstance(module, PackedChain):
+    if isinstance(module, (PackedChain, PackedConvChain)):
+        between_name = CHAINS[kind][1]
         parts = {part: getattr(module, part) for part in CHAIN_PARTS}
-        layers, activations, parts = _chain_of(described(_chain_children(module.layers, module.activations, parts)))
+        children = _chain_children(module.layers, getattr(module, between_name), parts, between_name)
+        layers, between, parts = _chain_of(described(children), between_name)
         return {
-            "type": "PackedChain",
+            "type": kind,
             "layers": layers,
-            "activations": activations,
+            between_name: between,
             "source_keys": list(module.source_keys),
             **parts,
         }
@@ -155,14 +169,15 @@ def _child_specs(spec: dict[str, Any], fail: Callable[[str], Exception]) -> list
         if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 for c in children):
             raise fail(f"architecture {kind} has malformed children")
         return [(str(key), sub) for key, sub in children]
-    if kind == "PackedChain":
-        lists = spec.get("layers") or [], spec.get("activations") or []
+    if kind in CHAINS:
+        between_name = CHAINS[kind][1]
+        lists = spec.get("layers") or [], spec.get(between_name) or []
         if not all(isinstance(x, list) for x in lists):
-            raise fail("architecture PackedChain has malformed layers or activations")
+            raise fail(f"architecture {kind} has malformed layers or {between_name}")
         keys = spec.get("source_keys")
         if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-            raise fail("architecture PackedChain has malformed source_keys (a list of strings)")
-        return _chain_children(*lists, {part: spec.get(part) for part in CHAIN_PARTS})
+            raise fail(f"architecture {kind} has malformed source_keys (a list of strings)")
+        return _chain_children(*lists, {part: spec.get(part) for part in CHAIN_PARTS}, between_name)
     return None
 
 
@@ -209,9 +224,10 @@ def build(spec: dict[str, Any]) -> nn.Module:
 
 
 def _build_node(spec: dict[str, Any], children: dict[str, nn.Module]) -> nn.Module:
-    if spec["type"] == "PackedChain":
-        layers, activations, parts = _chain_of(children)
-        return PackedChain(layers, activations, source_keys=spec.get("source_keys"), **parts)
+    if spec["type"] in CHAINS:
+        chain, between_name = CHAINS[spec["type"]]
+        layers, between, parts = _chain_of(children, between_name)
+        return chain(layers, between, source_keys=spec.get("source_keys"), **parts)
     container = CONTAINERS[spec["type"]]()
     for key, child in children.items():
         container.add_module(key, child)

@@ -33,6 +33,7 @@ from ..errors import (
     MPDCompressError,
     NonFiniteWeightsWarning,
 )
+from ..nn.conv_chain import PackedConvChain
 from ..nn.loading import guard_state_dict_loading
 from ..nn.packed import PackedChain
 from .architecture import UnsupportedArchitectureError, build, describe
@@ -70,7 +71,7 @@ def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every compressed layer by qualified name, with ``source``: its name in the masked model."""
     layers = {}
     for name, module in compressed_layers(model).items():
-        if isinstance(module, PackedChain):
+        if isinstance(module, (PackedChain, PackedConvChain)):
             parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
             named = [
                 (f"{name}.layers.{i}", layer, parent + key)

@@ -1,5 +1,6 @@
 """Layer types: the masked training form and the packed block-diagonal form."""
 
+from .conv_chain import PackedConvChain
 from .masked import MaskedWeight, MPDConv1d, MPDConv2d, MPDLinear
 from .packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .packed_conv import BlockDiagonalConv
@@ -12,5 +13,6 @@ __all__ = [
     "BlockDiagonalLinear",
     "BlockDiagonalConv",
     "PackedChain",
+    "PackedConvChain",
     "is_elementwise",
 ]

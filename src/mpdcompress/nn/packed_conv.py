@@ -208,12 +208,16 @@ class BlockDiagonalConv(nn.Module):
             return w * self.padding_mask
         return w
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = input.index_select(-1 - len(self.kernel_size), self.in_gather)
-        y = _CONV[len(self.kernel_size)](
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The grouped convolution alone: input channels already in block order, output channels
+        left in (padded) block order."""
+        return _CONV[len(self.kernel_size)](
             x, self.effective_blocks(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
-        return y.index_select(-1 - len(self.kernel_size), self.out_gather)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        dim = -1 - len(self.kernel_size)
+        return self.grouped(input.index_select(dim, self.in_gather)).index_select(dim, self.out_gather)
 
     def extra_repr(self) -> str:
         layout = self.layout
