@@ -13,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from .errors import CompressionError, UnknownNameError
+from .nn.residual import Residual
 from .paper import TABLE1, PaperRow
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "tf_cifar10",
     "alexnet_bn",
     "fc_stack",
+    "resnet18_cifar",
+    "vgg11_cifar",
     "fc_weight_count",
 ]
 
@@ -112,6 +115,38 @@ def alexnet_bn(num_classes: int = 1000) -> nn.Sequential:
         nn.Flatten(),
         *_mlp([256 * 8 * 8, 4096, 4096, num_classes], dropout=0.5),
     )
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, s: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Sequential:
+    """ResNet-18 as used on 32x32 images (3x3 stem, no max pool): 4 stages of 2 basic blocks,
+    64-128-256-512 channels, 1x1-conv shortcuts where the shape changes."""
+    layers: list[nn.Module] = [*_conv_bn(3, 64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for s in (stride, 1):
+            body = nn.Sequential(*_conv_bn(cin, cout, 3, s), nn.ReLU(), *_conv_bn(cout, cout))
+            shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, s)) if (s, cin) != (1, cout) else None
+            layers += [Residual(body, shortcut), nn.ReLU()]
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
+
+
+def vgg11_cifar(num_classes: int = 10) -> nn.Sequential:
+    """VGG-11 with batch norm as used on 32x32 images: 8 convs (64-128-256-256-512-512-512-512)
+    and one linear classifier."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for width in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+        if width == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [*_conv_bn(cin, width), nn.ReLU()]
+            cin = width
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
 @dataclass(frozen=True)
@@ -207,6 +242,30 @@ MODELS: dict[str, ModelSpec] = {
             recipe=None,
             fc_only=True,
             description="a BERT-base MLP block, 768-3072-768",
+        ),
+        ModelSpec(
+            "resnet18-cifar",
+            resnet18_cifar,
+            (3, 32, 32),
+            10,
+            compression=4,
+            keep_classifier_dense=True,
+            dataset="cifar10",
+            recipe=None,
+            fc_only=False,
+            description="ResNet-18 for 32x32 images, 11.2M weights almost all in convolutions",
+        ),
+        ModelSpec(
+            "vgg11-cifar",
+            vgg11_cifar,
+            (3, 32, 32),
+            10,
+            compression=4,
+            keep_classifier_dense=True,
+            dataset="cifar10",
+            recipe=None,
+            fc_only=False,
+            description="VGG-11 with batch norm for 32x32 images, 9.2M weights in 8 convolutions",
         ),
     )
 }

@@ -12,6 +12,9 @@ from .distill import add_distill_parser
 from .models import add_model_class_arguments
 from .train import add_train_parser
 
+# Where `mpdcompress bench` writes unless --out says otherwise (the CNN profile: results/bench_cnn).
+BENCH_OUT = "results/bench"
+
 __all__ = ["main"]
 
 
@@ -60,13 +63,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         if args.profile == "key":
             raise ConfigError("--profile key measures the GPU engine's targets: use it with --device cuda")
+        run = _bench_cnn if args.profile == "cnn" else _bench_cpu
         bar = tqdm(desc="benchmarking", unit="config", disable=args.quiet)
 
         def progress(msg: str) -> None:
             bar.update(1)
             bar.set_postfix_str(msg)
 
-        paths = _bench_cpu(args, command, progress)
+        paths = run(args, command, progress)
         bar.close()
     for path in paths:
         print(f"wrote {path}")
@@ -118,6 +122,27 @@ def _profile_name(args: argparse.Namespace) -> str:
     if args.quick and args.profile not in (None, "quick"):
         raise ConfigError(f"--quick and --profile {args.profile} ask for two different profiles")
     return "quick" if args.quick else (args.profile or "full")
+
+
+def _bench_cnn(args: argparse.Namespace, command: str, progress) -> list:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from ..atomic import write_atomic
+    from ..bench.cnn import CnnProfile, render_cnn_report, run_cnn_bench
+
+    changes = {"models": args.models, "factors": args.factors, "batches": args.batches}
+    profile = dataclasses.replace(CnnProfile(), **{k: tuple(v) for k, v in changes.items() if v})
+    unknown = sorted(set(profile.models) - set(MODELS))
+    if unknown:
+        raise UnknownNameError(f"unknown models {unknown}; registered: {', '.join(MODELS)}")
+    result = run_cnn_bench(profile, command=command, progress=progress)
+    out = Path("results/bench_cnn" if args.out == BENCH_OUT else args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "bench_cnn.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    write_atomic(out / "bench_cnn.md", lambda f: f.write(render_cnn_report(result).encode()))
+    return [out / "bench_cnn.json", out / "bench_cnn.md"]
 
 
 def _bench_gpu(args: argparse.Namespace, command: str) -> list:
@@ -264,11 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a few shapes and batches (about a minute)")
     bench.add_argument(
         "--profile",
-        choices=("full", "quick", "key"),
+        choices=("full", "quick", "key", "cnn"),
         help="what to measure (default full; quick = --quick); key (--device cuda): the GPU engine's key "
         "targets, FC6 and LLM-MLP up in bf16 at batches 1-2048, eager and CUDA graph, against dense and the "
         "bare block GEMM, the AlexNet FC stack and its compact training step, each row printed and written "
-        "as it is measured",
+        "as it is measured; cnn: whole CNNs (Deep MNIST, TF-CIFAR10, AlexNet-BN, ResNet-18, VGG-11) with "
+        "MPD on convolutions and FC layers against dense, FC-only MPD and a thin dense network of the same size "
+        "(--models, --factors, --batches; written to results/bench_cnn unless --out)",
     )
     bench.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:N]")
     bench.add_argument(
@@ -285,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
     bench.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
-    bench.add_argument("--out", default="results/bench", help="output folder (JSON, markdown, PNG)")
+    bench.add_argument("--out", default=BENCH_OUT, help="output folder (JSON, markdown, PNG)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=_cmd_bench)
 

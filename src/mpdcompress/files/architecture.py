@@ -23,6 +23,7 @@ from ..nn.conv_chain import PackedConvChain
 from ..nn.masked import MPDConv1d, MPDConv2d, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain
 from ..nn.packed_conv import BlockDiagonalConv
+from ..nn.residual import Residual
 from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
 from .layer_kinds import CONV_DIMS, LAYER_KINDS
 
@@ -42,7 +43,7 @@ _MASKED_CONVS = {"MPDConv1d": MPDConv1d, "MPDConv2d": MPDConv2d}
 # What a packed convolution records besides its sizes (its padding mode is always zeros).
 _PACKED_CONV_ARGS = ("kernel_size", "stride", "padding", "dilation")
 
-CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
+CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList, "Residual": Residual}
 # Constructor arguments that are not stored under their own name, or are not JSON values.
 _SKIP_ARGS = {"device", "dtype", "self", "args", "kwargs", "_weight", "_freeze", "init"}
 

@@ -4,6 +4,7 @@ from .conv_chain import PackedConvChain
 from .masked import MaskedWeight, MPDConv1d, MPDConv2d, MPDLinear
 from .packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .packed_conv import BlockDiagonalConv
+from .residual import Residual
 
 __all__ = [
     "MaskedWeight",
@@ -14,5 +15,6 @@ __all__ = [
     "BlockDiagonalConv",
     "PackedChain",
     "PackedConvChain",
+    "Residual",
     "is_elementwise",
 ]

@@ -1,0 +1,216 @@
+"""Whole CNNs side by side: dense, MPD on the FC layers only, MPD on the convolutions and FC
+layers, and what a CNN user picks instead at the same parameter count, a thinner dense network.
+
+Every variant of one (model, factor, batch) is timed round-robin in one process, so the ratios
+are what to read. Beside each speed-up stands its limit: the ratio of multiply-accumulates,
+which an uncompressed first convolution caps.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.convert import mpdify_, pack
+from ..models import MODELS, build_model, classifier_name, paper_filter
+from ..nn import MaskedWeight, Residual
+from ..timing import interleaved_medians
+from .machine import describe_machine
+
+__all__ = ["CnnProfile", "CNN_MODELS", "run_cnn_bench", "render_cnn_report", "thin_dense", "multiply_adds"]
+
+CNN_MODELS = ("deep-mnist", "tf-cifar10", "alexnet-bn", "resnet18-cifar", "vgg11-cifar")
+VARIANTS = ("dense", "mpd_fc", "mpd_conv_fc", "thin_dense")
+
+
+@dataclass(frozen=True)
+class CnnProfile:
+    """What the CNN section measures: models, factors, batches and samples per timing."""
+
+    models: tuple[str, ...] = CNN_MODELS
+    factors: tuple[int, ...] = (2, 4, 8)
+    batches: tuple[int, ...] = (1, 64)
+    repeats: int = 7
+
+
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one example's forward through ``model``'s convolutions and linear
+    layers, counting only the weights a masked layer keeps."""
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        weight = module.weight
+        per_output = weight[0].numel()  # in_channels/groups * kernel positions, or in_features
+        density = 1.0
+        if isinstance(module, MaskedWeight):
+            layout = module.mpd_mask.layout
+            density = layout.nnz / (layout.d_out * layout.d_in)
+        total += round(output[0].numel() * per_output * density)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _widened(model: nn.Module, scale: float, input_channels: int, classifier: nn.Module) -> nn.Module:
+    """``model`` with every inner width (channels, hidden features) times ``scale``."""
+
+    def width(n: int) -> int:
+        return max(1, round(n * scale))
+
+    state = {"channels": None, "flat_from": None}
+
+    def rebuild(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Sequential):
+            return nn.Sequential(*[rebuild(child) for child in module])
+        if isinstance(module, Residual):
+            entry = dict(state)
+            body = rebuild(module.body)
+            after = dict(state)
+            state.update(entry)
+            shortcut = module._modules.get("shortcut")
+            shortcut = None if shortcut is None else rebuild(shortcut)
+            state.update(after)
+            return Residual(body, shortcut)
+        if type(module) in (nn.Conv1d, nn.Conv2d):
+            if module.groups != 1:
+                raise ValueError("thin_dense rescales ungrouped convolutions only")
+            first = state["channels"] is None and module.in_channels == input_channels
+            new = type(module)(
+                module.in_channels if first else width(module.in_channels),
+                width(module.out_channels),
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+            state["channels"], state["flat_from"] = module.out_channels, None
+            return new
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return type(module)(width(module.num_features))
+        if isinstance(module, nn.Flatten):
+            state["flat_from"] = state["channels"]
+            return copy.deepcopy(module)
+        if type(module) is nn.Linear:
+            if state["flat_from"]:
+                c = state["flat_from"]
+                d_in = width(c) * (module.in_features // c)
+            else:
+                d_in = width(module.in_features) if state["channels"] is not None else module.in_features
+            d_out = module.out_features if module is classifier else width(module.out_features)
+            state["channels"], state["flat_from"] = module.out_features, None
+            return nn.Linear(d_in, d_out, bias=module.bias is not None)
+        return copy.deepcopy(module)
+
+    return rebuild(model)
+
+
+def thin_dense(name: str, parameters: int) -> nn.Module:
+    """The registry model ``name`` with its inner widths scaled alike so that it holds about
+    ``parameters`` parameters (bisection on the scale): the dense network of the same size."""
+    model = build_model(name)
+    input_channels = MODELS[name].input_shape[0]
+    classifier = dict(model.named_modules())[classifier_name(model)]
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if _parameters(_widened(model, mid, input_channels, classifier)) < parameters:
+            low = mid
+        else:
+            high = mid
+    return _widened(model, (low + high) / 2, input_channels, classifier)
+
+
+def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The four variants at factor ``c`` (packed where compressed), and the two masked models."""
+    torch.manual_seed(0)
+    dense = build_model(name).eval()
+    masked = {"mpd_conv_fc": mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0, convs=True)}
+    if any(isinstance(m, nn.Linear) for n, m in dense.named_modules() if paper_filter(dense, name)(m, n)):
+        masked["mpd_fc"] = mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0)
+    models = {"dense": dense, **{k: pack(m).eval() for k, m in masked.items()}}
+    models["thin_dense"] = thin_dense(name, _parameters(models["mpd_conv_fc"])).eval()
+    return models, masked
+
+
+def run_cnn_bench(
+    profile: CnnProfile,
+    *,
+    command: str = "mpdcompress bench --profile cnn",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time every variant of every model at every factor and batch; returns the result dict."""
+    say = progress or (lambda message: None)
+    rows = []
+    for name in profile.models:
+        shape = MODELS[name].input_shape
+        for c in profile.factors:
+            models, masked = _variants(name, c)
+            dense_macs = multiply_adds(models["dense"], shape)
+            sizes = {k: _parameters(m) for k, m in models.items()}
+            macs = {"dense": dense_macs, "thin_dense": multiply_adds(models["thin_dense"], shape)}
+            macs.update({k: multiply_adds(m, shape) for k, m in masked.items()})
+            for batch in profile.batches:
+                x = torch.randn(batch, *shape)
+                with torch.no_grad():
+                    calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
+                    seconds = interleaved_medians(calls, repeats=profile.repeats, min_time=0.05 if batch == 1 else 0)
+                rows.append(
+                    {
+                        "model": name,
+                        "compression": c,
+                        "batch": batch,
+                        "seconds": seconds,
+                        "parameters": sizes,
+                        "multiply_adds": macs,
+                    }
+                )
+                say(f"{name} c={c} batch {batch}: {seconds['dense'] / seconds['mpd_conv_fc']:.2f}x")
+    return {"command": command, "machine": describe_machine("cpu"), "profile": asdict(profile), "rows": rows}
+
+
+def render_cnn_report(result: dict[str, Any]) -> str:
+    """The CNN section as Markdown: speed-ups over dense with their multiply-add limits, and sizes."""
+    lines = [
+        "# Whole CNNs: MPD on convolutions and FC layers vs dense, FC-only MPD and a thin dense network",
+        "",
+        f"Command: `{result['command']}`. Machine: {result['machine'].get('cpu', '?')}, "
+        f"torch {result['machine'].get('torch', '?')}. Each row's variants were timed round-robin in one process;",
+        "speed-ups are dense time / variant time (median of the samples). *limit*: dense multiply-adds /",
+        "the variant's (the uncompressed first convolution caps it). Parameters as a fraction of dense.",
+        "",
+        "| model | c | batch | MPD conv+FC × (limit) | MPD FC only × (limit) | thin dense × (limit) "
+        "| params conv+FC | params thin |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        s, m, p = row["seconds"], row["multiply_adds"], row["parameters"]
+
+        def cell(variant: str) -> str:
+            if variant not in s:
+                return "— (no FC layer to compress)"
+            return f"{s['dense'] / s[variant]:.2f}× ({m['dense'] / m[variant]:.2f}×)"
+
+        lines.append(
+            f"| {row['model']} | {row['compression']} | {row['batch']} | {cell('mpd_conv_fc')} | {cell('mpd_fc')} "
+            f"| {cell('thin_dense')} | {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+"""The CNN benchmark's pieces: multiply-add counts, the thin dense baseline, the report and the
+command. No timing is asserted."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mpdcompress as mpd
+from mpdcompress.bench.cnn import CnnProfile, multiply_adds, render_cnn_report, run_cnn_bench, thin_dense
+from mpdcompress.cli.main import main
+from mpdcompress.models import MODELS, build_model
+
+
+def test_multiply_adds_count_kept_weights_only():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    dense = 16 * 4 * 4 * 8 * 9 + 16 * 4 * 4 * 10
+    assert multiply_adds(model, (8, 4, 4)) == dense
+    mpd.mpdify_(model, {"0": 4})
+    assert multiply_adds(model, (8, 4, 4)) == 16 * 4 * 4 * 8 * 9 // 4 + 16 * 4 * 4 * 10
+
+
+@pytest.mark.parametrize("name", ["deep-mnist", "tf-cifar10", "resnet18-cifar", "vgg11-cifar"])
+def test_thin_dense_has_the_parameters_asked_for_and_runs(name):
+    target = sum(p.numel() for p in build_model(name).parameters()) // 4
+    thin = thin_dense(name, target)
+    assert abs(sum(p.numel() for p in thin.parameters()) / target - 1) < 0.03
+    with torch.no_grad():
+        out = thin.eval()(torch.randn(2, *MODELS[name].input_shape))
+    assert out.shape == (2, MODELS[name].num_classes)
+
+
+def test_cnn_bench_report_and_command(tmp_path, capsys):
+    result = run_cnn_bench(CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1))
+    (row,) = result["rows"]
+    assert set(row["seconds"]) == {"dense", "mpd_fc", "mpd_conv_fc", "thin_dense"}
+    macs = row["multiply_adds"]
+    assert macs["dense"] > macs["mpd_fc"] > macs["mpd_conv_fc"]
+    assert "| deep-mnist | 2 | 1 |" in render_cnn_report(result)
+    out = tmp_path / "cnn"
+    args = ["bench", "--profile", "cnn", "--models", "vgg11-cifar", "--factors", "8", "--batches", "1"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    saved = json.loads((out / "bench_cnn.json").read_text())
+    assert saved["rows"][0]["model"] == "vgg11-cifar" and "no FC layer" in (out / "bench_cnn.md").read_text()
+    assert main(["bench", "--profile", "cnn", "--models", "resnet-50", "--quiet"]) == 2
+    assert "unknown models" in capsys.readouterr().err
