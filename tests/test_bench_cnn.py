@@ -45,3 +45,23 @@ def test_cnn_bench_report_and_command(tmp_path, capsys):
     assert saved["rows"][0]["model"] == "vgg11-cifar" and "no FC layer" in (out / "bench_cnn.md").read_text()
     assert main(["bench", "--profile", "cnn", "--models", "resnet-50", "--quiet"]) == 2
     assert "unknown models" in capsys.readouterr().err
+
+
+def test_accuracy_study_trains_every_variant_at_matching_sizes():
+    from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
+
+    profile = CnnAccuracyProfile(model="deep-mnist", dataset="fake", epochs=1, seeds=(0,), train_limit=64)
+    results = run_cnn_accuracy(profile)
+    sizes = {row["variant"]: row["parameters"] for row in results["rows"]}
+    assert set(sizes) == {"dense", "mpd_conv_fc", "thin_dense"}
+    assert abs(sizes["thin_dense"] / sizes["mpd_conv_fc"] - 1) < 0.03 and sizes["dense"] > 3 * sizes["thin_dense"]
+    assert all(0 <= row["accuracy"] <= 1 for row in results["rows"])
+    assert "| thin_dense |" in render_cnn_accuracy(results, "test")
+
+
+def test_train_width_flag_trains_a_thinner_model(tmp_path):
+    out = tmp_path / "thin"
+    args = ["train", "--model", "deep-mnist", "--dataset", "fake", "--train-limit", "32", "--epochs", "1"]
+    assert main([*args, "-c", "0", "--width", "0.5", "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["width"] == 0.5

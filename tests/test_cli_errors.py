@@ -39,7 +39,7 @@ BAD_COMMAND_LINES = [
     ["reproduce", "--render-only", "--out", "{tmp}"],
     ["distill", "--resume", "-o", "{tmp}/student"],
     ["distill", "--model-dir", "{tmp}", "-o", "{tmp}/student"],
-    ["distill", "--steps", "0", "-o", "{tmp}/student"],
+    ["distill", "--steps", "-1", "-o", "{tmp}/student"],
     ["distill", "--masks", "magnitude", "-o", "{tmp}/student"],
     ["export", "{file}", "-o", "{tmp}/m.onnx", "--dynamic-dims", "0:batch"],
     ["export", "{file}", "-o", "{tmp}/m.onnx", "--example-inputs", "{png}"],

@@ -307,6 +307,24 @@ def test_the_distill_command_writes_a_model_that_loads(encoder_dir, tmp_path, ca
     assert "after 6 steps" in capsys.readouterr().out
 
 
+def test_distill_with_no_steps_saves_the_calibrated_student_and_reports_every_source(encoder_dir, tmp_path, capsys):
+    """The calibrated-only path (no budget for distillation), and agreement on text that nothing
+    was calibrated on, reported per source."""
+    write_wordnet(tmp_path / "wn", sentences(200, seed=2))
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "fortunes").write_text("\n%\n".join(s + " and some more words" for s in sentences(80, seed=3)))
+    out = tmp_path / "student"
+    argv = ["distill", "--model-dir", str(encoder_dir), "--corpus-dir", str(tmp_path / "wn"), "-c", "2"]
+    argv += ["--calibration", "64", "--steps", "0", "--eval-sentences", "30", "-o", str(out)]
+    assert main([*argv, "--eval-corpus", f"fortunes={fortunes}", "wordnet", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("compressed mlp layers"))
+    assert "wordnet (held out): cosine" in line and "; fortunes: cosine" in line and line.count("recall@10") == 2
+    assert "after" not in printed and "distilled" not in printed
+    assert len(mpd.compressed_layers(load_compressed(out))) == 4
+
+
 def test_the_distill_command_reports_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["distill", "--model-dir", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "has no config.json" in capsys.readouterr().err

@@ -7,6 +7,7 @@ AlexNet-BN FC6-8 87,982,080 (87.98M).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,7 @@ __all__ = [
     "alexnet_bn",
     "fc_stack",
     "resnet18_cifar",
+    "scale_widths",
     "vgg11_cifar",
     "fc_weight_count",
 ]
@@ -315,3 +317,71 @@ def paper_filter(model: nn.Module, model_name: str) -> Callable[[nn.Module, str]
     keep = model_spec(model_name).keep_classifier_dense
     last = classifier_name(model)
     return lambda module, name: not (keep and name == last)
+
+
+def scale_widths(model: nn.Module, scale: float) -> nn.Module:
+    """A fresh copy of ``model`` (a Sequential of convolutions, linears, norms, Residuals and
+    parameter-free modules) with every inner width, channels and hidden features, times
+    ``scale`` (rounded, at least 1): the thinner (or wider) dense network of the same shape.
+    The input channels and the classifier's outputs stay; new weights are freshly initialized."""
+    first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
+    input_channels = None if first_conv is None else first_conv.in_channels
+    classifier = dict(model.named_modules())[classifier_name(model)]
+
+    def width(n: int) -> int:
+        return max(1, round(n * scale))
+
+    state: dict[str, int | None] = {"channels": None, "flat_from": None}
+
+    def conv(module: nn.Module) -> nn.Module:
+        if module.groups != 1:
+            raise CompressionError("scale_widths rescales ungrouped convolutions only")
+        first = state["channels"] is None and module.in_channels == input_channels
+        state["channels"], state["flat_from"] = module.out_channels, None
+        return type(module)(
+            module.in_channels if first else width(module.in_channels),
+            width(module.out_channels),
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+
+    def linear(module: nn.Linear) -> nn.Linear:
+        if state["flat_from"]:
+            c = state["flat_from"]
+            d_in = width(c) * (module.in_features // c)
+        else:
+            d_in = width(module.in_features) if state["channels"] is not None else module.in_features
+        d_out = module.out_features if module is classifier else width(module.out_features)
+        state["channels"], state["flat_from"] = module.out_features, None
+        return nn.Linear(d_in, d_out, bias=module.bias is not None)
+
+    def residual(module: Residual) -> Residual:
+        entry = dict(state)
+        body = rebuild(module.body)
+        after = dict(state)
+        state.update(entry)
+        shortcut = module._modules.get("shortcut")
+        shortcut = None if shortcut is None else rebuild(shortcut)
+        state.update(after)
+        return Residual(body, shortcut)
+
+    def rebuild(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Sequential):
+            return nn.Sequential(*[rebuild(child) for child in module])
+        if isinstance(module, Residual):
+            return residual(module)
+        if type(module) in (nn.Conv1d, nn.Conv2d):
+            return conv(module)
+        if type(module) is nn.Linear:
+            return linear(module)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return type(module)(width(module.num_features))
+        if isinstance(module, nn.Flatten):
+            state["flat_from"] = state["channels"]
+        return copy.deepcopy(module)
+
+    return rebuild(model)

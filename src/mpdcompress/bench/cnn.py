@@ -17,12 +17,20 @@ import torch
 from torch import nn
 
 from ..core.convert import mpdify_, pack
-from ..models import MODELS, build_model, classifier_name, paper_filter
-from ..nn import MaskedWeight, Residual
+from ..models import MODELS, build_model, paper_filter, scale_widths
+from ..nn import MaskedWeight
 from ..timing import interleaved_medians
 from .machine import describe_machine
 
-__all__ = ["CnnProfile", "CNN_MODELS", "run_cnn_bench", "render_cnn_report", "thin_dense", "multiply_adds"]
+__all__ = [
+    "CnnProfile",
+    "CNN_MODELS",
+    "run_cnn_bench",
+    "render_cnn_report",
+    "thin_dense",
+    "thin_width",
+    "multiply_adds",
+]
 
 CNN_MODELS = ("deep-mnist", "tf-cifar10", "alexnet-bn", "resnet18-cifar", "vgg11-cifar")
 VARIANTS = ("dense", "mpd_fc", "mpd_conv_fc", "thin_dense")
@@ -68,75 +76,23 @@ def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _widened(model: nn.Module, scale: float, input_channels: int, classifier: nn.Module) -> nn.Module:
-    """``model`` with every inner width (channels, hidden features) times ``scale``."""
-
-    def width(n: int) -> int:
-        return max(1, round(n * scale))
-
-    state = {"channels": None, "flat_from": None}
-
-    def rebuild(module: nn.Module) -> nn.Module:
-        if isinstance(module, nn.Sequential):
-            return nn.Sequential(*[rebuild(child) for child in module])
-        if isinstance(module, Residual):
-            entry = dict(state)
-            body = rebuild(module.body)
-            after = dict(state)
-            state.update(entry)
-            shortcut = module._modules.get("shortcut")
-            shortcut = None if shortcut is None else rebuild(shortcut)
-            state.update(after)
-            return Residual(body, shortcut)
-        if type(module) in (nn.Conv1d, nn.Conv2d):
-            if module.groups != 1:
-                raise ValueError("thin_dense rescales ungrouped convolutions only")
-            first = state["channels"] is None and module.in_channels == input_channels
-            new = type(module)(
-                module.in_channels if first else width(module.in_channels),
-                width(module.out_channels),
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-            )
-            state["channels"], state["flat_from"] = module.out_channels, None
-            return new
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return type(module)(width(module.num_features))
-        if isinstance(module, nn.Flatten):
-            state["flat_from"] = state["channels"]
-            return copy.deepcopy(module)
-        if type(module) is nn.Linear:
-            if state["flat_from"]:
-                c = state["flat_from"]
-                d_in = width(c) * (module.in_features // c)
-            else:
-                d_in = width(module.in_features) if state["channels"] is not None else module.in_features
-            d_out = module.out_features if module is classifier else width(module.out_features)
-            state["channels"], state["flat_from"] = module.out_features, None
-            return nn.Linear(d_in, d_out, bias=module.bias is not None)
-        return copy.deepcopy(module)
-
-    return rebuild(model)
-
-
 def thin_dense(name: str, parameters: int) -> nn.Module:
     """The registry model ``name`` with its inner widths scaled alike so that it holds about
     ``parameters`` parameters (bisection on the scale): the dense network of the same size."""
+    return scale_widths(build_model(name), thin_width(name, parameters))
+
+
+def thin_width(name: str, parameters: int) -> float:
+    """The width scale at which the registry model ``name`` holds about ``parameters`` parameters."""
     model = build_model(name)
-    input_channels = MODELS[name].input_shape[0]
-    classifier = dict(model.named_modules())[classifier_name(model)]
     low, high = 0.0, 1.0
     for _ in range(30):
         mid = (low + high) / 2
-        if _parameters(_widened(model, mid, input_channels, classifier)) < parameters:
+        if _parameters(scale_widths(model, mid)) < parameters:
             low = mid
         else:
             high = mid
-    return _widened(model, (low + high) / 2, input_channels, classifier)
+    return (low + high) / 2
 
 
 def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:

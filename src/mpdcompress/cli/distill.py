@@ -22,11 +22,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from ..core.convert import mpdify_, pack
     from ..core.roles import select_roles
-    from ..data.text import held_out_split, load_corpus
-    from ..experiments.pretrained import distill_encoder
+    from ..data.text import held_out_split, load_corpus, sample_sentences
     from ..files.hf import save_compressed
+    from ..nn import MaskedWeight
     from ..posthoc.calibrate import compress_calibrated
-    from ..posthoc.distill import DistillConfig
     from ..posthoc.sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement, pretrained_spec
 
     if args.resume and not args.checkpoint:
@@ -35,9 +34,23 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     roles = args.roles or list(spec.roles)
     compression = args.compression or spec.compression
     teacher, tokenizer = load_sentence_encoder(args.model, args.model_dir)
-    train, test = held_out_split(load_corpus(args.corpus or spec.corpus, args.corpus_dir))
-    test = test[: args.eval_sentences]
-    reference = embed(teacher, tokenizer, test)
+    corpus_name = args.corpus or spec.corpus
+    train, test = held_out_split(load_corpus(corpus_name, args.corpus_dir))
+    sources = {f"{corpus_name} (held out)": test[: args.eval_sentences]}
+    for entry in args.eval_corpus or []:
+        name, _, folder = entry.partition("=")
+        if name == corpus_name and not folder:
+            continue  # its held-out part is evaluated already
+        sources[name] = sample_sentences(load_corpus(name, folder or None), args.eval_sentences)
+    references = {source: embed(teacher, tokenizer, sentences) for source, sentences in sources.items()}
+
+    def agreement() -> str:
+        scores = {
+            source: neighbour_agreement(embed(student, tokenizer, sources[source]), reference)
+            for source, reference in references.items()
+        }
+        return "; ".join(f"{source}: {_agreement(s)}" for source, s in scores.items())
+
     filter_fn = select_roles(roles)
     if args.block_steps and not args.calibration:
         raise ConfigError("--block-steps tunes on the calibration sentences: give --calibration as well")
@@ -70,8 +83,24 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     else:
         student = mpdify_(copy.deepcopy(teacher), compression, filter_fn=filter_fn, masks=args.masks, seed=args.seed)
         how = f"{args.masks} masks"
-    before = neighbour_agreement(embed(student, tokenizer, test), reference)
-    print(f"compressed {', '.join(roles)} layers at {compression}x ({how}): " + _agreement(before))
+    print(f"compressed {', '.join(roles)} layers at {compression}x ({how}): " + agreement())
+    if args.steps:
+        _distill(args, student, teacher, tokenizer, train)
+        print(f"after {args.steps} steps: " + agreement())
+    # Compact distillation trains the packed form already; a masked student is packed here.
+    packed = pack(student) if any(isinstance(m, MaskedWeight) for m in student.modules()) else student
+    folder = save_compressed(packed.encoder, args.output)
+    print(f"saved the packed encoder to {folder} (load with mpdcompress.files.hf.load_compressed)")
+    return 0
+
+
+def _distill(args: argparse.Namespace, student, teacher, tokenizer, train: list[str]) -> None:
+    from tqdm import tqdm
+
+    from ..experiments.pretrained import distill_encoder
+    from ..posthoc.distill import DistillConfig
+    from ..posthoc.sentence import length_batches
+
     config = DistillConfig(steps=args.steps, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
     bar = tqdm(total=args.steps, desc="distilling", unit="step", disable=args.quiet)
 
@@ -92,12 +121,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         progress=progress,
     )
     bar.close()
-    after = neighbour_agreement(embed(student, tokenizer, test), reference)
-    print(f"after {result.steps} steps ({result.seconds / 60:.1f} min): " + _agreement(after))
-    packed = pack(student) if args.mode == "masked" else student
-    folder = save_compressed(packed.encoder, args.output)
-    print(f"saved the packed encoder to {folder} (load with mpdcompress.files.hf.load_compressed)")
-    return 0
+    print(f"distilled {result.steps} steps in {result.seconds / 60:.1f} min")
 
 
 def _agreement(scores: dict[str, float]) -> str:
@@ -132,7 +156,19 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")
     p.add_argument("--corpus", choices=list(CORPORA), help="distillation and held-out text (default: wordnet)")
     p.add_argument("--corpus-dir", help="where the corpus's files are, if not where Debian installs them")
-    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument(
+        "--eval-corpus",
+        nargs="+",
+        metavar="NAME[=DIR]",
+        help=f"also report the agreement on these corpora ({', '.join(CORPORA)}), which nothing was "
+        "calibrated or distilled on (DIR: where its files are)",
+    )
+    p.add_argument(
+        "--steps",
+        type=nonnegative_int,
+        default=1000,
+        help="distillation steps (0: none, the compressed or calibrated student is saved as it is)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--eval-sentences", type=positive_int, default=1000, help="held-out sentences to evaluate on")

@@ -41,6 +41,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--no-permute", dest="permute", action="store_false", help="plain block-diagonal masks (the paper's ablation)"
     )
     tr.add_argument(
+        "--width",
+        type=positive_float,
+        help="every inner width (channels, hidden features) times this: 0.5 trains a thin dense baseline",
+    )
+    tr.add_argument(
         "--compress-convs",
         action="store_true",
         help="compress the convolutions too (grouped convolutions when packed), all but the one reading the image",

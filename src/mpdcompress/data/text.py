@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataUnavailableError, UnknownNameError
 
-__all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split"]
+__all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split", "sample_sentences"]
 
 
 def _wordnet(folder: Path) -> list[str]:
@@ -115,3 +115,9 @@ def held_out_split(sentences: list[str], held_out: float = 0.1) -> tuple[list[st
         h = int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little") / 2**32
         (test if h < held_out else train).append(s)
     return train, test
+
+
+def sample_sentences(sentences: list[str], n: int) -> list[str]:
+    """``n`` sentences spread over the whole corpus, chosen by a hash of each sentence (the same on
+    every machine), for evaluating on a corpus nothing was trained on."""
+    return sorted(sentences, key=lambda s: hashlib.sha256(s.encode()).digest())[:n]

@@ -103,6 +103,7 @@ class TrainConfig:
     compression: int | None = 10  # None: the dense baseline
     permute: bool = True
     compress_convs: bool = False  # also every convolution but those mpdify_'s rules skip (the image-reading one)
+    width: float = 1.0  # every inner width of the model times this (a thin dense baseline: < 1)
     mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
     init: str = "block"  # training from scratch; "dense" keeps nn.Linear's initialization (see mpdify_)
     seed: int = 0  # initialization and data order
@@ -128,6 +129,8 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("mode", self.mode, MODES)
         check_choice("init", self.init, INITS)
+        if not (isinstance(self.width, (int, float)) and 0 < self.width <= 16):
+            raise ConfigError(f"width must be a number in (0, 16], got {self.width!r}")
         recipe = recipe_for_model(self.model)
         values = asdict(self)
         if recipe is not None:

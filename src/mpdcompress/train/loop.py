@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core.convert import mpdify_
 from ..data.sources import Split
 from ..errors import ConfigError, TrainingDiverged
-from ..models import build_model, fc_weights_kept, paper_filter
+from ..models import build_model, fc_weights_kept, paper_filter, scale_widths
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .distributed import (
@@ -75,6 +75,8 @@ def build_for(config: TrainConfig) -> nn.Module:
     """The model a TrainConfig describes, compressed as it says, from its seed."""
     torch.manual_seed(config.seed)
     model = build_model(config.model)
+    if config.width != 1.0:
+        model = scale_widths(model, config.width)
     if config.compression:
         model = mpdify_(
             model,
