@@ -192,3 +192,31 @@ def test_a_missing_hf_dependency_names_the_extra_that_installs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import now fails
     with pytest.raises(MissingDependencyError, match=r"needs tokenizers: pip install 'mpdcompress\[hf\]'"):
         hf_module("tokenizers")
+
+
+def test_save_pretrained_refuses_models_it_would_bring_back_wrong_and_keeps_masked_linears(tmp_path):
+    """GPT-2's masked Conv1D layers and every packed layer would come back from from_pretrained as
+    other tensors (transposed, or random): save_pretrained refuses them and names save_compressed.
+    A masked BERT (plain nn.Linear) still survives it as the dense model of the same function."""
+    masked_gpt2 = mpd.mpdify_(gpt2(), 2, filter_fn=select_roles("mlp"))
+    with pytest.raises(CompressionError, match="Conv1D.*save_compressed"):
+        masked_gpt2.save_pretrained(str(tmp_path / "gpt2"))
+    assert not (tmp_path / "gpt2").exists()
+    packed_bert = mpd.pack(mpd.mpdify_(bert(), 2, filter_fn=select_roles("mlp")))
+    with pytest.raises(CompressionError, match="packed layers.*save_compressed"):
+        packed_bert.save_pretrained(str(tmp_path / "packed"))
+    compact = mpd.mpdify_(bert(), 2, filter_fn=select_roles("mlp"), mode="compact")
+    with pytest.raises(CompressionError, match="save_compressed"):
+        compact.save_pretrained(str(tmp_path / "compact"))
+    masked_bert = mpd.mpdify_(bert(), 2, filter_fn=select_roles("mlp"))
+    masked_bert.save_pretrained(str(tmp_path / "bert"))
+    reloaded = transformers.BertModel.from_pretrained(str(tmp_path / "bert")).eval()
+    assert torch.equal(first_output(reloaded), first_output(masked_bert))
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(packed_bert), pickle.loads(pickle.dumps(packed_bert))):
+        with pytest.raises(CompressionError, match="save_compressed"):
+            clone.save_pretrained(str(tmp_path / "clone"))
+    save_compressed(packed_bert, tmp_path / "folder")  # the way that works
+    assert torch.equal(first_output(load_compressed(tmp_path / "folder")), first_output(packed_bert))

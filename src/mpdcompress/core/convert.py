@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -106,6 +107,12 @@ def mpdify_(
         if config.init == "block":
             _block_fan_in_(replacements[key])
     model = _replace_modules(model, lambda m: replacements.get(id(m)))
+    if any(is_transposed_linear(candidates[name]) for name in factors):
+        _guard_save_pretrained(
+            model,
+            "its Conv1D layers became MPDLinear layers holding the transposed weight, which from_pretrained "
+            "would read with the wrong shape",
+        )
     if config.mode == "compact":
         # Compact training keeps dense neighbours as they are: the trainer's checkpoints and the
         # mask study address them by their Sequential keys.
@@ -241,6 +248,21 @@ def mpdify(
     )
     filter_fn = None if filter is None else (lambda module, name: filter(name, module))
     return mpdify_(model, MPDConfig(compression, seed=seed, permute=permute, mode=mode, init=init), filter_fn=filter_fn)
+
+
+def _refuse_save_pretrained(reason: str, *args: Any, **kwargs: Any) -> None:
+    raise CompressionError(
+        f"save_pretrained cannot save this compressed model: {reason}; save it with "
+        "mpdcompress.files.hf.save_compressed(model, folder) and read it back with load_compressed"
+    )
+
+
+def _guard_save_pretrained(model: nn.Module, reason: str) -> None:
+    """Make a transformers model's ``save_pretrained`` refuse, naming ``save_compressed``, where
+    the folder it writes would come back as another model (a module-level partial, so the model
+    still deep-copies and pickles)."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = functools.partial(_refuse_save_pretrained, reason)
 
 
 def _refuse_unsafe_layers(model: nn.Module, selected: dict[str, nn.Linear]) -> None:
@@ -399,6 +421,9 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
             _fuse_conv_sequential(seq, fold_dense, shared)
             _fuse_sequential(seq, fold_dense, shared)
         packed = _replace_modules(model, _pack_one)
+    _guard_save_pretrained(
+        packed, "its packed layers are not transformers layers: from_pretrained would initialize them at random"
+    )
     return guard_state_dict_loading(packed)
 
 

@@ -1,11 +1,13 @@
 """Hugging Face ``transformers`` models in and out of a folder, compressed.
 
-``model.save_pretrained`` cannot describe packed layers: ``from_pretrained`` would report them
-as missing keys and initialize them at random. :func:`save_compressed` writes the model's
-``config.json`` beside an mpdcompress model file (validated, no pickle); :func:`load_compressed`
-builds the architecture from that config and loads the file into it. Masked-form models also
-survive plain ``save_pretrained`` (their stored weights are zero off the mask, so the dense
-model that ``from_pretrained`` rebuilds computes the same function, without the masks).
+``model.save_pretrained`` cannot describe packed layers (``from_pretrained`` would report them
+as missing keys and initialize them at random) nor GPT-2's masked Conv1D layers (stored
+transposed), so ``pack`` and ``mpdify_`` make it refuse on those models. :func:`save_compressed`
+writes the model's ``config.json`` beside an mpdcompress model file (validated, no pickle);
+:func:`load_compressed` builds the architecture from that config and loads the file into it.
+Masked models of plain linear layers also survive ``save_pretrained`` (their stored weights are
+zero off the mask, so the dense model that ``from_pretrained`` rebuilds computes the same
+function, without the masks).
 """
 
 from __future__ import annotations
