@@ -359,3 +359,53 @@ def test_compact_training_through_a_chain_with_batchnorm_matches_masked_training
     back = mpd.unpack(compact)
     for key, value in masked.state_dict().items():
         assert torch.allclose(back.state_dict()[key].float(), value.float(), atol=1e-5), key
+
+
+def _trained_looking_cnn(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding="same"), nn.ReLU(),
+        nn.Conv1d(24, 24, 1) if False else nn.Identity(), nn.Conv2d(24, 16, 2, stride=2), nn.Flatten(),
+    )  # fmt: skip
+    return model.eval()
+
+
+def test_refit_of_a_conv_with_one_block_recovers_the_dense_weights():
+    """With c = 1 the mask keeps everything, so the least-squares fit on the input patches must
+    give back the dense convolution: this pins the patch layout (channels, kernel positions,
+    padding, stride) to the weight's."""
+    from mpdcompress.posthoc.calibrate import refit_
+
+    teacher = _trained_looking_cnn()
+    student = mpd.mpdify_(copy.deepcopy(teacher), {"2": 1, "5": 1})
+    with torch.no_grad():
+        for name in ("2", "5"):
+            student.get_submodule(name).weight.mul_(0.3)  # far from the teacher
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(6)]
+    refit_(student, teacher, batches, damping=1e-9)
+    for name in ("2", "5"):
+        fitted, dense = student.get_submodule(name), teacher.get_submodule(name)
+        assert torch.allclose(fitted.weight, dense.weight, atol=1e-4), name
+        assert torch.allclose(fitted.bias, dense.bias, atol=1e-4), name
+
+
+def test_calibration_brings_a_compressed_cnn_closer_to_its_dense_model():
+    from mpdcompress.posthoc.calibrate import compress_calibrated, input_moments
+
+    teacher = _trained_looking_cnn()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(8)]
+    moments = input_moments(teacher, batches, config=mpd.MPDConfig(4, convs=True))
+    assert set(moments) == {"2", "5"} and moments["5"].shape == (24,)  # conv "0" reads the image
+
+    def error(student):
+        x = torch.randn(32, 3, 8, 8)
+        with torch.no_grad():
+            return float((student(x) - teacher(x)).square().mean() / teacher(x).square().mean())
+
+    plain = mpd.mpdify_(copy.deepcopy(teacher), 4, convs=True, masks="weights")
+    calibrated = compress_calibrated(teacher, 4, batches, convs=True)
+    tuned = compress_calibrated(teacher, 4, batches, convs=True, block_steps=30)
+    assert isinstance(calibrated[2], mpd.MPDConv2d)
+    assert error(calibrated) < 0.7 * error(plain)
+    assert error(tuned) < error(calibrated)
+    assert torch.equal(mpd.unpack(mpd.pack(tuned))[5].weight, tuned[5].weight)

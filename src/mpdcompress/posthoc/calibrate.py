@@ -2,6 +2,10 @@
 
 Two uses of a few hundred calibration inputs, neither of which trains anything:
 
+Convolutions (``convs=True``) are treated as linear layers on their input patches: the moment
+is per input channel, over every position, and the fit regresses each output channel on the
+patches of the input channels its block keeps (every kernel position of each).
+
 * :func:`input_moments` measures ``E[x_j²]`` for each input feature of each selected layer. A
   mask that keeps ``W_ij`` drops ``W_ij x_j`` from the output otherwise, so the mass worth
   keeping is ``W_ij² E[x_j²]`` (the layer's expected output energy per weight), not ``W_ij²``:
@@ -26,36 +30,70 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MPDConfig
-from ..core.convert import LayerFilter, compressed_layers, is_transposed_linear, mpdify_
+from ..core.convert import LayerFilter, compressed_layers, conv_skip_reason, is_transposed_linear, mpdify_
 from ..errors import CompressionError, ConfigError
-from ..nn import MPDLinear
+from ..nn import MaskedWeight
 from .reconstruct import default_blocks, reconstruct_
 from .taps import evaluating, paired_calls, reiterable, run
 
 __all__ = ["input_moments", "refit_", "compress_calibrated"]
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
 def _features(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).double()
 
 
-def _linears(model: nn.Module, filter_fn: LayerFilter | None) -> dict[str, nn.Module]:
+def _channels(x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as one row of channels per position: ``(N * positions, C)``."""
+    return x.detach().movedim(1, -1).reshape(-1, x.shape[1]).double()
+
+
+def _patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """The input patches ``conv`` multiplies, one row per output position, columns ordered as its
+    flattened weight (channel, then kernel position): ``(N * positions, C * kernel)``."""
+    x = F.pad(x.detach().double(), conv._reversed_padding_repeated_twice)
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    if x.dim() == 3:  # a 1-D convolution is a 2-D one of height 1
+        x, kernel, stride, dilation = x.unsqueeze(-2), (1, *kernel), (1, *stride), (1, *dilation)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _layers(model: nn.Module, filter_fn: LayerFilter | None, config: MPDConfig | None) -> dict[str, nn.Module]:
+    """The layers ``mpdify_`` with ``config`` and ``filter_fn`` would compress."""
+
+    def candidate(m: nn.Module, name: str) -> bool:
+        if type(m) is nn.Linear or is_transposed_linear(m):
+            return True
+        if type(m) not in _CONVS or config is None:
+            return False
+        if isinstance(config.compression, Mapping):
+            return name in config.compression
+        return config.convs and conv_skip_reason(m, config.compression) is None
+
     return {
-        name: m
-        for name, m in model.named_modules()
-        if (type(m) is nn.Linear or is_transposed_linear(m)) and (filter_fn is None or filter_fn(m, name))
+        name: m for name, m in model.named_modules() if candidate(m, name) and (filter_fn is None or filter_fn(m, name))
     }
 
 
 def input_moments(
-    model: nn.Module, batches: Iterable, *, filter_fn: LayerFilter | None = None
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    filter_fn: LayerFilter | None = None,
+    config: MPDConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """``E[x²]`` per input feature of every plain ``nn.Linear`` (or ``Conv1D``) that
-    ``filter_fn(module, name)`` selects, over every position of every batch (float32, on CPU)."""
-    layers = _linears(model, filter_fn)
+    ``filter_fn(module, name)`` selects, over every position of every batch (float32, on CPU);
+    with a ``config`` that compresses convolutions, per input channel of those too."""
+    layers = _layers(model, filter_fn, config)
     if not layers:
         raise CompressionError("no nn.Linear layer was selected")
     sums: dict[str, torch.Tensor] = {}
@@ -63,7 +101,7 @@ def input_moments(
 
     def hook(name: str) -> Callable[[torch.Tensor], None]:
         def add(x: torch.Tensor) -> None:
-            x = _features(x)
+            x = _channels(x) if type(layers[name]) in _CONVS else _features(x)
             sums[name] = sums.get(name, 0) + x.square().sum(0)
             counts[name] += x.shape[0]
 
@@ -81,16 +119,17 @@ class _Moments:
     """Running sums of the student's input ``u``, the teacher's input ``x`` and the products the
     fit needs, ``uᵀu`` and ``uᵀx``, in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, dense: nn.Module) -> None:
         self.n = 0
         self.u = self.x = self.uu = self.ux = 0
         self.pending: list[torch.Tensor] = []  # the teacher's inputs of this batch, in call order
+        self.features = (lambda x: _patches(x, dense)) if type(dense) in _CONVS else _features
 
     def teacher(self, x: torch.Tensor) -> None:
-        self.pending.append(_features(x))
+        self.pending.append(self.features(x))
 
     def student(self, u: torch.Tensor) -> None:
-        u, x = _features(u), self.pending.pop(0)  # refit_ checked that both layers run as often
+        u, x = self.features(u), self.pending.pop(0)  # refit_ checked that both layers run as often
         x = x.to(u.device)  # the teacher may sit on another device
         if u.shape != x.shape:
             raise CompressionError("student and teacher layers saw inputs of different shapes")
@@ -100,13 +139,16 @@ class _Moments:
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
-    return (layer.weight.t() if is_transposed_linear(layer) else layer.weight).detach().double()
+    """The layer's weight as a matrix on its features (a convolution's: on its input patches)."""
+    weight = layer.weight.t() if is_transposed_linear(layer) else layer.weight
+    return weight.detach().double().reshape(weight.shape[0], -1)
 
 
 @torch.no_grad()
-def _fit(layer: MPDLinear, dense: nn.Module, m: _Moments, damping: float) -> None:
+def _fit(layer: MaskedWeight, dense: nn.Module, m: _Moments, damping: float) -> None:
     """Least-squares kept weights (and bias) of ``layer``, block by block, from the moments."""
     w = _dense_weight(dense).to(m.uu.device)
+    positions = w.shape[1] // layer.plane()[1]  # a convolution's kernel positions per channel
     b = dense.bias.detach().double().to(m.uu.device) if dense.bias is not None else None
     mu_u, mu_x = m.u / m.n, m.x / m.n
     uu, ux = m.uu / m.n, m.ux / m.n
@@ -117,7 +159,8 @@ def _fit(layer: MPDLinear, dense: nn.Module, m: _Moments, damping: float) -> Non
     new_w = torch.zeros_like(w)
     for k in range(layout.compression):
         rows = mask.row_order[layout.row_offsets[k] : layout.row_offsets[k] + layout.row_sizes[k]].to(w.device)
-        cols = mask.col_order[layout.col_offsets[k] : layout.col_offsets[k] + layout.col_sizes[k]].to(w.device)
+        channels = mask.col_order[layout.col_offsets[k] : layout.col_offsets[k] + layout.col_sizes[k]]
+        cols = (channels[:, None] * positions + torch.arange(positions)).flatten().to(w.device)
         gram = uu[cols][:, cols]
         # Damping as GPTQ does: a share of the mean diagonal keeps the solve well posed for
         # inputs that never vary (padding features, dead units).
@@ -126,7 +169,7 @@ def _fit(layer: MPDLinear, dense: nn.Module, m: _Moments, damping: float) -> Non
         )
         target = w[rows] @ ux[cols].t()  # Cov(dense output, kept inputs): (rows, |S|)
         new_w[rows[:, None], cols] = torch.linalg.solve(gram, target.t()).t()
-    layer.weight.copy_(new_w.to(layer.weight))
+    layer.weight.copy_(new_w.view_as(layer.weight).to(layer.weight))
     if layer.bias is not None:
         dense_mean = w @ mu_x + (b if b is not None else 0)
         layer.bias.copy_((dense_mean - new_w @ mu_u).to(layer.bias))
@@ -151,7 +194,7 @@ def refit_(
         raise ConfigError(f"damping must be positive, got {damping!r}")
     if student is teacher:
         raise ConfigError("the student must be a separate (compressed) copy of the teacher")
-    masked = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MPDLinear)}
+    masked = {n: m for n, m in compressed_layers(student).items() if isinstance(m, MaskedWeight)}
     if not masked:
         raise CompressionError("the student has no masked MPD layer to refit (refit before pack)")
     unknown = sorted(set(layers or ()) - set(masked))
@@ -164,13 +207,13 @@ def refit_(
             dense[name] = teacher.get_submodule(name)
         except AttributeError:
             raise CompressionError(f"the teacher has no layer {name!r} to refit the student's to") from None
-        if _dense_weight(dense[name]).shape != fitted[name].weight.shape:
+        if _dense_weight(dense[name]).shape != _dense_weight(fitted[name]).shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
     batches = reiterable(batches)
     with evaluating(teacher, student):
         order, calls = paired_calls(student, teacher, batches, fitted, dense, "layers")
         for index, name in enumerate(order):
-            moments = _Moments()
+            moments = _Moments(dense[name])
             # The teacher's layer runs first for each batch, then the student's same layer;
             # each forward stops at the layer's last call.
             for batch, times in zip(batches, calls[name]):
@@ -208,7 +251,7 @@ def compress_calibrated(
     config = MPDConfig.of(config, **{**defaults, **options})
     if config.mode != "masked":
         raise ConfigError("compress_calibrated fits the masked form: leave mode='masked', then pack the result")
-    moments = input_moments(model, batches, filter_fn=filter_fn) if config.masks != "random" else None
+    moments = input_moments(model, batches, filter_fn=filter_fn, config=config) if config.masks != "random" else None
     student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments)
     if refit:
         refit_(student, model, batches, damping=damping, progress=progress)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.convert import compressed_layers
 from ..errors import CompressionError, ConfigError
-from ..nn import MPDLinear
+from ..nn import MaskedWeight
 from .distill import distillation_loss
 from .taps import evaluating, paired_calls, reiterable, run
 
@@ -88,7 +88,7 @@ def _error(block: nn.Module, inputs: list[Any], targets: list[Any]) -> float:
 
 
 def _tune(block: nn.Module, inputs: list[Any], targets: list[Any], steps: int, lr: float, seed: int) -> None:
-    layers = [m for m in block.modules() if isinstance(m, MPDLinear)]
+    layers = [m for m in block.modules() if isinstance(m, MaskedWeight)]
     params = [p for layer in layers for p in layer.parameters()]
     tuned = {id(p) for p in params}
     frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in tuned]
@@ -141,7 +141,7 @@ def reconstruct_(
         raise ConfigError(f"steps must be at least 1 and lr positive, got steps={steps!r}, lr={lr!r}")
     if student is teacher:
         raise ConfigError("the student must be a separate (compressed) copy of the teacher")
-    if not any(isinstance(m, MPDLinear) for m in compressed_layers(student).values()):
+    if not any(isinstance(m, MaskedWeight) for m in compressed_layers(student).values()):
         raise CompressionError("the student has no masked MPD layer to tune (reconstruct before pack)")
     names = list(default_blocks(student) if blocks is None else blocks)
     mine, theirs = {}, {}
