@@ -65,3 +65,41 @@ def test_train_width_flag_trains_a_thinner_model(tmp_path):
     assert main([*args, "-c", "0", "--width", "0.5", "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["width"] == 0.5
+
+
+def test_filter_pruning_keeps_the_strongest_units_and_their_downstream_slices():
+    """A pruned Deep MNIST computes exactly the dense one with the pruned units' weights and
+    biases zeroed (no BatchNorm: a zeroed unit then contributes nothing), which pins every
+    slice, the Flatten's channel blocks included."""
+    from mpdcompress.bench.filter_pruning import prune_filters
+
+    torch.manual_seed(0)
+    dense = build_model("deep-mnist").eval()
+    same = prune_filters(dense, 1.0)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(same(x), dense(x))
+    pruned = prune_filters(dense, 0.5)
+    assert [m.weight.shape[0] for m in pruned if hasattr(m, "weight")] == [16, 32, 512, 10]
+    zeroed = build_model("deep-mnist").eval()
+    zeroed.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for index in (0, 3, 7):  # conv1, conv2, fc1
+            layer = zeroed[index]
+            norms = layer.weight.abs().flatten(1).sum(1)
+            dropped = norms.argsort()[: layer.weight.shape[0] // 2]
+            layer.weight[dropped] = 0
+            layer.bias[dropped] = 0
+        assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
+
+
+def test_filter_pruning_slices_batchnorm_and_refuses_residuals():
+    from mpdcompress.bench.filter_pruning import prune_filters
+    from mpdcompress.errors import CompressionError
+
+    pruned = prune_filters(build_model("vgg11-cifar"), 0.5)
+    norms = [m for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [n.num_features for n in norms] == [32, 64, 128, 128, 256, 256, 256, 256]
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(CompressionError, match="residual"):
+        prune_filters(build_model("resnet18-cifar"), 0.5)

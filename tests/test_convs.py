@@ -409,3 +409,16 @@ def test_calibration_brings_a_compressed_cnn_closer_to_its_dense_model():
     assert error(calibrated) < 0.7 * error(plain)
     assert error(tuned) < error(calibrated)
     assert torch.equal(mpd.unpack(mpd.pack(tuned))[5].weight, tuned[5].weight)
+
+
+def test_a_packed_cnn_goes_through_torch_export_and_runs_the_same():
+    torch.manual_seed(0)
+    model = build_model("vgg11-cifar").eval()
+    mpd.mpdify_(model, 4, convs=True, seed=0)
+    packed = mpd.pack(model)
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(packed, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "aten.conv2d.default" in ops and "aten.index_select.default" in ops
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), packed(x))
