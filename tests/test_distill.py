@@ -351,3 +351,25 @@ def test_the_posthoc_control_measures_every_budget(data_dir):
     assert all(0 <= r["accuracy"] <= 1 for r in entry["rows"]) and 0 < entry["scratch_accuracy"] <= 1
     report = render_posthoc_report(results, "cmd")
     assert "| weights |" in report and "4 steps (1 epoch)" in report
+
+
+def test_the_posthoc_control_with_compressed_convolutions_against_filter_pruning(data_dir):
+    from mpdcompress.experiments.posthoc import PosthocProfile, render_posthoc_report, run_posthoc_study
+
+    profile = PosthocProfile(
+        models=(("deep-mnist", 1, 1e-3),),
+        budgets=(0,),
+        masks=("weights", "calibrated", "l1-filters"),
+        train_limit=100,
+        batch_size=50,
+        calibration=100,
+        compression=4,
+        convs=True,
+    )
+    results = run_posthoc_study(profile)
+    (entry,) = results["models"]
+    sizes = entry["parameters"]
+    assert abs(sizes["l1-filters"] / sizes["weights"] - 1) < 0.05  # the baseline at the MPD model's size
+    assert {r["masks"] for r in entry["rows"]} == {"weights", "calibrated", "l1-filters"}
+    report = render_posthoc_report(results, "cmd")
+    assert "| l1-filters |" in report and "filter-pruned to the MPD model's parameter count" in report

@@ -8,6 +8,11 @@ on the paper's layers (the classifier stays dense where the paper kept it), then
 the dense network (KL on the logits, no labels) for each step budget, each budget a separate run
 from the same compressed start. Test accuracy is measured after every budget; the from-scratch
 MPD accuracy comes from the same recipe.
+
+With ``convs``, every convolution but the first is compressed too, and the masks may include
+``"l1-filters"``: the baseline a CNN user picks instead, L1-norm filter pruning of the trained
+model to the MPD model's parameter count (:mod:`mpdcompress.bench.filter_pruning`), distilled
+the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..core.convert import mpdify_
+from ..bench.filter_pruning import prune_filters
+from ..core.convert import mpdify_, pack
 from ..models import model_spec, paper_filter
 from ..posthoc.calibrate import compress_calibrated
 from ..posthoc.distill import DistillConfig, distill
@@ -41,15 +47,42 @@ class PosthocProfile:
     # at lr 1e-3 / 3e-3 / 1e-2 / 3e-2); Deep MNIST, one FC layer compressed, recovered at 1e-3.
     models: tuple[tuple[str, int, float], ...] = (("lenet300", 20, 1e-2), ("deep-mnist", 3, 1e-3))
     budgets: tuple[int, ...] = (0, 100, 1000)  # distillation steps; one epoch is always added
-    masks: tuple[str, ...] = ("random", "weights", "calibrated")
+    masks: tuple[str, ...] = ("random", "weights", "calibrated")  # or "l1-filters" (with convs)
     calibration: int = 2000  # training images that calibrate the "calibrated" students
     batch_size: int = 50
     seed: int = 0
     train_limit: int | None = None  # images of the training set used (None: all)
+    compression: int | None = None  # None: each model's paper factor
+    convs: bool = False  # compress the convolutions too (all but the first)
 
 
 def _epoch_steps(n_images: int, batch_size: int) -> int:
     return -(-n_images // batch_size)
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _pruned_to(dense: torch.nn.Module, parameters: int) -> torch.nn.Module:
+    """``dense`` L1-filter-pruned at the scale (found by bisection) that leaves ``parameters``."""
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _parameters(prune_filters(dense, mid)) < parameters else (low, mid)
+    return prune_filters(dense, high)
+
+
+def _start(dense, name: str, masks: str, factor: int, profile: "PosthocProfile", calibration) -> torch.nn.Module:
+    """The compressed (or pruned) student that every distillation budget starts from."""
+    filter_fn = paper_filter(dense, name)
+    options = {"filter_fn": filter_fn, "convs": profile.convs}
+    if masks == "calibrated":
+        return compress_calibrated(dense, factor, calibration, **options).eval()
+    if masks == "l1-filters":
+        mpd_parameters = _parameters(pack(mpdify_(copy.deepcopy(dense), factor, **options)))
+        return _pruned_to(dense, mpd_parameters).eval()
+    return mpdify_(copy.deepcopy(dense), factor, masks=masks, **options).eval()
 
 
 def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -57,13 +90,13 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
     say = progress or (lambda message: None)
     results: dict[str, Any] = {"profile": asdict(profile), "models": []}
     for name, epochs, lr in profile.models:
-        spec = model_spec(name)
-        entry: dict[str, Any] = {"model": name, "epochs": epochs, "lr": lr, "compression": spec.compression, "rows": []}
+        factor = profile.compression or model_spec(name).compression
+        entry: dict[str, Any] = {"model": name, "epochs": epochs, "lr": lr, "compression": factor, "rows": []}
         base = TrainConfig(model=name, epochs=epochs, seed=profile.seed, train_limit=profile.train_limit)
         say(f"{name}: training dense for {epochs} epochs")
         dense_run = train(TrainConfig(**{**asdict(base), "compression": None}))
-        say(f"{name}: training MPD from scratch at {spec.compression}x for {epochs} epochs")
-        scratch = train(TrainConfig(**{**asdict(base), "compression": spec.compression}))
+        say(f"{name}: training MPD from scratch at {factor}x for {epochs} epochs")
+        scratch = train(TrainConfig(**{**asdict(base), "compression": factor, "compress_convs": profile.convs}))
         entry["dense_accuracy"], entry["scratch_accuracy"] = dense_run.test_accuracy, scratch.test_accuracy
         dense = dense_run.model.eval()
         train_data, test_data = open_datasets(base.resolved())
@@ -79,11 +112,8 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
         # Calibration images are drawn apart from the distillation batches' stream.
         calibration = [batch(-1 - k, 500) for k in range(-(-profile.calibration // 500))]
         for masks in profile.masks:
-            filter_fn = paper_filter(dense, name)
-            if masks == "calibrated":
-                start = compress_calibrated(dense, spec.compression, calibration, filter_fn=filter_fn).eval()
-            else:
-                start = mpdify_(copy.deepcopy(dense), spec.compression, masks=masks, filter_fn=filter_fn).eval()
+            start = _start(dense, name, masks, factor, profile, calibration)
+            entry.setdefault("parameters", {})[masks] = _parameters(pack(start) if masks != "l1-filters" else start)
             for steps in sorted({*profile.budgets, epoch}):
                 student = copy.deepcopy(start)
                 seconds = 0.0
@@ -114,7 +144,13 @@ def render_posthoc_report(results: dict[str, Any], command: str) -> str:
         "squares), and distilled from the dense "
         "model (KL on logits at T = 2, no labels, AdamW at each model's lr, batch "
         f"{results['profile']['batch_size']}, cosine schedule; each budget a separate run from the same start). "
-        "Test accuracy in %; MPD from scratch is trained with the same recipe and epochs.",
+        "Test accuracy in %; MPD from scratch is trained with the same recipe and epochs."
+        + (
+            " Every convolution but the first is compressed too; l1-filters: the trained model L1-norm "
+            "filter-pruned to the MPD model's parameter count, distilled the same way."
+            if results["profile"].get("convs")
+            else ""
+        ),
         "",
     ]
     for m in results["models"]:
