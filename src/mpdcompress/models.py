@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from .errors import CompressionError, UnknownNameError
+from .nn.conv_chain import conv_like
 from .nn.residual import Residual
 from .paper import TABLE1, PaperRow
 
@@ -338,16 +339,7 @@ def scale_widths(model: nn.Module, scale: float) -> nn.Module:
             raise CompressionError("scale_widths rescales ungrouped convolutions only")
         first = state["channels"] is None and module.in_channels == input_channels
         state["channels"], state["flat_from"] = module.out_channels, None
-        return type(module)(
-            module.in_channels if first else width(module.in_channels),
-            width(module.out_channels),
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-        )
+        return conv_like(module, module.in_channels if first else width(module.in_channels), width(module.out_channels))
 
     def linear(module: nn.Linear) -> nn.Linear:
         if state["flat_from"]:

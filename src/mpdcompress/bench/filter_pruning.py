@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import CompressionError
 from ..models import classifier_name
 from ..nn import Residual
+from ..nn.conv_chain import conv_like
 
 __all__ = ["prune_filters"]
 
@@ -77,16 +78,7 @@ class _Pruner:
             raise CompressionError("prune_filters prunes ungrouped convolutions only")
         out = _strongest(module.weight, self._keep(module.out_channels))
         weight = module.weight[out] if self.kept is None else module.weight[out][:, self.kept]
-        new = type(module)(
-            weight.shape[1],
-            weight.shape[0],
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-        )
+        new = conv_like(module, weight.shape[1], weight.shape[0])
         new.weight.copy_(weight)
         if module.bias is not None:
             new.bias.copy_(module.bias[out])

@@ -20,7 +20,7 @@ from ..errors import CompressionError
 from .packed import is_elementwise, padded_sources
 from .packed_conv import BlockDiagonalConv
 
-__all__ = ["PackedConvChain", "is_channelwise", "reordered", "DENSE_CONVS"]
+__all__ = ["PackedConvChain", "is_channelwise", "reordered", "conv_like", "DENSE_CONVS"]
 
 DENSE_CONVS = (nn.Conv1d, nn.Conv2d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -61,7 +61,9 @@ def reordered(module: nn.Module, sources: torch.Tensor) -> nn.Module:
     return new
 
 
-def _dense_conv_like(like: nn.Module, in_channels: int, out_channels: int) -> nn.Module:
+def conv_like(like: nn.Module, in_channels: int, out_channels: int) -> nn.Module:
+    """A fresh ungrouped convolution of ``like``'s kind, kernel, stride, padding, dilation, bias
+    setting, padding mode, device and dtype, with other channel counts."""
     w = like.weight
     return type(like)(
         in_channels,
@@ -155,7 +157,7 @@ class PackedConvChain(nn.Module):
         rows = first.in_gather.to(dense.weight.device)
         valid = torch.zeros_like(rows, dtype=torch.bool)
         valid[_valid_input_positions(first)] = True
-        folded = _dense_conv_like(dense, dense.in_channels, rows.numel())
+        folded = conv_like(dense, dense.in_channels, rows.numel())
         shape = (-1, *[1] * (dense.weight.dim() - 1))
         folded.weight.copy_(dense.weight[rows] * valid.view(shape))
         if dense.bias is not None:
@@ -167,7 +169,7 @@ class PackedConvChain(nn.Module):
     def fold_tail(dense: nn.Module, last: BlockDiagonalConv) -> nn.Module:
         """``dense`` with input channels in the padded order ``last`` writes (zero padding columns)."""
         layout = last.layout
-        folded = _dense_conv_like(dense, layout.compression * layout.max_rows, dense.out_channels)
+        folded = conv_like(dense, layout.compression * layout.max_rows, dense.out_channels)
         folded.weight.zero_()
         folded.weight[:, last.out_gather.to(dense.weight.device)] = dense.weight
         if dense.bias is not None:
@@ -272,12 +274,12 @@ def _unfolded(folded: nn.Module, positions: torch.Tensor, rows: bool) -> nn.Modu
     """The dense convolution ``folded`` was made from: rows (output channels) or columns (input
     channels) taken back from ``positions``."""
     if rows:
-        dense = _dense_conv_like(folded, folded.in_channels, positions.numel())
+        dense = conv_like(folded, folded.in_channels, positions.numel())
         dense.weight.copy_(folded.weight[positions])
         if folded.bias is not None:
             dense.bias.copy_(folded.bias[positions])
     else:
-        dense = _dense_conv_like(folded, positions.numel(), folded.out_channels)
+        dense = conv_like(folded, positions.numel(), folded.out_channels)
         dense.weight.copy_(folded.weight[:, positions])
         if folded.bias is not None:
             dense.bias.copy_(folded.bias)

@@ -29,11 +29,10 @@ def guard_state_dict_loading(root: nn.Module) -> nn.Module:
 def _check_whole_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     # A module-level function, not a closure: deep copies and pickles of the model keep it.
     from .masked import MaskedWeight
-    from .packed import BlockDiagonalLinear
-    from .packed_conv import BlockDiagonalConv
+    from .packed import PackedBlocks
 
     for name, layer in module.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(layer, (MaskedWeight, BlockDiagonalLinear, BlockDiagonalConv)):
+        if isinstance(layer, (MaskedWeight, PackedBlocks)):
             layer.check_incoming(state_dict, f"{name}." if name else "")
     expected = module.state_dict(prefix=prefix, keep_vars=True)
     problems = [

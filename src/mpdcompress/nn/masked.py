@@ -179,11 +179,36 @@ class _MPDConvNd(MaskedWeight):
     out_channels: int
     groups: int
 
-    def _check_groups(self) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        compression: int | None = None,
+        mask: MPDMask | None = None,
+        seed: int | None = None,
+        permute: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # The torch convolution this class also derives from (nn.Conv1d or nn.Conv2d) comes next
+        # in the method resolution order.
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
         if self.groups != 1:
             raise CompressionError(
                 f"{type(self).__name__} takes ungrouped convolutions (groups=1), got groups={self.groups}"
             )
+        self._init_mask(compression, mask, seed, permute)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, mask: MPDMask) -> "_MPDConvNd":
@@ -213,61 +238,9 @@ class _MPDConvNd(MaskedWeight):
 class MPDConv1d(_MPDConvNd, nn.Conv1d):
     """A compressed ``nn.Conv1d`` in training form (see :class:`MaskedWeight`)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        compression: int | None = None,
-        mask: MPDMask | None = None,
-        seed: int | None = None,
-        permute: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
-        )  # fmt: skip
-        self._check_groups()
-        self._init_mask(compression, mask, seed, permute)
-
 
 class MPDConv2d(_MPDConvNd, nn.Conv2d):
     """A compressed ``nn.Conv2d`` in training form (see :class:`MaskedWeight`)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        compression: int | None = None,
-        mask: MPDMask | None = None,
-        seed: int | None = None,
-        permute: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
-        )  # fmt: skip
-        self._check_groups()
-        self._init_mask(compression, mask, seed, permute)
 
 
 MASKED_CONVS: dict[type[nn.Module], type[_MPDConvNd]] = {nn.Conv1d: MPDConv1d, nn.Conv2d: MPDConv2d}

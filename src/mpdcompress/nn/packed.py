@@ -16,7 +16,7 @@ from ..errors import CompressionError
 from ..kernels import ChainWeights, run_packed
 from .masked import MPDLinear
 
-__all__ = ["BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]
+__all__ = ["PackedBlocks", "BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]
 
 # Modules that act on each feature independently and identically, so they commute with any
 # permutation of the features and may sit between two fused layers.
@@ -71,7 +71,75 @@ def _rebuild_layer_indices(module: "BlockDiagonalLinear", _keys) -> None:
     module._build_indices()
 
 
-class BlockDiagonalLinear(nn.Module):
+class PackedBlocks:
+    """What the packed layers share: the mask as buffers (``row_order``, ``col_order``,
+    ``num_blocks``) and padded blocks (``weight_blocks``) whose padding stays zero."""
+
+    weight_blocks: nn.Parameter
+    bias: nn.Parameter | None
+    row_order: torch.Tensor
+    col_order: torch.Tensor
+    num_blocks: torch.Tensor
+    padding_mask: torch.Tensor | None
+
+    def plane(self) -> tuple[int, int]:
+        """``(d_out, d_in)``: the shape of the matrix the mask lives on."""
+        raise NotImplementedError
+
+    def stored_shape(self, layout: BlockLayout) -> tuple[int, ...]:
+        """The shape ``weight_blocks`` has for ``layout``."""
+        raise NotImplementedError
+
+    def as_blocks(self, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        """``blocks`` (as stored) viewed as ``(c, max_rows, max_cols, ...)``."""
+        return blocks
+
+    @property
+    def layout(self) -> BlockLayout:
+        """How the rows and columns split into blocks."""
+        return BlockLayout.create(*self.plane(), int(self.num_blocks))
+
+    @property
+    def compression(self) -> int:
+        """The factor ``c``: the number of blocks."""
+        return int(self.num_blocks)
+
+    @property
+    def mpd_mask(self) -> MPDMask:
+        """The layer's mask (validated from its buffers)."""
+        return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
+
+    def effective_blocks(self) -> torch.Tensor:
+        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
+        w = self.weight_blocks
+        if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
+            return w * self.padding_mask
+        return w
+
+    def check_incoming(self, state_dict: dict, prefix: str) -> None:
+        """Refuse what a ``load_state_dict`` would put here that is not a valid packed layer: a
+        mask that is no permutation, or nonzero padding (checked before anything is copied)."""
+        check_incoming_mask(state_dict, prefix, *self.plane(), self.compression)
+        c = int(state_dict.get(prefix + "num_blocks", self.compression))
+        layout = BlockLayout.create(*self.plane(), c)
+        blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
+        if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != self.stored_shape(layout):
+            return  # a missing or misshapen tensor: load_state_dict reports it itself
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
+            bias = None
+        where = layout.nonzero_padding(self.as_blocks(blocks, layout), bias)
+        if where is not None:
+            raise CompressionError(
+                f"{prefix}{where}: padding entries are not zero (a packed layer's padding must stay zero, "
+                "or it computes something other than its masked form)"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_incoming(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BlockDiagonalLinear(PackedBlocks, nn.Module):
     """A compressed linear layer stored as ``c`` padded blocks ``(c, max_rows, max_cols)``.
 
     Computes exactly the masked layer it was packed from. ``bias`` is kept in packed, padded
@@ -137,24 +205,13 @@ class BlockDiagonalLinear(nn.Module):
         return cls(mask, blocks.contiguous(), packed_bias)
 
     # -- views of the layer ---------------------------------------------------------------------
-    @property
-    def layout(self) -> BlockLayout:
-        return BlockLayout.create(self.out_features, self.in_features, int(self.num_blocks))
+    def plane(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return self.out_features, self.in_features
 
-    @property
-    def compression(self) -> int:
-        return int(self.num_blocks)
-
-    @property
-    def mpd_mask(self) -> MPDMask:
-        return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
-
-    def effective_blocks(self) -> torch.Tensor:
-        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
-        w = self.weight_blocks
-        if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
-            return w * self.padding_mask
-        return w
+    def stored_shape(self, layout: BlockLayout) -> tuple[int, ...]:
+        """``(c, max_rows, max_cols)``."""
+        return layout.compression, layout.max_rows, layout.max_cols
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -205,28 +262,6 @@ class BlockDiagonalLinear(nn.Module):
         self.register_buffer("kernel_out_index", kernel_out.to(torch.int32).to(device), persistent=False)
         padding = None if layout.is_even else layout.padding_mask().to(device)
         self.register_buffer("padding_mask", padding, persistent=False)
-
-    def check_incoming(self, state_dict: dict, prefix: str) -> None:
-        """Refuse what a ``load_state_dict`` would put here that is not a valid packed layer: a
-        mask that is no permutation, or nonzero padding (checked before anything is copied)."""
-        check_incoming_mask(state_dict, prefix, self.out_features, self.in_features, self.compression)
-        c = int(state_dict.get(prefix + "num_blocks", self.compression))
-        layout = BlockLayout.create(self.out_features, self.in_features, c)
-        blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
-        if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != (c, layout.max_rows, layout.max_cols):
-            return  # a missing or misshapen tensor: load_state_dict reports it itself
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
-            bias = None
-        where = layout.nonzero_padding(blocks, bias)
-        if where is not None:
-            raise CompressionError(
-                f"{prefix}{where}: padding entries are not zero (a packed layer's padding must stay zero, "
-                "or it computes something other than its masked form)"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.check_incoming(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """This layer as a one-layer chain (``kernel_indices``: also what the Triton engine reads)."""

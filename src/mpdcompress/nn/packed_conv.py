@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.layout import BlockLayout
-from ..core.masks import MPDMask, check_incoming_mask
+from ..core.masks import MPDMask
 from ..errors import CompressionError
 from .masked import MPDConv1d, MPDConv2d
-from .packed import padded_sources
+from .packed import PackedBlocks, padded_sources
 
 __all__ = ["BlockDiagonalConv"]
 
@@ -30,7 +30,7 @@ def _rebuild_conv_indices(module: "BlockDiagonalConv", _keys) -> None:
     module._build_indices()
 
 
-class BlockDiagonalConv(nn.Module):
+class BlockDiagonalConv(PackedBlocks, nn.Module):
     """A compressed 1-D or 2-D convolution stored as ``c`` padded blocks and run as a grouped
     convolution.
 
@@ -108,25 +108,21 @@ class BlockDiagonalConv(nn.Module):
         return cls(mask, blocks, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
     # -- views of the layer ---------------------------------------------------------------------
-    @property
-    def layout(self) -> BlockLayout:
-        """How the channels split into blocks."""
-        return BlockLayout.create(self.out_channels, self.in_channels, int(self.num_blocks))
+    def plane(self) -> tuple[int, int]:
+        """``(out_channels, in_channels)``."""
+        return self.out_channels, self.in_channels
 
-    @property
-    def compression(self) -> int:
-        """The factor ``c``: the number of blocks (the grouped convolution's groups)."""
-        return int(self.num_blocks)
+    def stored_shape(self, layout: BlockLayout) -> tuple[int, ...]:
+        """The grouped convolution's weight: ``(c * max_rows, max_cols, *kernel_size)``."""
+        return layout.compression * layout.max_rows, layout.max_cols, *self.kernel_size
 
-    @property
-    def mpd_mask(self) -> MPDMask:
-        """The layer's mask (validated from its buffers)."""
-        return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
+    def as_blocks(self, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        """``blocks`` viewed as ``(c, max_rows, max_cols, *kernel_size)``."""
+        return blocks.reshape(layout.compression, layout.max_rows, layout.max_cols, *self.kernel_size)
 
     def blocks(self) -> torch.Tensor:
         """The weights as ``(c, max_rows, max_cols, *kernel_size)`` blocks (a view)."""
-        layout = self.layout
-        return self.weight_blocks.view(layout.compression, layout.max_rows, layout.max_cols, *self.kernel_size)
+        return self.as_blocks(self.weight_blocks, self.layout)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -177,36 +173,6 @@ class BlockDiagonalConv(nn.Module):
         if not layout.is_even:
             padding = layout.padding_mask().view(-1, layout.max_cols, *[1] * len(self.kernel_size))
         self.register_buffer("padding_mask", None if padding is None else padding.to(device), persistent=False)
-
-    def check_incoming(self, state_dict: dict, prefix: str) -> None:
-        """Refuse a mask that is no permutation, or nonzero padding, before anything is copied."""
-        check_incoming_mask(state_dict, prefix, self.out_channels, self.in_channels, self.compression)
-        c = int(state_dict.get(prefix + "num_blocks", self.compression))
-        layout = BlockLayout.create(self.out_channels, self.in_channels, c)
-        blocks, bias = state_dict.get(prefix + "weight_blocks"), state_dict.get(prefix + "bias")
-        expected = (c * layout.max_rows, layout.max_cols, *self.kernel_size)
-        if not isinstance(blocks, torch.Tensor) or tuple(blocks.shape) != expected:
-            return  # a missing or misshapen tensor: load_state_dict reports it itself
-        blocks = blocks.reshape(c, layout.max_rows, *expected[1:])
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c * layout.max_rows,):
-            bias = None
-        where = layout.nonzero_padding(blocks, bias)
-        if where is not None:
-            raise CompressionError(
-                f"{prefix}{where}: padding entries are not zero (a packed layer's padding must stay zero, "
-                "or it computes something other than its masked form)"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.check_incoming(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def effective_blocks(self) -> torch.Tensor:
-        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
-        w = self.weight_blocks
-        if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
-            return w * self.padding_mask
-        return w
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """The grouped convolution alone: input channels already in block order, output channels
