@@ -114,6 +114,9 @@ class MaskedWeight:
         self.check_incoming(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, compression={self.compression}"
+
 
 def _refresh_after_load(module: MaskedWeight, incompatible_keys: object) -> None:
     # The loaded permutations define the mask: validate them, rebuild the dense mask and make the
@@ -162,9 +165,6 @@ class MPDLinear(MaskedWeight, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.masked_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, compression={self.compression}"
 
 
 # The constructor arguments of a convolution that a masked one keeps (groups is always 1).
@@ -230,9 +230,6 @@ class _MPDConvNd(MaskedWeight):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.masked_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, compression={self.compression}"
 
 
 class MPDConv1d(_MPDConvNd, nn.Conv1d):

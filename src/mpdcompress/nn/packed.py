@@ -66,7 +66,7 @@ def padded_sources(order: torch.Tensor, positions: torch.Tensor, length: int, fi
     return sources
 
 
-def _rebuild_layer_indices(module: "BlockDiagonalLinear", _keys) -> None:
+def _rebuild_indices(module: "PackedBlocks", _keys) -> None:
     # A module-level function, not a lambda, so packed models pickle.
     module._build_indices()
 
@@ -85,6 +85,20 @@ class PackedBlocks:
     def plane(self) -> tuple[int, int]:
         """``(d_out, d_in)``: the shape of the matrix the mask lives on."""
         raise NotImplementedError
+
+    def _build_indices(self) -> None:
+        """The gathers (non-persistent buffers) that the forward reads, from the mask's buffers."""
+        raise NotImplementedError
+
+    def _init_blocks(self, mask: MPDMask, weight_blocks: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight_blocks = nn.Parameter(weight_blocks)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        device = weight_blocks.device
+        self.register_buffer("row_order", mask.row_order.to(device))
+        self.register_buffer("col_order", mask.col_order.to(device))
+        self.register_buffer("num_blocks", torch.tensor(mask.compression, device=device))
+        self._build_indices()
+        self.register_load_state_dict_post_hook(_rebuild_indices)
 
     def stored_shape(self, layout: BlockLayout) -> tuple[int, ...]:
         """The shape ``weight_blocks`` has for ``layout``."""
@@ -164,14 +178,7 @@ class BlockDiagonalLinear(PackedBlocks, nn.Module):
                 f"packed bias must have shape {(layout.compression * layout.max_rows,)}, got {tuple(bias.shape)}"
             )
         self.in_features, self.out_features = layout.d_in, layout.d_out
-        self.weight_blocks = nn.Parameter(weight_blocks)
-        self.bias = None if bias is None else nn.Parameter(bias)
-        device = weight_blocks.device
-        self.register_buffer("row_order", mask.row_order.to(device))
-        self.register_buffer("col_order", mask.col_order.to(device))
-        self.register_buffer("num_blocks", torch.tensor(layout.compression, device=device))
-        self._build_indices()
-        self.register_load_state_dict_post_hook(_rebuild_layer_indices)
+        self._init_blocks(mask, weight_blocks, bias)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

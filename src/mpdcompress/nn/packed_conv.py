@@ -25,11 +25,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d}
 _MASKED = {1: MPDConv1d, 2: MPDConv2d}
 
 
-def _rebuild_conv_indices(module: "BlockDiagonalConv", _keys) -> None:
-    # A module-level function, not a lambda, so packed models pickle.
-    module._build_indices()
-
-
 class BlockDiagonalConv(PackedBlocks, nn.Module):
     """A compressed 1-D or 2-D convolution stored as ``c`` padded blocks and run as a grouped
     convolution.
@@ -75,14 +70,7 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
         self.kernel_size = tuple(weight_blocks.shape[2:])
         self.stride, self.dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
         self.padding = padding if isinstance(padding, str) else _per_dim(padding, dims)
-        self.weight_blocks = nn.Parameter(weight_blocks)
-        self.bias = None if bias is None else nn.Parameter(bias)
-        device = weight_blocks.device
-        self.register_buffer("row_order", mask.row_order.to(device))
-        self.register_buffer("col_order", mask.col_order.to(device))
-        self.register_buffer("num_blocks", torch.tensor(layout.compression, device=device))
-        self._build_indices()
-        self.register_load_state_dict_post_hook(_rebuild_conv_indices)
+        self._init_blocks(mask, weight_blocks, bias)
 
     @classmethod
     @torch.no_grad()
