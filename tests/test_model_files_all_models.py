@@ -94,8 +94,9 @@ def test_inspect_lists_every_compressed_layer(saved, name, form, convs, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{form} model" in out and "architecture included" in out
-    for layer in mpd.read_manifest(path)["layers"]:
-        assert layer in out
+    for name, layer in mpd.read_manifest(path)["layers"].items():
+        shape = "x".join(map(str, [layer["d_out"], layer["d_in"], *layer.get("kernel_size", [])]))
+        assert any(name in line and shape in line for line in out.splitlines()), (name, shape)
 
 
 @pytest.mark.parametrize("name,form,convs", CASES)

@@ -194,6 +194,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
         for label, key in (("dense", "fc_weights_dense"), ("MPD  ", "fc_weights_mpd")):
             print(f"  FC weights {label}: {s[key]:>12,}" + (f"   paper: {s['paper_' + key]:>12,}" if paper else ""))
+        if s["conv_weights_dense"] is not None:
+            print(f"  conv weights dense: {s['conv_weights_dense']:>10,}")
+            print(f"  conv weights MPD  : {s['conv_weights_mpd']:>10,}   (--compress-convs: all but the first)")
         return 0
     if not args.file:
         raise ConfigError("give a model file, or --model NAME for a paper model")
@@ -204,7 +207,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     print(f"{'layer':<28}{'was':<10}{'shape':>14}{'c':>5}{'dense':>14}{'kept':>12}{'stored':>12}")
     for r in s["layers"]:
-        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        shape = "x".join(map(str, r["shape"]))
         print(
             f"{r['name']:<28}{r['source']:<10}{shape:>14}{r['compression']:>5}{r['dense_weights']:>14,}"
             f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}"
