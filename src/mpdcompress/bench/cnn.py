@@ -29,6 +29,8 @@ __all__ = [
     "render_cnn_report",
     "thin_dense",
     "thin_width",
+    "bisect_scale",
+    "parameter_count",
     "multiply_adds",
 ]
 
@@ -72,8 +74,19 @@ def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
-def _parameters(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
+    """How many parameters ``model`` holds."""
     return sum(p.numel() for p in model.parameters())
+
+
+def bisect_scale(size_at: Callable[[float], int], target: int, iterations: int) -> tuple[float, float]:
+    """``(low, high)`` around the scale in (0, 1] at which ``size_at(scale)`` reaches ``target``
+    (``size_at`` grows with the scale), after ``iterations`` halvings."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if size_at(mid) < target else (low, mid)
+    return low, high
 
 
 def thin_dense(name: str, parameters: int) -> nn.Module:
@@ -85,13 +98,7 @@ def thin_dense(name: str, parameters: int) -> nn.Module:
 def thin_width(name: str, parameters: int) -> float:
     """The width scale at which the registry model ``name`` holds about ``parameters`` parameters."""
     model = build_model(name)
-    low, high = 0.0, 1.0
-    for _ in range(30):
-        mid = (low + high) / 2
-        if _parameters(scale_widths(model, mid)) < parameters:
-            low = mid
-        else:
-            high = mid
+    low, high = bisect_scale(lambda scale: parameter_count(scale_widths(model, scale)), parameters, 30)
     return (low + high) / 2
 
 
@@ -103,7 +110,7 @@ def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
     if any(isinstance(m, nn.Linear) for n, m in dense.named_modules() if paper_filter(dense, name)(m, n)):
         masked["mpd_fc"] = mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0)
     models = {"dense": dense, **{k: pack(m).eval() for k, m in masked.items()}}
-    models["thin_dense"] = thin_dense(name, _parameters(models["mpd_conv_fc"])).eval()
+    models["thin_dense"] = thin_dense(name, parameter_count(models["mpd_conv_fc"])).eval()
     return models, masked
 
 
@@ -121,7 +128,7 @@ def run_cnn_bench(
         for c in profile.factors:
             models, masked = _variants(name, c)
             dense_macs = multiply_adds(models["dense"], shape)
-            sizes = {k: _parameters(m) for k, m in models.items()}
+            sizes = {k: parameter_count(m) for k, m in models.items()}
             macs = {"dense": dense_macs, "thin_dense": multiply_adds(models["thin_dense"], shape)}
             macs.update({k: multiply_adds(m, shape) for k, m in masked.items()})
             for batch in profile.batches:

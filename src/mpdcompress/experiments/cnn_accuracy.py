@@ -39,7 +39,8 @@ def _mpd_parameters(profile: CnnAccuracyProfile) -> int:
 def run_cnn_accuracy(profile: CnnAccuracyProfile, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train every variant from every seed; returns test accuracies and sizes."""
     say = progress or (lambda message: None)
-    width = thin_width(profile.model, _mpd_parameters(profile))
+    mpd_parameters = _mpd_parameters(profile)
+    width = thin_width(profile.model, mpd_parameters)
     variants = {
         "dense": {"compression": None},
         "mpd_conv_fc": {"compression": profile.compression, "compress_convs": True},
@@ -61,7 +62,7 @@ def run_cnn_accuracy(profile: CnnAccuracyProfile, progress: Callable[[str], None
             result = train(config)
             parameters = sum(p.numel() for p in result.model.parameters())
             if variant == "mpd_conv_fc":  # the masked model stores dense tensors; count what packing keeps
-                parameters = _mpd_parameters(profile)
+                parameters = mpd_parameters
             rows.append({"variant": variant, "seed": seed, "accuracy": result.test_accuracy, "parameters": parameters})
             say(f"{variant}, seed {seed}: {100 * result.test_accuracy:.2f} %")
     return {"profile": asdict(profile), "thin_width": width, "rows": rows}

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..bench.cnn import bisect_scale, parameter_count
 from ..bench.filter_pruning import prune_filters
 from ..core.convert import mpdify_, pack
 from ..models import model_spec, paper_filter
@@ -60,16 +61,9 @@ def _epoch_steps(n_images: int, batch_size: int) -> int:
     return -(-n_images // batch_size)
 
 
-def _parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _pruned_to(dense: torch.nn.Module, parameters: int) -> torch.nn.Module:
     """``dense`` L1-filter-pruned at the scale (found by bisection) that leaves ``parameters``."""
-    low, high = 0.0, 1.0
-    for _ in range(20):
-        mid = (low + high) / 2
-        low, high = (mid, high) if _parameters(prune_filters(dense, mid)) < parameters else (low, mid)
+    _, high = bisect_scale(lambda scale: parameter_count(prune_filters(dense, scale)), parameters, 20)
     return prune_filters(dense, high)
 
 
@@ -80,7 +74,7 @@ def _start(dense, name: str, masks: str, factor: int, profile: "PosthocProfile",
     if masks == "calibrated":
         return compress_calibrated(dense, factor, calibration, **options).eval()
     if masks == "l1-filters":
-        mpd_parameters = _parameters(pack(mpdify_(copy.deepcopy(dense), factor, **options)))
+        mpd_parameters = parameter_count(pack(mpdify_(copy.deepcopy(dense), factor, **options)))
         return _pruned_to(dense, mpd_parameters).eval()
     return mpdify_(copy.deepcopy(dense), factor, masks=masks, **options).eval()
 
@@ -113,7 +107,7 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
         calibration = [batch(-1 - k, 500) for k in range(-(-profile.calibration // 500))]
         for masks in profile.masks:
             start = _start(dense, name, masks, factor, profile, calibration)
-            entry.setdefault("parameters", {})[masks] = _parameters(pack(start) if masks != "l1-filters" else start)
+            entry.setdefault("parameters", {})[masks] = parameter_count(pack(start) if masks != "l1-filters" else start)
             for steps in sorted({*profile.budgets, epoch}):
                 student = copy.deepcopy(start)
                 seconds = 0.0
