@@ -17,11 +17,21 @@ autograd (training the packed form) or under tracing it uses the functional ops 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
-__all__ = ["ChainWeights", "run_chain_torch"]
+__all__ = ["BlockGemm", "ChainWeights", "run_chain_torch"]
+
+
+class BlockGemm(Protocol):
+    """Blocks that run their own GEMMs (integer kernels): ``shape`` is ``(c, rows, cols)``."""
+
+    shape: tuple[int, ...]
+
+    def batch_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def feature_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,7 +48,9 @@ class ChainWeights:
     """
 
     gathers: Sequence[torch.Tensor | None]
-    blocks: Sequence[torch.Tensor]  # (c, max_rows, max_cols) each
+    # (c, max_rows, max_cols) each, or an object with that ``shape`` that runs its own block GEMMs
+    # (``batch_major`` / ``feature_major``, as DynamicInt8Blocks does)
+    blocks: Sequence[torch.Tensor | BlockGemm]
     biases: Sequence[torch.Tensor | None]  # (c * max_rows,) each, or None
     activations: Sequence[Callable[[torch.Tensor], torch.Tensor]]  # n - 1 element-wise ops
     # Per layer, for engines that gather inside the GEMM (Triton): the position in the layer's own
@@ -64,13 +76,15 @@ def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
         return True
     if not torch.is_grad_enabled():
         return False
-    return any(t is not None and t.requires_grad for t in (*weights.blocks, *weights.biases))
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*weights.blocks, *weights.biases))
 
 
 def _block_gemm_to_batch_major(
-    a: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, functional: bool
+    a: torch.Tensor, blocks: torch.Tensor | BlockGemm, bias: torch.Tensor | None, functional: bool
 ) -> torch.Tensor:
     """``a`` (c, batch, cols) → ``(batch, c * rows)`` = per-block ``a_k @ blocks_kᵀ + bias_k``."""
+    if not isinstance(blocks, torch.Tensor):
+        return blocks.batch_major(a, bias)
     c, rows, _ = blocks.shape
     batch = a.shape[1]
     bt = blocks.transpose(1, 2)
@@ -85,8 +99,12 @@ def _block_gemm_to_batch_major(
     return out.view(batch, c * rows)
 
 
-def _block_gemm_to_feature_major(a: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _block_gemm_to_feature_major(
+    a: torch.Tensor, blocks: torch.Tensor | BlockGemm, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``a`` (c, cols, batch), any strides → ``(c * rows, batch)``."""
+    if not isinstance(blocks, torch.Tensor):
+        return blocks.feature_major(a, bias)
     c, rows, _ = blocks.shape
     y = torch.bmm(blocks, a) if bias is None else torch.baddbmm(bias.view(c, rows, 1), blocks, a)
     return y.view(c * rows, a.shape[-1])

@@ -1,9 +1,10 @@
-"""Layer types: the masked training form and the packed block-diagonal form."""
+"""Layer types: the masked training form, the packed block-diagonal form and its quantized form."""
 
 from .conv_chain import PackedConvChain
 from .masked import MaskedWeight, MPDConv1d, MPDConv2d, MPDLinear
 from .packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .packed_conv import BlockDiagonalConv
+from .quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks
 from .residual import Residual
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "BlockDiagonalConv",
     "PackedChain",
     "PackedConvChain",
+    "QuantizedBlocks",
+    "QuantizedBlockDiagonalLinear",
+    "QuantizedBlockDiagonalConv",
     "Residual",
     "is_elementwise",
 ]

@@ -93,7 +93,9 @@ class PackedBlocks:
     def _init_blocks(self, mask: MPDMask, weight_blocks: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight_blocks = nn.Parameter(weight_blocks)
         self.bias = None if bias is None else nn.Parameter(bias)
-        device = weight_blocks.device
+        self._init_mask(mask, weight_blocks.device)
+
+    def _init_mask(self, mask: MPDMask, device: torch.device) -> None:
         self.register_buffer("row_order", mask.row_order.to(device))
         self.register_buffer("col_order", mask.col_order.to(device))
         self.register_buffer("num_blocks", torch.tensor(mask.compression, device=device))
@@ -129,6 +131,11 @@ class PackedBlocks:
         if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
             return w * self.padding_mask
         return w
+
+    def engine_blocks(self, kernel_indices: bool) -> torch.Tensor:
+        """What the engine multiplies with (``kernel_indices``: for the Triton engine): the blocks,
+        or for layers with their own CPU kernels an object the PyTorch engine calls instead."""
+        return self.effective_blocks()
 
     def check_incoming(self, state_dict: dict, prefix: str) -> None:
         """Refuse what a ``load_state_dict`` would put here that is not a valid packed layer: a
@@ -272,7 +279,7 @@ class BlockDiagonalLinear(PackedBlocks, nn.Module):
 
     def chain_weights(self, kernel_indices: bool = True) -> ChainWeights:
         """This layer as a one-layer chain (``kernel_indices``: also what the Triton engine reads)."""
-        weights = ChainWeights([self.in_gather, self.out_gather], [self.effective_blocks()], [self.bias], [])
+        weights = ChainWeights([self.in_gather, self.out_gather], [self.engine_blocks(kernel_indices)], [self.bias], [])
         if kernel_indices:
             weights.in_index, weights.out_index = [self.kernel_in_index], [self.kernel_out_index]
             weights.input_gaps = [False]
@@ -457,7 +464,7 @@ class PackedChain(nn.Module):
         gathers.append(None if self.tail is not None else self.layers[-1].out_gather)
         weights = ChainWeights(
             gathers,
-            [layer.effective_blocks() for layer in self.layers],
+            [layer.engine_blocks(kernel_indices) for layer in self.layers],
             [layer.bias for layer in self.layers],
             list(self.activations),
         )

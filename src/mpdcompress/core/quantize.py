@@ -1,0 +1,210 @@
+"""Quantize a packed model's blocks to int8 or int4 (``quantize_``) and back (``dequantize``).
+
+MPD's blocks are small dense matrices, so they quantize like any dense weight and keep running
+as dense kernels. Scales and zero points come from torchao's quantization primitives
+(``pip install "mpdcompress[quant]"``); running a quantized model needs no torchao.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CompressionError, ConfigError, MissingDependencyError
+from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, pack_int4
+from ..nn.masked import MaskedWeight
+from ..nn.packed import BlockDiagonalLinear, PackedBlocks
+from ..nn.packed_conv import BlockDiagonalConv
+from ..nn.quantized import ACTIVATIONS, QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks
+from .convert import LayerFilter, _replace_modules
+
+__all__ = ["QuantConfig", "quantize_", "dequantize", "quantize_weight", "quantized_layers"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How :func:`quantize_` stores a packed model's blocks.
+
+    ``bits=8``: int8 with one symmetric scale per output row. ``bits=4``: int4 with a scale per
+    ``group_size`` inputs of each row (32 by default; 64 and 128 store fewer scales), symmetric,
+    or with a zero point per group (``symmetric=False``). ``activations="float"`` (default) keeps
+    activations in float (weight-only: the output equals the dequantized model's exactly);
+    ``"dynamic"`` runs int8 linear layers through the CPU's int8 GEMMs with activations quantized
+    on the fly (faster on the CPU, not exact).
+    """
+
+    bits: Literal[8, 4] = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    activations: Literal["float", "dynamic"] = "float"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4) or isinstance(self.bits, bool):
+            raise ConfigError(f"bits must be 8 or 4, got {self.bits!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if self.bits == 8:
+            if self.group_size is not None or not self.symmetric:
+                raise ConfigError("int8 blocks have one symmetric scale per output row: drop group_size / symmetric")
+            return
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 32)
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+            raise ConfigError(f"group_size must be a positive even int, got {size!r}")
+        if self.activations == "dynamic":
+            raise ConfigError("dynamic activations run int8 GEMMs: they need bits=8")
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantConfig":
+        """``int8``, ``int8-dynamic``, ``int4``, ``int4-g64``, ``int4-asym``, ``int4-g128-asym``."""
+        parts = text.lower().split("-")
+        if parts[0] not in ("int8", "int4"):
+            raise ConfigError(f"unknown quantization {text!r}: expected int8, int8-dynamic, int4[-gN][-asym]")
+        options: dict = {"bits": int(parts[0][3:])}
+        for part in parts[1:]:
+            if part == "dynamic":
+                options["activations"] = "dynamic"
+            elif part == "asym":
+                options["symmetric"] = False
+            elif part.startswith("g") and part[1:].isdigit():
+                options["group_size"] = int(part[1:])
+            else:
+                raise ConfigError(f"unknown quantization option {part!r} in {text!r}")
+        return cls(**options)
+
+    def describe(self) -> str:
+        """The name :meth:`parse` reads back."""
+        name = f"int{self.bits}"
+        if self.bits == 4:
+            name += f"-g{self.group_size}" + ("" if self.symmetric else "-asym")
+        return name + ("-dynamic" if self.activations == "dynamic" else "")
+
+
+def _primitives():
+    try:
+        from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f'quantizing needs torchao (pip install "mpdcompress[quant]"): {exc}; running a quantized model does not'
+        ) from None
+    return MappingType, choose_qparams_affine, quantize_affine
+
+
+@torch.no_grad()
+def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig) -> QuantizedWeight:
+    """Quantize packed blocks (in the layer's stored shape, ``c`` blocks of ``rows`` rows)."""
+    MappingType, choose_qparams_affine, quantize_affine = _primitives()
+    w = blocks.detach().reshape(c, rows, -1)
+    inputs = w.shape[-1]
+    if config.bits == 8:
+        group, target, low, high, mapping = inputs, torch.int8, -128, 127, MappingType.SYMMETRIC
+    elif config.symmetric:
+        group, target, low, high, mapping = config.group_size, torch.int8, -8, 7, MappingType.SYMMETRIC
+    else:
+        group, target, low, high, mapping = config.group_size, torch.uint8, 0, 15, MappingType.ASYMMETRIC
+    w = F.pad(w, (0, -inputs % group)).reshape(c * rows, -1)  # whole groups; the extra inputs are zero
+    groups = w.shape[1] // group
+    block_size = (1, group)
+    # torchao reduces over everything when a block is a single element (a block of one
+    # column at int8): the same scales come from the row written twice.
+    probe, probe_block = (torch.cat([w, w], 1), (1, 2)) if group == 1 else (w, block_size)
+    scales, zeros = choose_qparams_affine(
+        probe, mapping, probe_block, target, low, high, scale_dtype=w.dtype, zero_point_dtype=torch.int32
+    )
+    # Reshaped explicitly: torchao's result drops dimensions of size one.
+    scales = scales.reshape(c * rows, groups)
+    zeros = None if zeros is None else zeros.reshape(c * rows, groups)
+    q = quantize_affine(w, block_size, scales, zeros, target, low, high).reshape(c, rows, -1)
+    scales = scales.reshape(c, rows, groups)
+    if config.bits == 8:
+        return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, tuple(blocks.shape))
+    zero_points = None
+    if config.symmetric:
+        q = q.to(torch.int16) + SYMMETRIC_INT4_ZERO
+    else:
+        zero_points = zeros.reshape(c, rows, -1).to(torch.uint8).contiguous()
+    return QuantizedWeight(pack_int4(q), scales.contiguous(), zero_points, 4, tuple(blocks.shape))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks]:
+    """Qualified name → quantized packed layer, for every one in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedBlocks)}
+
+
+def _quantized(layer: PackedBlocks, config: QuantConfig) -> nn.Module:
+    layout = layer.layout
+    weight = quantize_weight(layer.weight_blocks, layout.compression, layout.max_rows, config)
+    bias = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, BlockDiagonalConv):
+        if config.activations == "dynamic":
+            raise CompressionError("dynamic int8 activations are for linear layers; convolutions stay weight-only")
+        return QuantizedBlockDiagonalConv(
+            layer.mpd_mask, weight, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation
+        )
+    return QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=config.activations)
+
+
+def quantize_(
+    model: nn.Module, config: QuantConfig | str | None = None, *, filter_fn: LayerFilter | None = None
+) -> nn.Module:
+    """Quantize the blocks of every packed layer of ``model`` in place (``filter_fn(module, name)``
+    selects some), torchao-style; returns ``model``.
+
+    ``config``: a :class:`QuantConfig` or its name (``"int8"``, ``"int4"``, ``"int4-g64-asym"``,
+    ...); int8 weight-only by default. Dense layers (a folded head or tail, the classifier) stay
+    as they are. The model must be packed (:func:`~mpdcompress.pack`).
+    """
+    config = QuantConfig() if config is None else QuantConfig.parse(config) if isinstance(config, str) else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig or its name, got {type(config).__name__}")
+    if any(isinstance(m, MaskedWeight) for m in model.modules()):
+        raise CompressionError("quantize_ takes a packed model: call pack() first (masked layers hold dense weights)")
+    selected = {
+        id(m): m
+        for name, m in model.named_modules()
+        if isinstance(m, PackedBlocks)
+        and not isinstance(m, QuantizedBlocks)
+        and (filter_fn is None or filter_fn(m, name))
+    }
+    if not selected:
+        already = bool(quantized_layers(model))
+        raise CompressionError(
+            "nothing to quantize: "
+            + ("every packed layer selected is quantized already" if already else "the model has no packed layer")
+        )
+    if any(m.weight_blocks.device.type == "meta" for m in selected.values()):
+        raise CompressionError("cannot quantize a model on the meta device: its weights have no values yet")
+    replaced = _replace_modules(model, lambda m: _quantized(m, config) if id(m) in selected else None)
+    if replaced is not model:
+        raise CompressionError("quantize_ works in place: pass the model that holds the packed layer, not the layer")
+    return model
+
+
+def dequantize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The float packed model a quantized one computes: every quantized layer back to a float
+    packed layer holding exactly its dequantized weights. Unless ``inplace``, ``model`` is
+    untouched."""
+    if not quantized_layers(model):
+        raise CompressionError("nothing to dequantize: the model has no quantized layer")
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _replace_modules(model, _dequantized)
+
+
+@torch.no_grad()
+def _dequantized(module: nn.Module) -> nn.Module | None:
+    if not isinstance(module, QuantizedBlocks):
+        return None
+    weights = module.weight_blocks
+    bias = None if module.bias is None else module.bias.detach().clone()
+    if isinstance(module, BlockDiagonalConv):
+        return BlockDiagonalConv(
+            module.mpd_mask, weights, bias, stride=module.stride, padding=module.padding, dilation=module.dilation
+        )
+    return BlockDiagonalLinear(module.mpd_mask, weights, bias)
