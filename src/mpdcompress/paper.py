@@ -15,6 +15,8 @@ __all__ = [
     "ALEXNET_TOP1_BY_FACTOR",
     "MASK_SUM_MEAN",
     "GPU_SPEEDUP_CLAIM",
+    "DeepCompressionRow",
+    "DEEP_COMPRESSION",
 ]
 
 
@@ -44,3 +46,22 @@ MASK_SUM_MEAN = 10  # the sum of 100 masks at 10x averages 10 per weight (masks 
 NON_PERMUTED_ACCURACY = {10: 80.2, 5: 85.97}  # LeNet with plain block-diagonal masks, by factor
 ALEXNET_TOP1_BY_FACTOR = {16: 52.7, 8: 56.4, 4: 56.8}
 GPU_SPEEDUP_CLAIM = 4.0  # "over 4x faster on several mobile GPUs"
+
+
+@dataclass(frozen=True)
+class DeepCompressionRow:
+    """One row of Deep Compression's Table 1 (pruning + quantization + Huffman coding)."""
+
+    dense_bytes: int
+    compressed_bytes: int
+    ratio: float
+    top1_error: tuple[float, float] | None  # % dense, compressed (None: not quoted here)
+
+
+# The yardstick of pruning + quantization the paper positions itself against (its §2): Han, Mao
+# and Dally, "Deep Compression", ICLR 2016, Table 1. Its sparse result needs special kernels or
+# hardware to run fast, which MPD's dense blocks do not.
+DEEP_COMPRESSION: dict[str, DeepCompressionRow] = {
+    "lenet300": DeepCompressionRow(1_070_000, 27_000, 40.0, (1.64, 1.58)),
+    "alexnet": DeepCompressionRow(240_000_000, 6_900_000, 35.0, None),
+}

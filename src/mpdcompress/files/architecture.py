@@ -19,13 +19,15 @@ from torch import nn
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError
+from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight
 from ..nn.conv_chain import PackedConvChain
 from ..nn.masked import MPDConv1d, MPDConv2d, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain
 from ..nn.packed_conv import BlockDiagonalConv
+from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, quantized_shapes
 from ..nn.residual import Residual
 from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
-from .layer_kinds import CONV_DIMS, LAYER_KINDS
+from .layer_kinds import CONV_DIMS, LAYER_KINDS, QUANTIZED_KINDS, quantization_entry, quantization_problem
 
 __all__ = [
     "describe",
@@ -37,6 +39,7 @@ __all__ = [
     "tuple_args",
     "construct_layer",
     "compressed_layer_sizes",
+    "zero_quantized_weight",
 ]
 
 _MASKED_CONVS = {"MPDConv1d": MPDConv1d, "MPDConv2d": MPDConv2d}
@@ -136,6 +139,7 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
             "source_keys": list(module.source_keys),
             **parts,
         }
+    quantization = {} if (q := quantization_entry(module)) is None else {"quantization": q}
     if isinstance(module, (BlockDiagonalLinear, MPDLinear)):
         return {
             "type": kind,
@@ -144,6 +148,7 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
                 "d_in": module.in_features,
                 "compression": module.compression,
                 "bias": module.bias is not None,
+                **quantization,
             },
         }
     if isinstance(module, (MPDConv1d, MPDConv2d)):
@@ -153,7 +158,7 @@ def describe(module: nn.Module, name: str = "", _seen: dict[int, str] | None = N
     if isinstance(module, BlockDiagonalConv):
         sizes = {"d_out": module.out_channels, "d_in": module.in_channels, "compression": module.compression}
         conv = {name: _jsonable(getattr(module, name)) for name in _PACKED_CONV_ARGS}
-        return {"type": kind, "args": {**sizes, "bias": module.bias is not None, **conv}}
+        return {"type": kind, "args": {**sizes, "bias": module.bias is not None, **conv, **quantization}}
     if type(module) in SUPPORTED_LAYERS.values():
         return {"type": kind, "args": _layer_args(module)}
     raise UnsupportedArchitectureError(
@@ -237,12 +242,18 @@ def _build_node(spec: dict[str, Any], children: dict[str, nn.Module]) -> nn.Modu
 
 def compressed_layer_sizes(
     kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError
-) -> tuple[int, int, int, bool, list[int] | None]:
-    """``(d_out, d_in, compression, bias, kernel_size or None)`` of a compressed layer's
-    architecture entry, every argument checked (a convolution's against the allow-list of the
-    ``nn.Conv1d``/``nn.Conv2d`` it packs) before anything is built."""
+) -> tuple[int, int, int, bool, list[int] | None, dict[str, Any] | None]:
+    """``(d_out, d_in, compression, bias, kernel_size or None, quantization or None)`` of a
+    compressed layer's architecture entry, every argument checked (a convolution's against the
+    allow-list of the ``nn.Conv1d``/``nn.Conv2d`` it packs) before anything is built."""
     if not isinstance(args, dict):
         raise fail(f"architecture {kind} has malformed args")
+    quantization = args.get("quantization")
+    problem = quantization_problem(kind, quantization)
+    if problem is not None:
+        raise fail(problem)
+    args = {k: v for k, v in args.items() if k != "quantization"}
+    kind = QUANTIZED_KINDS.get(kind, kind)  # sized as the float kind it quantizes
     compression = args.get("compression")
     if kind in _MASKED_CONVS:
         conv_args = {k: v for k, v in args.items() if k != "compression"}
@@ -268,11 +279,11 @@ def compressed_layer_sizes(
     if compression > min(d_out, d_in):
         raise fail(f"architecture {kind}: compression {compression} exceeds its dimensions")
     if not base:
-        return d_out, d_in, compression, bias, None
+        return d_out, d_in, compression, bias, None, quantization
     if "kernel_size" not in conv_args:
         raise fail(f"architecture {kind} has no kernel_size")
     kernel = conv_args["kernel_size"]
-    return d_out, d_in, compression, bias, list(kernel) if isinstance(kernel, list) else [kernel] * dims
+    return d_out, d_in, compression, bias, list(kernel) if isinstance(kernel, list) else [kernel] * dims, quantization
 
 
 def _build_layer(spec: dict[str, Any]) -> nn.Module:
@@ -280,7 +291,7 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
     if kind not in LAYER_KINDS:
         return construct_layer(kind, spec.get("args", {}))
     a = spec["args"]
-    d_out, d_in, c, bias, kernel = compressed_layer_sizes(kind, a)
+    d_out, d_in, c, bias, kernel, quantization = compressed_layer_sizes(kind, a)
     layout = BlockLayout.create(d_out, d_in, c)
     mask = MPDMask(layout, torch.arange(layout.d_out), torch.arange(layout.d_in))
     if kind == "MPDLinear":
@@ -289,11 +300,35 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
         conv_args = {k: v for k, v in tuple_args(a).items() if k != "compression"}
         return _MASKED_CONVS[kind](**conv_args, mask=mask)
     bias_tensor = torch.zeros(layout.compression * layout.max_rows) if bias else None
+    if kind in ("BlockDiagonalLinear", "QuantizedBlockDiagonalLinear"):
+        blocks = torch.zeros(c, layout.max_rows, layout.max_cols)
+    else:
+        blocks = torch.zeros(c * layout.max_rows, layout.max_cols, *kernel)
+    weight = blocks if quantization is None else zero_quantized_weight(blocks, c, layout.max_rows, quantization)
     if kind == "BlockDiagonalLinear":
-        return BlockDiagonalLinear(mask, torch.zeros(c, layout.max_rows, layout.max_cols), bias_tensor)
-    blocks = torch.zeros(c * layout.max_rows, layout.max_cols, *kernel)
+        return BlockDiagonalLinear(mask, weight, bias_tensor)
+    if kind == "QuantizedBlockDiagonalLinear":
+        return QuantizedBlockDiagonalLinear(mask, weight, bias_tensor, activations=quantization["activations"])
     conv_args = {k: v for k, v in tuple_args(a).items() if k in ("stride", "padding", "dilation")}
-    return BlockDiagonalConv(mask, blocks, bias_tensor, **conv_args)
+    conv = QuantizedBlockDiagonalConv if quantization is not None else BlockDiagonalConv
+    return conv(mask, weight, bias_tensor, **conv_args)
+
+
+def zero_quantized_weight(blocks: torch.Tensor, c: int, rows: int, quantization: dict[str, Any]) -> QuantizedWeight:
+    """The integer form of all-zero ``blocks`` (a skeleton a file's tensors are loaded into),
+    made without torchao."""
+    inputs = blocks.numel() // (c * rows)
+    shapes = quantized_shapes(
+        c, rows, inputs, quantization["bits"], quantization["group_size"], quantization["symmetric"]
+    )
+    if quantization["bits"] == 8:
+        qweight = torch.zeros(shapes["qweight"], dtype=torch.int8)
+    else:  # a zero of symmetric int4 is the nibble 8; asymmetric zero points are 0 here
+        nibble = SYMMETRIC_INT4_ZERO if quantization["symmetric"] else 0
+        qweight = torch.full(shapes["qweight"], nibble * 0x11, dtype=torch.uint8)
+    zeros = None if "zero_points" not in shapes else torch.zeros(shapes["zero_points"], dtype=torch.uint8)
+    scales = torch.ones(shapes["scales"], dtype=blocks.dtype)
+    return QuantizedWeight(qweight, scales, zeros, quantization["bits"], tuple(blocks.shape))
 
 
 def construct_layer(kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError) -> nn.Module:

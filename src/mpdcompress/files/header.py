@@ -27,11 +27,21 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError, ModelFileNotFoundError
-from .layer_kinds import LAYER_KINDS, PACKED_KINDS, kernel_problem, layer_tensor_shapes, stored_values
+from .layer_kinds import (
+    LAYER_KINDS,
+    PACKED_KINDS,
+    QUANTIZED_KINDS,
+    kernel_problem,
+    layer_tensor_shapes,
+    quantization_problem,
+    stored_values,
+)
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "QUANTIZED_VERSION",
+    "READ_VERSIONS",
     "read_header",
     "parse_manifest",
     "manifest_digest",
@@ -42,7 +52,11 @@ __all__ = [
 
 FORMAT_NAME = "mpdcompress"
 # 2: the manifest carries its own digest and tensor digests cover dtype and shape.
-FORMAT_VERSION = 2
+# 3: quantized layers. Files without them are still written as version 2, so that mpdcompress
+# 0.2 reads them.
+FORMAT_VERSION = 3
+QUANTIZED_VERSION = 3
+READ_VERSIONS = (2, 3)
 _MAX_DIM = 2**40  # no tensor dimension in a real model comes near this
 
 
@@ -157,6 +171,11 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
             and kernel_problem(layer["kind"], layer.get("kernel_size"), _is_int) is None
         ):
             raise _fail(path, f"layer {name!r} in the manifest is malformed: {json.dumps(layer)[:160]}")
+        problem = quantization_problem(layer["kind"], layer.get("quantization"))
+        if problem is not None:
+            raise _fail(path, f"layer {name!r}: {problem}")
+        if layer["kind"] in QUANTIZED_KINDS and manifest["format_version"] < QUANTIZED_VERSION:
+            raise _fail(path, f"layer {name!r} is quantized, which format version {manifest['format_version']} is not")
         if layer["compression"] > min(layer["d_out"], layer["d_in"]):
             raise _fail(path, f"layer {name!r}: compression {layer['compression']} exceeds its dimensions")
     kinds = {layer["kind"] for layer in manifest["layers"].values()}
@@ -168,7 +187,13 @@ def _check_layers_against_tensors(manifest: dict[str, Any], shapes: dict[str, tu
     """Each compressed layer's declared sizes must be the sizes of its tensors in the file."""
     for name, layer in manifest["layers"].items():
         expected = layer_tensor_shapes(
-            layer["kind"], layer["d_out"], layer["d_in"], layer["compression"], layer["bias"], layer.get("kernel_size")
+            layer["kind"],
+            layer["d_out"],
+            layer["d_in"],
+            layer["compression"],
+            layer["bias"],
+            layer.get("kernel_size"),
+            layer.get("quantization"),
         )
         for suffix, shape in expected.items():
             found = shapes.get(f"{name}.{suffix}")
@@ -185,9 +210,10 @@ def parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise _fail(path, f"manifest does not declare format '{FORMAT_NAME}'")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         hint = " (written by mpdcompress 0.1: load it there and save it again)" if version == 1 else ""
-        raise _fail(path, f"format version {version!r} is not supported; this mpdcompress reads {FORMAT_VERSION}{hint}")
+        readable = " and ".join(map(str, READ_VERSIONS))
+        raise _fail(path, f"format version {version!r} is not supported; this mpdcompress reads {readable}{hint}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise _fail(path, "the manifest fails its SHA-256 check (the header was edited or damaged)")
     _check_fields(manifest, path)

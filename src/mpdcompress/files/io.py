@@ -35,18 +35,21 @@ from ..errors import (
 )
 from ..nn.conv_chain import PackedConvChain
 from ..nn.loading import guard_state_dict_loading
-from ..nn.packed import PackedChain
-from .architecture import UnsupportedArchitectureError, build, describe
+from ..nn.packed import BlockDiagonalLinear, PackedChain
+from ..nn.packed_conv import BlockDiagonalConv
+from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear
+from .architecture import UnsupportedArchitectureError, build, describe, zero_quantized_weight
 from .header import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    QUANTIZED_VERSION,
     check_declared_size,
     manifest_digest,
     parse_manifest,
     read_header,
     tensor_digest,
 )
-from .layer_kinds import PACKED_KINDS
+from .layer_kinds import PACKED_KINDS, quantization_entry
 from .load_checks import check_layer_tensors, check_runs, check_template
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
@@ -91,6 +94,8 @@ def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
             }
             if hasattr(layer, "kernel_size"):
                 layers[key]["kernel_size"] = list(layer.kernel_size)
+            if (quantization := quantization_entry(layer)) is not None:
+                layers[key]["quantization"] = quantization
     return layers
 
 
@@ -158,7 +163,7 @@ def save(
         tensors[key] = value.detach().cpu().contiguous()
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": QUANTIZED_VERSION if any("quantization" in v for v in layers.values()) else 2,
         "writer": f"mpdcompress {__version__}",
         "form": "packed" if packed == {True} else "masked",
         "layers": layers,
@@ -195,13 +200,38 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
     model = copy.deepcopy(model)
     if compressed_layers(model):
         return model
-    # A dense instance of the architecture: compress the layers the file names, pack if it is packed.
+    # A dense instance of the architecture: compress the layers the file names, pack if it is
+    # packed, give quantized layers their integer form.
     factors = {layer["source"]: layer["compression"] for layer in manifest["layers"].values()}
     try:
         mpdify_(model, factors)
+        model = pack(model, inplace=True) if manifest["form"] == "packed" else model
+        for name, layer in manifest["layers"].items():
+            if "quantization" in layer:
+                _quantized_skeleton(model, name, layer["quantization"])
     except MPDCompressError as exc:
         raise ModelFileError(f"{path}: the file's layers do not fit this model: {exc}") from None
-    return pack(model, inplace=True) if manifest["form"] == "packed" else model
+    return model
+
+
+def _quantized_skeleton(model: nn.Module, name: str, quantization: dict[str, Any]) -> None:
+    """Put a zero quantized layer of ``quantization`` where ``model`` has the float packed layer
+    ``name`` (the file's tensors are loaded into it next)."""
+    owner, _, key = name.rpartition(".")
+    parent = model.get_submodule(owner)
+    layer = parent._modules.get(key)
+    if not isinstance(layer, (BlockDiagonalLinear, BlockDiagonalConv)):
+        raise CompressionError(f"{name} is not a packed layer in this model")
+    layout = layer.layout
+    blocks = torch.zeros_like(layer.weight_blocks, device="cpu")
+    weight = zero_quantized_weight(blocks, layout.compression, layout.max_rows, quantization)
+    bias = None if layer.bias is None else torch.zeros_like(layer.bias, device="cpu")
+    if isinstance(layer, BlockDiagonalConv):
+        conv = {k: getattr(layer, k) for k in ("stride", "padding", "dilation")}
+        parent._modules[key] = QuantizedBlockDiagonalConv(layer.mpd_mask, weight, bias, **conv)
+    else:
+        activations = quantization["activations"]
+        parent._modules[key] = QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=activations)
 
 
 def _check_digests(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:

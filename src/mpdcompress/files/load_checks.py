@@ -15,8 +15,10 @@ from torch.func import functional_call
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError, first_line
+from ..kernels.quantized_blocks import QuantizedWeight
+from ..nn.quantized import quantized_problem
 from .architecture import describe
-from .layer_kinds import PACKED_KINDS
+from .layer_kinds import PACKED_KINDS, QUANTIZED_KINDS
 
 __all__ = ["check_layer_tensors", "check_template", "check_runs"]
 
@@ -27,6 +29,11 @@ def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any]
     autograd), or nonzero weights off a masked layer's mask (loading would zero them silently)."""
     for name, layer in manifest["layers"].items():
         layout = BlockLayout.create(layer["d_out"], layer["d_in"], layer["compression"], name)
+        if layer["kind"] in QUANTIZED_KINDS:
+            problem = quantized_problem(_quantized_weight(state, name, layer, layout), layout)
+            if problem is not None:
+                raise ModelFileError(f"{path}: {name}: {problem}")
+            continue
         if layer["kind"] in PACKED_KINDS:
             blocks = state[f"{name}.weight_blocks"]
             if layer["kind"] == "BlockDiagonalConv":  # stored as the grouped convolution's weight
@@ -40,6 +47,19 @@ def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any]
         mask = mask.view(*mask.shape, *[1] * (weight.dim() - 2))  # a convolution's, at every kernel position
         if bool(weight.masked_fill(mask, 0).any()):
             raise ModelFileError(f"{path}: {name}.weight holds nonzero values off its mask")
+
+
+def _quantized_weight(state: dict[str, torch.Tensor], name: str, layer: dict[str, Any], layout: BlockLayout):
+    c, rows, cols = layout.compression, layout.max_rows, layout.max_cols
+    kernel = layer.get("kernel_size") or []
+    shape = (c * rows, cols, *kernel) if kernel else (c, rows, cols)
+    return QuantizedWeight(
+        state[f"{name}.qweight"],
+        state[f"{name}.scales"],
+        state.get(f"{name}.zero_points"),
+        layer["quantization"]["bits"],
+        shape,
+    )
 
 
 def check_template(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:

@@ -1,0 +1,151 @@
+"""Quantized model files (format version 3): every entry point loads them back exactly, old
+readers' version stays for float files, and damaged integer blocks are refused before use."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+import mpdcompress as mpd
+from mpdcompress.cli.main import main
+from mpdcompress.files.header import manifest_digest, tensor_digest
+from mpdcompress.models import build_model, paper_filter
+
+pytest.importorskip("torchao")
+
+CONFIGS = ["int8", "int4", "int4-g64-asym", "int8-dynamic"]
+
+
+def _packed(name: str, c: int, convs: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    mpd.mpdify_(model, c, filter_fn=paper_filter(model, name), seed=2, convs=convs)
+    return mpd.pack(model)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder, cache = tmp_path_factory.mktemp("quantized"), {}
+
+    def get(name: str, config: str, convs: bool = False):
+        if (name, config, convs) not in cache:
+            model = mpd.quantize_(_packed(name, 4, convs), config)
+            path = folder / f"{name}-{config}-{convs}.safetensors"
+            mpd.save(model, path, input_shape=(1, 28, 28))
+            cache[name, config, convs] = model, path
+        return cache[name, config, convs]
+
+    return get
+
+
+def _same(a, b, x):
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("name,convs", [("lenet300", False), ("deep-mnist", True)])
+def test_quantized_files_load_exactly_with_and_without_a_template(files, name, config, convs):
+    if convs and config.endswith("dynamic"):
+        pytest.skip("convolutions are weight-only")
+    model, path = files(name, config, convs)
+    manifest = mpd.read_manifest(path)
+    assert manifest["format_version"] == 3
+    assert all(layer["kind"].startswith("Quantized") for layer in manifest["layers"].values())
+    x = torch.randn(3, 1, 28, 28)
+    _same(model, mpd.load(path), x)
+    template = build_model(name)
+    _same(model, mpd.load(path, model=template), x)
+    assert repr(mpd.load(path)) == repr(model)
+
+
+def test_float_files_stay_version_2_for_older_readers(tmp_path):
+    path = mpd.save(_packed("lenet300", 4), tmp_path / "f.safetensors")
+    assert mpd.read_manifest(path)["format_version"] == 2
+
+
+def test_int4_file_is_smaller_than_int8_and_int8_than_float(tmp_path, files):
+    sizes = {config: files("lenet300", config)[1].stat().st_size for config in ("int8", "int4")}
+    sizes["float"] = mpd.save(_packed("lenet300", 4), tmp_path / "f.safetensors").stat().st_size
+    assert sizes["int4"] < sizes["int8"] < 0.4 * sizes["float"]
+
+
+def test_cli_inspect_and_export_read_quantized_files(files, tmp_path, capsys):
+    _, path = files("lenet300", "int4-g64-asym")
+    assert main(["inspect", str(path)]) == 0
+    assert "int4" in capsys.readouterr().out
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 0
+
+
+def _resigned(path, tmp_path, key=None, value=None, edit=None):
+    """A copy of ``path`` with tensor ``key`` replaced or the manifest edited, digests redone."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        manifest = json.loads(f.metadata()["mpdcompress"])
+    if key is not None:
+        tensors[key] = value
+    if edit is not None:
+        edit(manifest)
+    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    out = tmp_path / "edited.safetensors"
+    out.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "key,damage,message",
+    [
+        ("1.layers.0.scales", lambda t: -t, "finite and positive"),
+        ("1.layers.0.scales", lambda t: t.fill_(float("inf")), "NaN or Inf"),
+        ("1.layers.1.zero_points", lambda t: t.fill_(200), "outside 0..15"),
+        ("1.layers.0.qweight", lambda t: t.fill_(0x11), "padding|pad its last group"),
+        ("1.layers.0.qweight", lambda t: t.to(torch.int8), "dtype"),
+        ("1.layers.0.scales", lambda t: t[..., :1].contiguous(), "shape"),
+    ],
+)
+def test_damaged_integer_blocks_are_refused(files, tmp_path, key, damage, message):
+    _, path = files("lenet300", "int4-g64-asym")
+    with safe_open(str(path), framework="pt") as f:
+        value = damage(f.get_tensor(key).clone())
+    with pytest.raises(mpd.ModelFileError, match=message):
+        mpd.load(_resigned(path, tmp_path, key, value))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m["layers"]["1.layers.0"]["quantization"].update(bits=3), "bits must be 8 or 4"),
+        (lambda m: m["layers"]["1.layers.0"].pop("quantization"), "quantization entry"),
+        (lambda m: m["layers"]["1.layers.0"]["quantization"].update(group_size=32), "declares|shape"),
+        (lambda m: m.update(format_version=2), "format version 2 is not"),
+    ],
+)
+def test_inconsistent_quantization_entries_are_refused(files, tmp_path, edit, message):
+    _, path = files("lenet300", "int4-g64-asym")
+    with pytest.raises(mpd.ModelFileError, match=message):
+        mpd.load(_resigned(path, tmp_path, edit=edit))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_quantized_files_load_correctly_or_fail_cleanly(files, tmp_path_factory, data):
+    model, path = files("lenet300", "int4")
+    raw = bytearray(path.read_bytes())
+    n_header = int.from_bytes(raw[:8], "little")
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(8, len(raw) - 1))
+        raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+    edited = tmp_path_factory.mktemp("fq") / "m.safetensors"
+    edited.write_bytes(bytes(raw))
+    try:
+        loaded = mpd.load(edited)
+    except mpd.ModelFileError:
+        return
+    assert n_header  # the header was read; any accepted file must be the same model
+    _same(model, loaded, torch.randn(2, 1, 28, 28))
