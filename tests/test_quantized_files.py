@@ -74,12 +74,40 @@ def test_int4_file_is_smaller_than_int8_and_int8_than_float(tmp_path, files):
     assert sizes["int4"] < sizes["int8"] < 0.4 * sizes["float"]
 
 
-def test_cli_inspect_and_export_read_quantized_files(files, tmp_path, capsys):
-    _, path = files("lenet300", "int4-g64-asym")
+@pytest.mark.parametrize("config", ["int8", "int4-g64-asym"])
+def test_cli_inspect_and_export_read_quantized_files(files, tmp_path, capsys, config):
+    model, path = files("lenet300", config)
     assert main(["inspect", str(path)]) == 0
-    assert "int4" in capsys.readouterr().out
-    pytest.importorskip("onnxruntime")
-    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert config in capsys.readouterr().out
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(path), "-o", str(onnx_path)]) == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 28, 28)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    float_onnx = tmp_path / "float.onnx"
+    mpd.export_onnx(mpd.dequantize(model), x, float_onnx)
+    assert onnx_path.stat().st_size < 0.7 * float_onnx.stat().st_size  # the graph holds the integers
+
+
+def test_quantize_command_packs_and_quantizes_a_masked_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("lenet300").eval()
+    mpd.mpdify_(model, 10, filter_fn=paper_filter(model, "lenet300"))
+    masked = mpd.save(model, tmp_path / "masked.safetensors", input_shape=(1, 28, 28))
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", str(masked), "-o", str(out), "--format", "int4-g32-asym"]) == 0
+    assert "packed first" in capsys.readouterr().out
+    x = torch.randn(2, 1, 28, 28)
+    expected = mpd.quantize_(mpd.pack(model), "int4-g32-asym")
+    _same(expected, mpd.load(out), x)
+    assert main(["quantize", str(out), "-o", str(tmp_path / "again.safetensors")]) == 2
+    assert "quantized already" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", str(masked), "-o", str(out), "--format", "int5"])
 
 
 def _resigned(path, tmp_path, key=None, value=None, edit=None):

@@ -12,6 +12,7 @@ from .core.layout import BlockLayout, validate_compression
 from .core.mask_search import kept_mass, mask_from_weight
 from .core.masks import MPDMask, layer_seed, make_mask
 from .core.quantize import QuantConfig, dequantize, quantize_
+from .files.executorch import export_executorch, run_executorch
 from .files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
 from .files.onnx import ExportError, export_onnx
 from .kernels import EngineUnavailableError, set_engine, tune, use_engine
@@ -61,6 +62,8 @@ __all__ = [
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "export_onnx",
+    "export_executorch",
+    "run_executorch",
     "ExportError",
     "use_engine",
     "set_engine",

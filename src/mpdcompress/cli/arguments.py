@@ -66,3 +66,14 @@ def device_name(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).strip()) from None
     return text
+
+
+def quantization(text: str):
+    """A :class:`~mpdcompress.QuantConfig` name (int8, int8-dynamic, int4, int4-g64-asym...)."""
+    from ..core.quantize import QuantConfig
+    from ..errors import ConfigError
+
+    try:
+        return QuantConfig.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -7,7 +7,7 @@ import sys
 
 from ..errors import ConfigError, MPDCompressError, UnknownNameError
 from ..models import MODELS, model_spec
-from .arguments import device_name, nonnegative_int, opset, positive_int, seed
+from .arguments import device_name, nonnegative_int, opset, positive_int, quantization, seed
 from .distill import add_distill_parser
 from .models import add_model_class_arguments
 from .train import add_train_parser
@@ -180,6 +180,28 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import os
+
+    from ..core.convert import pack
+    from ..core.quantize import quantize_
+    from ..files.io import read_manifest, save
+    from .models import load_model_file
+
+    manifest = read_manifest(args.file)
+    model = load_model_file(args.file, args)
+    if manifest["form"] == "masked":
+        model = pack(model)
+    quantize_(model, args.format)
+    out = save(model, args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
+    before, after = os.path.getsize(args.file), os.path.getsize(out)
+    packed = " (packed first)" if manifest["form"] == "masked" else ""
+    print(
+        f"wrote {out}{packed}: {args.format.describe()}, {after:,} bytes ({before / after:.1f}x smaller than {before:,})"
+    )
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .summary import file_summary, model_summary
 
@@ -205,12 +227,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"{s['path']}: {s['form']} model, written by {s['writer']}, "
         f"architecture {'included' if s['has_architecture'] else 'NOT included (load needs model=)'}"
     )
-    print(f"{'layer':<28}{'was':<10}{'shape':>14}{'c':>5}{'dense':>14}{'kept':>12}{'stored':>12}")
+    print(f"{'layer':<28}{'was':<10}{'shape':>14}{'c':>5}{'dense':>14}{'kept':>12}{'stored':>12}  weights")
     for r in s["layers"]:
         shape = "x".join(map(str, r["shape"]))
         print(
             f"{r['name']:<28}{r['source']:<10}{shape:>14}{r['compression']:>5}{r['dense_weights']:>14,}"
-            f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}"
+            f"{r['kept_weights']:>12,}{r['stored_weights']:>12,}  {r['format']}"
         )
     dense_w = sum(r["dense_weights"] for r in s["layers"])
     kept_w = sum(r["kept_weights"] for r in s["layers"])
@@ -223,7 +245,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..files.io import read_manifest
-    from ..files.onnx import export_onnx
     from .models import example_inputs, load_model_file, parse_dynamic_dims
 
     dims = parse_dynamic_dims(args.dynamic_dims)
@@ -231,13 +252,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     recorded = read_manifest(args.file).get("input_shape")
     shape = args.input_shape or recorded or _input_shape(model)
     inputs = example_inputs(model, args, tuple(shape) if shape else None)
-    path = export_onnx(model, inputs, args.output, opset=args.opset, dynamic_dims=dims)
+    kind = args.format or ("executorch" if str(args.output).endswith(".pte") else "onnx")
+    if kind == "executorch":
+        from ..files.executorch import export_executorch
+
+        path = export_executorch(model, inputs, args.output, dynamic_dims=dims)
+        target = "ExecuTorch, XNNPACK"
+    else:
+        from ..files.onnx import export_onnx
+
+        path = export_onnx(model, inputs, args.output, opset=args.opset, dynamic_dims=dims)
+        target = f"ONNX opset {args.opset}"
     described = (
         ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
         if isinstance(inputs, dict)
         else f"input shape (batch, {', '.join(map(str, shape))})"
     )
-    print(f"wrote {path} ({described}; dynamic {', '.join(f'{a}={n}' for a, n in dims.items())}; opset {args.opset})")
+    print(f"wrote {path} ({described}; dynamic {', '.join(f'{a}={n}' for a, n in dims.items())}; {target})")
     return 0
 
 
@@ -339,15 +370,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_class_arguments(pk)
     pk.set_defaults(func=_cmd_pack)
 
+    qz = sub.add_parser("quantize", help="store a model file's blocks as int8 or int4 (packing it first if masked)")
+    qz.add_argument("file", help="model file written by mpdcompress (save, train or pack)")
+    qz.add_argument("-o", "--output", required=True)
+    qz.add_argument(
+        "--format",
+        type=quantization,
+        default="int8",
+        help="int8 (one scale per row), int8-dynamic (int8 activations on the CPU), int4 (groups of 32), "
+        "int4-g64, int4-g128, and -asym for zero points (default int8)",
+    )
+    add_model_class_arguments(qz)
+    qz.set_defaults(func=_cmd_quantize)
+
     ins = sub.add_parser("inspect", help="layers, factors, parameter counts and size of a model file or paper model")
     ins.add_argument("file", nargs="?")
     ins.add_argument("--model", choices=list(MODELS), help="a registered model instead of a file")
     ins.add_argument("--compression", "-c", type=positive_int)
     ins.set_defaults(func=_cmd_inspect)
 
-    ex = sub.add_parser("export", help="export a model file to ONNX")
+    ex = sub.add_parser("export", help="export a model file to ONNX or ExecuTorch")
     ex.add_argument("file")
-    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("-o", "--output", required=True, help="model.onnx, or model.pte for ExecuTorch")
+    ex.add_argument(
+        "--format",
+        choices=("onnx", "executorch"),
+        help='default: executorch for a .pte output, else onnx (ExecuTorch: pip install "mpdcompress[mobile]")',
+    )
     ex.add_argument("--input-shape", nargs="+", type=positive_int, help="input shape without the batch dimension")
     ex.add_argument("--opset", type=opset, default=18)
     ex.add_argument(

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..core.layout import BlockLayout
+from ..core.quantize import QuantConfig
 from ..files.io import read_manifest
 from ..models import build_model, fc_weight_count, fc_weights_kept, model_spec, paper_filter
 from ..nn import MaskedWeight
@@ -32,6 +33,7 @@ def _layer_rows(layers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "dense_weights": layout.d_out * layout.d_in * positions,
                 "kept_weights": layout.nnz * positions,
                 "stored_weights": layout.padded_numel * positions,
+                "format": QuantConfig(**layer["quantization"]).describe() if "quantization" in layer else "float",
             }
         )
     return rows

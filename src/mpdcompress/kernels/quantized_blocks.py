@@ -34,8 +34,13 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: ``(..., K // 2)`` uint8 → ``(..., K)`` uint8 in 0..15."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    """Inverse of :func:`pack_int4`: ``(..., K // 2)`` uint8 → ``(..., K)`` int32 in 0..15."""
+    # In int32 from the start (exporters type the two halves alike only this way), and with
+    # division instead of shifts and masks, which are not in the core ATen opset that
+    # torch.export → ExecuTorch accepts.
+    wide = packed.to(torch.int32)
+    high = torch.div(wide, 16, rounding_mode="floor")
+    return torch.stack((wide - 16 * high, high), dim=-1).flatten(-2)
 
 
 @dataclass
@@ -85,7 +90,7 @@ class QuantizedWeight:
         """``q - zero`` as int32 ``(c, max_rows, K_padded)``."""
         if self.bits == 8:
             return self.qweight.to(torch.int32)
-        q = unpack_int4(self.qweight).to(torch.int32)
+        q = unpack_int4(self.qweight)
         zero = SYMMETRIC_INT4_ZERO if self.zero_points is None else self.zero_points.to(torch.int32)
         groups = self.scales.shape[-1]
         q = q.unflatten(-1, (groups, -1))

@@ -1,0 +1,58 @@
+"""ExecuTorch export: packed models, float and quantized, CNNs included, run in ExecuTorch's own
+runtime and compute what PyTorch computes, at the batch they were exported with and another."""
+
+import pytest
+import torch
+
+import mpdcompress as mpd
+from mpdcompress.cli.main import main
+from mpdcompress.errors import ExportError
+from mpdcompress.models import build_model, paper_filter
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+
+
+def _packed(name: str, convs: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    mpd.mpdify_(model, 4, filter_fn=paper_filter(model, name), seed=1, convs=convs)
+    return mpd.pack(model).eval()
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    "name,convs,config",
+    [("lenet300", False, None), ("deep-mnist", True, "int8")],
+)
+def test_pte_file_computes_what_pytorch_computes(tmp_path, name, convs, config):
+    model = _packed(name, convs)
+    if config:
+        mpd.quantize_(model, config)
+    path = mpd.export_executorch(model, torch.randn(4, 1, 28, 28), tmp_path / "m.pte")
+    assert path.stat().st_size > 0 and not model.training
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            _close(mpd.run_executorch(path, x)[0], model(x))
+
+
+def test_export_command_writes_a_pte_file_for_a_quantized_file(tmp_path, capsys):
+    model = mpd.quantize_(_packed("lenet300"), "int4")
+    saved = mpd.save(model, tmp_path / "q.safetensors", input_shape=(1, 28, 28))
+    out = tmp_path / "q.pte"
+    assert main(["export", str(saved), "-o", str(out)]) == 0
+    assert "ExecuTorch" in capsys.readouterr().out
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        _close(mpd.run_executorch(out, x)[0], model(x))
+
+
+def test_a_model_that_does_not_take_the_example_is_refused_before_tracing(tmp_path):
+    with pytest.raises(ExportError, match="does not run on the example"):
+        mpd.export_executorch(_packed("lenet300"), torch.randn(2, 3, 5), tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()
