@@ -64,12 +64,14 @@ def test_dequantization_is_torchaos_bit_for_bit(config):
     layer = mpd.quantize_(_mlp(), config)[0].layers[0]
     weight = layer.quantized_weight()
     cfg = mpd.QuantConfig.parse(config)
-    c, rows, k = weight.integers().shape
-    group = k if cfg.bits == 8 else cfg.group_size
+    group = weight.group_size
+    assert group == (weight.inputs if cfg.bits == 8 else cfg.group_size)
+    padded = weight.scales.shape[-1] * group  # whole groups, as torchao takes them
     zero = None
     if cfg.bits == 4:
         zero = torch.full_like(weight.scales, 8, dtype=torch.int32) if cfg.symmetric else weight.zero_points.int()
-    q = weight.integers() + (0 if zero is None else zero.repeat_interleave(group, -1))
+    integers = torch.nn.functional.pad(weight.integers(), (0, padded - weight.integers().shape[-1]))
+    q = integers + (0 if zero is None else zero.repeat_interleave(group, -1))
     expected = dequantize_affine(q, (1, 1, group), weight.scales, zero, torch.int32, -(2**31), 2**31 - 1)
     assert torch.equal(weight.dequantize(), expected[..., : weight.inputs].reshape(weight.shape))
 

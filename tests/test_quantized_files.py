@@ -33,7 +33,7 @@ def files(tmp_path_factory):
 
     def get(name: str, config: str, convs: bool = False):
         if (name, config, convs) not in cache:
-            model = mpd.quantize_(_packed(name, 4, convs), config)
+            model = mpd.quantize_(_packed(name, 7, convs), config)  # uneven blocks: padding to check
             path = folder / f"{name}-{config}-{convs}.safetensors"
             mpd.save(model, path, input_shape=(1, 28, 28))
             cache[name, config, convs] = model, path
@@ -132,7 +132,7 @@ def _resigned(path, tmp_path, key=None, value=None, edit=None):
         ("1.layers.0.scales", lambda t: -t, "finite and positive"),
         ("1.layers.0.scales", lambda t: t.fill_(float("inf")), "NaN or Inf"),
         ("1.layers.1.zero_points", lambda t: t.fill_(200), "outside 0..15"),
-        ("1.layers.0.qweight", lambda t: t.fill_(0x11), "padding|pad its last group"),
+        ("1.layers.0.qweight", lambda t: t.fill_(0x11), "padding|pads its rows"),
         ("1.layers.0.qweight", lambda t: t.to(torch.int8), "dtype"),
         ("1.layers.0.scales", lambda t: t[..., :1].contiguous(), "shape"),
     ],

@@ -108,7 +108,9 @@ def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig
         group, target, low, high, mapping = config.group_size, torch.int8, -8, 7, MappingType.SYMMETRIC
     else:
         group, target, low, high, mapping = config.group_size, torch.uint8, 0, 15, MappingType.ASYMMETRIC
-    w = F.pad(w, (0, -inputs % group)).reshape(c * rows, -1)  # whole groups; the extra inputs are zero
+    # Whole groups for torchao; the short last group's padding is quantized as zeros and only
+    # the row's own inputs are kept (rounded up to whole bytes at 4 bits).
+    w = F.pad(w, (0, -inputs % group)).reshape(c * rows, -1)
     groups = w.shape[1] // group
     block_size = (1, group)
     # torchao reduces over everything when a block is a single element (a block of one
@@ -121,15 +123,17 @@ def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig
     scales = scales.reshape(c * rows, groups)
     zeros = None if zeros is None else zeros.reshape(c * rows, groups)
     q = quantize_affine(w, block_size, scales, zeros, target, low, high).reshape(c, rows, -1)
-    scales = scales.reshape(c, rows, groups)
+    scales = scales.reshape(c, rows, groups).contiguous()
+    shape = tuple(blocks.shape)
     if config.bits == 8:
-        return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, tuple(blocks.shape))
+        return QuantizedWeight(q.contiguous(), scales, None, 8, shape, group)
+    q = q[..., : inputs + inputs % 2]
     zero_points = None
     if config.symmetric:
         q = q.to(torch.int16) + SYMMETRIC_INT4_ZERO
     else:
-        zero_points = zeros.reshape(c, rows, -1).to(torch.uint8).contiguous()
-    return QuantizedWeight(pack_int4(q), scales.contiguous(), zero_points, 4, tuple(blocks.shape))
+        zero_points = zeros.reshape(c, rows, groups).to(torch.uint8).contiguous()
+    return QuantizedWeight(pack_int4(q), scales, zero_points, 4, shape, group)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks]:

@@ -328,7 +328,8 @@ def zero_quantized_weight(blocks: torch.Tensor, c: int, rows: int, quantization:
         qweight = torch.full(shapes["qweight"], nibble * 0x11, dtype=torch.uint8)
     zeros = None if "zero_points" not in shapes else torch.zeros(shapes["zero_points"], dtype=torch.uint8)
     scales = torch.ones(shapes["scales"], dtype=blocks.dtype)
-    return QuantizedWeight(qweight, scales, zeros, quantization["bits"], tuple(blocks.shape))
+    group = inputs if quantization["bits"] == 8 else quantization["group_size"]
+    return QuantizedWeight(qweight, scales, zeros, quantization["bits"], tuple(blocks.shape), group)
 
 
 def construct_layer(kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError) -> nn.Module:

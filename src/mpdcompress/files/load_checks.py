@@ -4,6 +4,7 @@ runs on the input shape the file records (a file that loads must be a model that
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,15 @@ def _quantized_weight(state: dict[str, torch.Tensor], name: str, layer: dict[str
     c, rows, cols = layout.compression, layout.max_rows, layout.max_cols
     kernel = layer.get("kernel_size") or []
     shape = (c * rows, cols, *kernel) if kernel else (c, rows, cols)
+    quantization = layer["quantization"]
+    group = cols * math.prod(kernel) if quantization["bits"] == 8 else quantization["group_size"]
     return QuantizedWeight(
         state[f"{name}.qweight"],
         state[f"{name}.scales"],
         state.get(f"{name}.zero_points"),
-        layer["quantization"]["bits"],
+        quantization["bits"],
         shape,
+        group,
     )
 
 

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["QuantizedWeight", "pack_int4", "unpack_int4", "DynamicInt8Blocks", "SYMMETRIC_INT4_ZERO"]
 
@@ -47,9 +48,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class QuantizedWeight:
     """A packed layer's blocks in integer form.
 
-    ``qweight``: int8 ``(c, max_rows, K)`` for 8 bits, uint8 ``(c, max_rows, K_padded // 2)``
-    for 4 bits (``K_padded``: ``K`` rounded up to whole groups, the extra inputs zero);
-    ``scales``: ``(c, max_rows, groups)`` floats, one group per row for int8;
+    ``qweight``: int8 ``(c, max_rows, K)`` for 8 bits, uint8 ``(c, max_rows, ceil(K / 2))`` for
+    4 bits (an odd ``K`` ends in one padding nibble that stands for zero);
+    ``scales``: ``(c, max_rows, ceil(K / group_size))`` floats, one per row for int8 (whose
+    ``group_size`` is ``K``); the last group of a row may be shorter than the others, so that no
+    row stores more than its own inputs;
     ``zero_points``: uint8 like ``scales`` for asymmetric int4, else None;
     ``shape``: the float blocks' shape as the layer stores them (``K`` is its product past the
     first two dimensions for a linear layer's ``(c, rows, cols)``, past the first for a
@@ -61,16 +64,11 @@ class QuantizedWeight:
     zero_points: torch.Tensor | None
     bits: int
     shape: tuple[int, ...]
-
-    @property
-    def group_size(self) -> int:
-        """Inputs per scale (all of ``K`` for int8)."""
-        k = self.qweight.shape[-1] * (2 if self.bits == 4 else 1)
-        return k // self.scales.shape[-1]
+    group_size: int
 
     @property
     def inputs(self) -> int:
-        """``K``: inputs per row without the group padding."""
+        """``K``: the inputs of each row."""
         return math.prod(self.shape) // (self.qweight.shape[0] * self.qweight.shape[1])
 
     @property
@@ -86,22 +84,25 @@ class QuantizedWeight:
         """Dimensions of the float blocks (what a packed layer's constructor checks)."""
         return len(self.shape)
 
+    def _grouped(self, values: torch.Tensor) -> torch.Tensor:
+        """``(..., stored inputs)`` → ``(..., groups, group_size)``, the short last group padded."""
+        groups = self.scales.shape[-1]
+        return F.pad(values, (0, groups * self.group_size - values.shape[-1])).unflatten(-1, (groups, -1))
+
     def integers(self) -> torch.Tensor:
-        """``q - zero`` as int32 ``(c, max_rows, K_padded)``."""
+        """``q - zero`` as int32 ``(c, max_rows, K)`` (``K + 1`` for an odd ``K`` at 4 bits)."""
         if self.bits == 8:
             return self.qweight.to(torch.int32)
         q = unpack_int4(self.qweight)
-        zero = SYMMETRIC_INT4_ZERO if self.zero_points is None else self.zero_points.to(torch.int32)
-        groups = self.scales.shape[-1]
-        q = q.unflatten(-1, (groups, -1))
-        q = q - (zero if isinstance(zero, int) else zero.unsqueeze(-1))
-        return q.flatten(-2)
+        if self.zero_points is None:
+            return q - SYMMETRIC_INT4_ZERO
+        zero = self.zero_points.to(torch.int32).unsqueeze(-1)
+        return (self._grouped(q) - zero).flatten(-2)[..., : q.shape[-1]]
 
     def dequantize(self) -> torch.Tensor:
         """The float blocks, in the layer's stored shape."""
-        q = self.integers()
-        groups = self.scales.shape[-1]
-        w = (q.unflatten(-1, (groups, -1)).to(self.scales.dtype) * self.scales.unsqueeze(-1)).flatten(-2)
+        q = self._grouped(self.integers()).to(self.scales.dtype)
+        w = (q * self.scales.unsqueeze(-1)).flatten(-2)
         return w[..., : self.inputs].reshape(self.shape)
 
 

@@ -41,8 +41,7 @@ def quantized_shapes(
     """Buffer name → shape of the integer form of ``c`` blocks of ``rows`` rows by ``inputs``
     inputs (``group_size`` None: one group per row, as int8 always has)."""
     groups = 1 if group_size is None else math.ceil(inputs / group_size)
-    padded = inputs if group_size is None else groups * group_size
-    shapes = {"qweight": (c, rows, padded if bits == 8 else padded // 2), "scales": (c, rows, groups)}
+    shapes = {"qweight": (c, rows, inputs if bits == 8 else math.ceil(inputs / 2)), "scales": (c, rows, groups)}
     if not symmetric:
         shapes["zero_points"] = (c, rows, groups)
     return shapes
@@ -51,8 +50,8 @@ def quantized_shapes(
 def quantized_problem(weight: QuantizedWeight, layout: BlockLayout) -> str | None:
     """What makes ``weight`` no valid quantized form of packed blocks of ``layout``, or None:
     scales that are not finite and positive, zero points outside 0..15, or padding (block
-    padding, or the inputs that round ``K`` up to whole groups) that does not dequantize to
-    zero. Checked on every load, before the values reach a module."""
+    padding, or the nibble that ends a row of odd length) that does not dequantize to zero.
+    Checked on every load, before the values reach a module."""
     scales = weight.scales
     if not scales.is_floating_point() or not bool((torch.isfinite(scales) & (scales > 0)).all()):
         return "scales are not all finite and positive"
@@ -60,7 +59,7 @@ def quantized_problem(weight: QuantizedWeight, layout: BlockLayout) -> str | Non
         return "zero_points lie outside 0..15"
     q = weight.integers()
     if bool(q[..., weight.inputs :].any()):
-        return "qweight is not zero on the inputs that pad its last group"
+        return "qweight is not zero in the nibble that pads its rows"
     if layout.nonzero_padding(weight.dequantize().reshape(*layout_blocks(layout), -1), None) is not None:
         return "qweight is not zero on the blocks' padding"
     return None
@@ -83,6 +82,7 @@ class QuantizedBlocks(PackedBlocks):
         if not isinstance(weight_blocks, QuantizedWeight):
             raise CompressionError(f"a quantized layer takes a QuantizedWeight, got {type(weight_blocks).__name__}")
         self.bits = weight_blocks.bits
+        self._group_size = weight_blocks.group_size
         # A Python tuple: reading the block count from its buffer in forward would stop
         # torch.export (and sync a GPU).
         self.float_shape = tuple(weight_blocks.shape)
@@ -99,7 +99,7 @@ class QuantizedBlocks(PackedBlocks):
     @property
     def group_size(self) -> int | None:
         """Inputs per scale (None: one scale per row)."""
-        return None if self.bits == 8 else self.quantized_weight().group_size
+        return None if self.bits == 8 else self._group_size
 
     @property
     def symmetric(self) -> bool:
@@ -107,7 +107,9 @@ class QuantizedBlocks(PackedBlocks):
 
     def quantized_weight(self) -> QuantizedWeight:
         """The integer blocks as one object."""
-        return QuantizedWeight(self.qweight, self.scales, self.zero_points, self.bits, self.float_shape)
+        return QuantizedWeight(
+            self.qweight, self.scales, self.zero_points, self.bits, self.float_shape, self._group_size
+        )
 
     @property
     def weight_blocks(self) -> torch.Tensor:
@@ -135,7 +137,7 @@ class QuantizedBlocks(PackedBlocks):
             if tensor.dtype != ref.dtype and not (name == "scales" and tensor.is_floating_point()):
                 raise CompressionError(f"{prefix}{name}: dtype {tensor.dtype}, expected {ref.dtype}")
         incoming = QuantizedWeight(
-            tensors["qweight"], tensors["scales"], tensors["zero_points"], self.bits, self.float_shape
+            tensors["qweight"], tensors["scales"], tensors["zero_points"], self.bits, self.float_shape, self._group_size
         )
         problem = quantized_problem(incoming, self.layout)
         if problem is not None:
