@@ -32,6 +32,7 @@ __all__ = [
     "unpack",
     "apply_masks_",
     "compressed_layers",
+    "packed_layer_sources",
     "conv_skip_reason",
     "LayerFilter",
 ]
@@ -485,6 +486,20 @@ def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, kinds) and not any(name.startswith(p + ".") for p in found):
             found[name] = module
     return found
+
+
+def packed_layer_sources(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Qualified name → ``(packed or masked layer, its name in the masked model)`` for every
+    compressed layer, those inside chains included (``unpack`` puts each back at that name)."""
+    layers = {}
+    for name, module in compressed_layers(model).items():
+        if isinstance(module, (PackedChain, PackedConvChain)):
+            parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
+            for i, (layer, key) in enumerate(zip(module.layers, module.layer_source_keys())):
+                layers[f"{name}.layers.{i}"] = layer, parent + key
+        else:
+            layers[name] = module, name
+    return layers
 
 
 def _shared_modules(model: nn.Module) -> set[int]:

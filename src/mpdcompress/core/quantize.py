@@ -8,6 +8,7 @@ as dense kernels. Scales and zero points come from torchao's quantization primit
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +24,18 @@ from ..nn.packed_conv import BlockDiagonalConv
 from ..nn.quantized import ACTIVATIONS, QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks
 from .convert import LayerFilter, _replace_modules
 
-__all__ = ["QuantConfig", "quantize_", "dequantize", "quantize_weight", "quantized_layers"]
+__all__ = [
+    "QuantConfig",
+    "quantize_",
+    "dequantize",
+    "quantize_weight",
+    "quantized_layers",
+    "Scheme",
+    "scheme",
+    "group_parameters",
+    "to_integers",
+    "integer_weight",
+]
 
 
 @dataclass(frozen=True)
@@ -96,44 +108,77 @@ def _primitives():
     return MappingType, choose_qparams_affine, quantize_affine
 
 
-@torch.no_grad()
-def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig) -> QuantizedWeight:
-    """Quantize packed blocks (in the layer's stored shape, ``c`` blocks of ``rows`` rows)."""
-    MappingType, choose_qparams_affine, quantize_affine = _primitives()
-    w = blocks.detach().reshape(c, rows, -1)
-    inputs = w.shape[-1]
+@dataclass(frozen=True)
+class Scheme:
+    """How a config maps floats to integers: inputs per scale, the integer type and range."""
+
+    group: int
+    target: torch.dtype
+    low: int
+    high: int
+    symmetric: bool
+
+
+def scheme(config: QuantConfig, inputs: int) -> Scheme:
+    """The integer scheme of ``config`` for rows of ``inputs`` inputs."""
     if config.bits == 8:
-        group, target, low, high, mapping = inputs, torch.int8, -128, 127, MappingType.SYMMETRIC
-    elif config.symmetric:
-        group, target, low, high, mapping = config.group_size, torch.int8, -8, 7, MappingType.SYMMETRIC
-    else:
-        group, target, low, high, mapping = config.group_size, torch.uint8, 0, 15, MappingType.ASYMMETRIC
-    # Whole groups for torchao; the short last group's padding is quantized as zeros and only
-    # the row's own inputs are kept (rounded up to whole bytes at 4 bits).
-    w = F.pad(w, (0, -inputs % group)).reshape(c * rows, -1)
-    groups = w.shape[1] // group
-    block_size = (1, group)
+        return Scheme(inputs, torch.int8, -128, 127, True)
+    if config.symmetric:
+        return Scheme(config.group_size, torch.int8, -8, 7, True)
+    return Scheme(config.group_size, torch.uint8, 0, 15, False)
+
+
+def group_parameters(w: torch.Tensor, s: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torchao's scales and zero points of ``w`` ``(rows, groups * group)``, one per row and group."""
+    MappingType, choose_qparams_affine, _ = _primitives()
+    mapping = MappingType.SYMMETRIC if s.symmetric else MappingType.ASYMMETRIC
+    groups = w.shape[1] // s.group
     # torchao reduces over everything when a block is a single element (a block of one
     # column at int8): the same scales come from the row written twice.
-    probe, probe_block = (torch.cat([w, w], 1), (1, 2)) if group == 1 else (w, block_size)
+    probe, block = (torch.cat([w, w], 1), (1, 2)) if s.group == 1 else (w, (1, s.group))
     scales, zeros = choose_qparams_affine(
-        probe, mapping, probe_block, target, low, high, scale_dtype=w.dtype, zero_point_dtype=torch.int32
+        probe, mapping, block, s.target, s.low, s.high, scale_dtype=w.dtype, zero_point_dtype=torch.int32
     )
     # Reshaped explicitly: torchao's result drops dimensions of size one.
-    scales = scales.reshape(c * rows, groups)
-    zeros = None if zeros is None else zeros.reshape(c * rows, groups)
-    q = quantize_affine(w, block_size, scales, zeros, target, low, high).reshape(c, rows, -1)
-    scales = scales.reshape(c, rows, groups).contiguous()
-    shape = tuple(blocks.shape)
-    if config.bits == 8:
-        return QuantizedWeight(q.contiguous(), scales, None, 8, shape, group)
-    q = q[..., : inputs + inputs % 2]
-    zero_points = None
-    if config.symmetric:
-        q = q.to(torch.int16) + SYMMETRIC_INT4_ZERO
-    else:
-        zero_points = zeros.reshape(c, rows, groups).to(torch.uint8).contiguous()
-    return QuantizedWeight(pack_int4(q), scales, zero_points, 4, shape, group)
+    return scales.reshape(-1, groups), None if zeros is None else zeros.reshape(-1, groups)
+
+
+def to_integers(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, s: Scheme, group: int | None = None
+) -> torch.Tensor:
+    """torchao's ``quantize_affine`` of ``w`` ``(rows, groups * group)`` (``group``: inputs per
+    scale in ``w``, the scheme's by default; 1 for a single column)."""
+    _, _, quantize_affine = _primitives()
+    return quantize_affine(w, (1, group or s.group), scales, zeros, s.target, s.low, s.high)
+
+
+def integer_weight(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, s: Scheme, bits: int, shape: tuple[int, ...]
+) -> QuantizedWeight:
+    """Store integers ``q`` ``(c, rows, groups * group)`` (in the scheme's range) with their
+    parameters ``(c, rows, groups)`` as a :class:`QuantizedWeight` of float blocks ``shape``."""
+    scales = scales.contiguous()
+    if bits == 8:
+        return QuantizedWeight(q.to(torch.int8).contiguous(), scales, None, 8, shape, s.group)
+    inputs = math.prod(shape) // (q.shape[0] * q.shape[1])
+    q = q[..., : inputs + inputs % 2].to(torch.int16)  # a row's own inputs, in whole bytes
+    if s.symmetric:
+        return QuantizedWeight(pack_int4(q + SYMMETRIC_INT4_ZERO), scales, None, 4, shape, s.group)
+    return QuantizedWeight(pack_int4(q), scales, zeros.to(torch.uint8).contiguous(), 4, shape, s.group)
+
+
+@torch.no_grad()
+def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig) -> QuantizedWeight:
+    """Quantize packed blocks (in the layer's stored shape, ``c`` blocks of ``rows`` rows) by
+    rounding to the nearest level."""
+    w = blocks.detach().reshape(c, rows, -1)
+    s = scheme(config, w.shape[-1])
+    # Whole groups for torchao; the short last group's padding is quantized as zeros.
+    w = F.pad(w, (0, -w.shape[-1] % s.group)).reshape(c * rows, -1)
+    scales, zeros = group_parameters(w, s)
+    q = to_integers(w, scales, zeros, s).reshape(c, rows, -1)
+    zeros = None if zeros is None else zeros.reshape(c, rows, -1)
+    return integer_weight(q, scales.reshape(c, rows, -1), zeros, s, config.bits, tuple(blocks.shape))
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks]:

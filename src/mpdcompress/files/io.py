@@ -23,7 +23,7 @@ from torch import nn
 from .._version import __version__
 from ..atomic import write_atomic
 from ..core.config import MPDConfig, checked_device
-from ..core.convert import compressed_layers, mpdify_, pack
+from ..core.convert import compressed_layers, mpdify_, pack, packed_layer_sources
 from ..core.masks import check_permutation
 from ..errors import (
     CompressionError,
@@ -33,9 +33,8 @@ from ..errors import (
     MPDCompressError,
     NonFiniteWeightsWarning,
 )
-from ..nn.conv_chain import PackedConvChain
 from ..nn.loading import guard_state_dict_loading
-from ..nn.packed import BlockDiagonalLinear, PackedChain
+from ..nn.packed import BlockDiagonalLinear
 from ..nn.packed_conv import BlockDiagonalConv
 from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear
 from .architecture import UnsupportedArchitectureError, build, describe, zero_quantized_weight
@@ -73,29 +72,20 @@ def _index_dtype(n: int) -> torch.dtype:
 def _compressed_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every compressed layer by qualified name, with ``source``: its name in the masked model."""
     layers = {}
-    for name, module in compressed_layers(model).items():
-        if isinstance(module, (PackedChain, PackedConvChain)):
-            parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
-            named = [
-                (f"{name}.layers.{i}", layer, parent + key)
-                for i, (layer, key) in enumerate(zip(module.layers, module.layer_source_keys()))
-            ]
-        else:
-            named = [(name, module, name)]
-        for key, layer, source in named:
-            d_out, d_in = layer.mpd_mask.shape
-            layers[key] = {
-                "kind": type(layer).__name__,
-                "source": source,
-                "d_out": d_out,
-                "d_in": d_in,
-                "compression": layer.compression,
-                "bias": layer.bias is not None,
-            }
-            if hasattr(layer, "kernel_size"):
-                layers[key]["kernel_size"] = list(layer.kernel_size)
-            if (quantization := quantization_entry(layer)) is not None:
-                layers[key]["quantization"] = quantization
+    for key, (layer, source) in packed_layer_sources(model).items():
+        d_out, d_in = layer.mpd_mask.shape
+        layers[key] = {
+            "kind": type(layer).__name__,
+            "source": source,
+            "d_out": d_out,
+            "d_in": d_in,
+            "compression": layer.compression,
+            "bias": layer.bias is not None,
+        }
+        if hasattr(layer, "kernel_size"):
+            layers[key]["kernel_size"] = list(layer.kernel_size)
+        if (quantization := quantization_entry(layer)) is not None:
+            layers[key]["quantization"] = quantization
     return layers
 
 

@@ -1,9 +1,10 @@
 """Compressing models that are already trained: calibration (input moments, least-squares refit,
-block tuning), distillation from the dense teacher, the forward taps they share, and helpers
-for pretrained sentence encoders."""
+block tuning), distillation from the dense teacher, quantization with error feedback (GPTQ), the
+forward taps they share, and helpers for pretrained sentence encoders."""
 
 from .calibrate import compress_calibrated, input_moments, refit_
 from .distill import DistillConfig, DistillResult, distill, distillation_loss
+from .gptq import quantize_calibrated_
 from .reconstruct import reconstruct_
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "DistillResult",
     "distill",
     "distillation_loss",
+    "quantize_calibrated_",
 ]
