@@ -6,15 +6,10 @@ Usage: python benchmarks/cnn_accuracy.py [--model deep-mnist] [--dataset mnist] 
 """
 
 import argparse
-import json
-import shlex
 import sys
-import time
-from pathlib import Path
 
-from mpdcompress.atomic import write_atomic
-from mpdcompress.bench.machine import describe_machine
 from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
+from mpdcompress.experiments.study_files import command_line, timed_study, write_study
 
 
 def main() -> None:
@@ -30,16 +25,10 @@ def main() -> None:
     profile = CnnAccuracyProfile(
         args.model, args.dataset, args.compression, args.epochs, tuple(args.seeds), args.train_limit
     )
-    started = time.perf_counter()
-    results = run_cnn_accuracy(profile, progress=lambda message: print(message, flush=True))
-    results["machine"] = describe_machine("cpu")
-    results["wall_seconds"] = time.perf_counter() - started
-    command = "python benchmarks/cnn_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
-    write_atomic(out / "report.md", lambda f: f.write(render_cnn_accuracy(results, command.strip()).encode()))
-    print(render_cnn_accuracy(results, command.strip()))
+    results = timed_study(lambda: run_cnn_accuracy(profile, progress=lambda message: print(message, flush=True)))
+    report = render_cnn_accuracy(results, command_line("benchmarks/cnn_accuracy.py", sys.argv[1:]))
+    write_study(args.out, results, report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,22 @@ fortunes-min``. Usage: python benchmarks/minilm_quantized.py [-c 4] [--calibrati
 import argparse
 import copy
 import json
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mpdcompress.atomic import write_atomic
 from mpdcompress.core.convert import pack
 from mpdcompress.core.quantize import quantize_
 from mpdcompress.core.roles import select_roles
 from mpdcompress.data.text import held_out_split, load_corpus, sample_sentences
+from mpdcompress.experiments.study_files import command_line, write_study
 from mpdcompress.files.io import save
 from mpdcompress.posthoc.calibrate import compress_calibrated
+from mpdcompress.posthoc.gptq import quantize_calibrated_
 from mpdcompress.posthoc.sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement
 
-FORMATS = ("fp32", "int8", "int4", "int4-g128")
+FORMATS = ("fp32", "int8", "int4", "int4-gptq", "int4-g128")
 
 
 def main() -> None:
@@ -52,7 +52,12 @@ def main() -> None:
     packed = pack(student).eval()
     rows = []
     for fmt in FORMATS:
-        model = packed if fmt == "fp32" else quantize_(copy.deepcopy(packed), fmt)
+        if fmt == "fp32":
+            model = packed
+        elif fmt.endswith("-gptq"):  # error feedback over the same calibration sentences
+            model = quantize_calibrated_(copy.deepcopy(packed), fmt.removesuffix("-gptq"), calibration)
+        else:
+            model = quantize_(copy.deepcopy(packed), fmt)
         with tempfile.TemporaryDirectory() as folder:
             size = save(model.encoder, Path(folder) / "m.safetensors").stat().st_size
         row = {"format": fmt, "file_bytes": size}
@@ -60,14 +65,14 @@ def main() -> None:
             row[name] = neighbour_agreement(embed(model, tokenizer, sentences), references[name])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    command = "python benchmarks/minilm_quantized.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line("benchmarks/minilm_quantized.py", sys.argv[1:])
     results = {"args": vars(args), "rows": rows, "wall_seconds": time.perf_counter() - started}
     lines = [
         f"# all-MiniLM-L6-v2, MLPs at c = {args.compression}, calibrated, blocks quantized",
         "",
-        f"Command: `{command.strip()}`. Calibrated on {args.calibration} WordNet glosses "
+        f"Command: `{command}`. Calibrated on {args.calibration} WordNet glosses "
         f"({args.block_steps} block-tuning steps per layer), no distillation; each format quantizes the "
-        f"same packed student. Cosine / recall@10 to the dense teacher on {args.eval_sentences} sentences "
+        f"same packed student (int4-gptq: with GPTQ error feedback over the calibration glosses). Cosine / recall@10 to the dense teacher on {args.eval_sentences} sentences "
         "per source. File: the encoder as `mpdcompress.save` writes it (embeddings and attention stay fp32).",
         "",
         "| format | file bytes | " + " | ".join(f"{name}: cosine / recall@10" for name in sources) + " |",
@@ -76,10 +81,7 @@ def main() -> None:
     for row in rows:
         cells = [f"{row[name]['cosine']:.4f} / {row[name]['recall@10']:.3f}" for name in sources]
         lines.append(f"| {row['format']} | {row['file_bytes']:,} | " + " | ".join(cells) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
-    write_atomic(out / "report.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    write_study(args.out, results, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

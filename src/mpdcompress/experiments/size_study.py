@@ -42,7 +42,7 @@ class SizeProfile:
     model: str = "lenet300"
     dataset: str = "mnist"
     compressions: tuple[int, ...] = (4, 8, 10, 16)
-    formats: tuple[str, ...] = ("int8", "int4", "int4-g64")
+    formats: tuple[str, ...] = ("int8", "int4", "int4-g128")
     epochs: int = 20
     seed: int = 0
     train_limit: int | None = None
