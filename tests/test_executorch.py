@@ -6,7 +6,7 @@ import torch
 
 import mpdcompress as mpd
 from mpdcompress.cli.main import main
-from mpdcompress.errors import ExportError
+from mpdcompress.errors import ConfigError, ExportError
 from mpdcompress.models import build_model, paper_filter
 
 pytest.importorskip("executorch")
@@ -53,6 +53,8 @@ def test_export_command_writes_a_pte_file_for_a_quantized_file(tmp_path, capsys)
 
 
 def test_a_model_that_does_not_take_the_example_is_refused_before_tracing(tmp_path):
+    with pytest.raises(ConfigError, match="max_size"):
+        mpd.export_executorch(_packed("lenet300"), torch.randn(2, 1, 28, 28), tmp_path / "m.pte", max_size=1)
     with pytest.raises(ExportError, match="does not run on the example"):
         mpd.export_executorch(_packed("lenet300"), torch.randn(2, 3, 5), tmp_path / "m.pte")
     assert not (tmp_path / "m.pte").exists()

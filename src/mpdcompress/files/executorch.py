@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..errors import ExportError, MissingDependencyError
+from ..errors import ConfigError, ExportError, MissingDependencyError
 from .export_inputs import DynamicDims, Inputs, check_runs_on, dynamic_shapes, quiet_export, split_inputs
 
 __all__ = ["export_executorch", "run_executorch"]
@@ -36,16 +36,21 @@ def export_executorch(
     *,
     dynamic_batch: bool = True,
     dynamic_dims: DynamicDims | tuple[DynamicDims, ...] | dict[str, DynamicDims] | None = None,
+    max_size: int = 256,
 ) -> Path:
     """Export ``model`` (packed, quantized or not) to an ExecuTorch program lowered to XNNPACK;
     returns the path of the ``.pte`` file.
 
     ``example_inputs`` and ``dynamic_dims`` as for :func:`~mpdcompress.export_onnx` (by default
-    dimension 0 of every input is a dynamic batch). Check the file with :func:`run_executorch`.
+    dimension 0 of every input is a dynamic batch), each dynamic dimension at most ``max_size``:
+    ExecuTorch plans its memory for the largest shapes ahead of time, so the bound is what the
+    program reserves. Check the file with :func:`run_executorch`.
     """
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 2:
+        raise ConfigError(f"max_size must be an int of at least 2, got {max_size!r}")
     partitioner, lower = _executorch()
     args, kwargs = split_inputs(example_inputs)
-    dims = dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch)
+    dims = dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch, max_size)
     check_runs_on(model, args, kwargs)
     try:
         with quiet_export(model), torch.no_grad():

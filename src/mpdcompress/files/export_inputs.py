@@ -52,8 +52,9 @@ def split_inputs(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, to
     return args, kwargs
 
 
-def dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch: bool):
-    """torch.export's ``dynamic_shapes`` for the inputs: one ``Dim`` per distinct name."""
+def dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch: bool, max_size: int = 1 << 20):
+    """torch.export's ``dynamic_shapes`` for the inputs: one ``Dim`` per distinct name, each up
+    to ``max_size``."""
     count = len(args) + len(kwargs)
     if dynamic_dims is None:
         if not dynamic_batch:
@@ -81,7 +82,7 @@ def dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch: bool):
                 # torch.export treats sizes 0 and 1 as special and would fix the dimension.
                 raise ConfigError(f"the example's size along dynamic dimension {axis} must be at least 2")
         specs.append(
-            {axis: dims.setdefault(name, torch.export.Dim(name, min=1, max=1 << 20)) for axis, name in spec.items()}
+            {axis: dims.setdefault(name, torch.export.Dim(name, min=1, max=max_size)) for axis, name in spec.items()}
         )
     # Inputs come either all positional or all by keyword (split_inputs).
     if kwargs:
