@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mpdcompress as mc
 from mpdcompress.cli.main import main
@@ -156,3 +157,13 @@ def test_bad_model_classes_and_dims_are_one_line_errors(tmp_path, custom_model_f
     argv = ["export", str(tmp_path / "custom.safetensors"), "-o", str(tmp_path / "m.onnx"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_export_leaves_a_training_model_and_its_batchnorm_statistics_as_they_were(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    mc.mpdify_(model, 2, convs=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -51,11 +51,16 @@ def export_executorch(
     partitioner, lower = _executorch()
     args, kwargs = split_inputs(example_inputs)
     dims = dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch, max_size)
-    check_runs_on(model, args, kwargs)
     try:
-        with quiet_export(model), torch.no_grad():
+        with (
+            quiet_export(model),
+            torch.no_grad(),
+        ):  # eval mode first, so the check forward moves no BatchNorm statistics
+            check_runs_on(model, args, kwargs)
             program = torch.export.export(model, args, kwargs or None, dynamic_shapes=dims)
             buffer = lower(program, partitioner=[partitioner()]).to_executorch().buffer
+    except ExportError:
+        raise
     except Exception as exc:  # torch.export and the lowering raise many unrelated types
         raise ExportError(f"ExecuTorch export failed: {exc}") from exc
     return atomic_path(Path(path), lambda tmp: tmp.write_bytes(buffer))

@@ -62,8 +62,8 @@ def export_onnx(
     if dims is not None:
         options["dynamic_shapes"] = dims
     try:
-        check_runs_on(model, args, kwargs)
-        with quiet_export(model):
+        with quiet_export(model):  # eval mode first: a check forward in training mode would move BatchNorm statistics
+            check_runs_on(model, args, kwargs)
             program = torch.onnx.export(
                 model,
                 args,
