@@ -188,3 +188,16 @@ def test_quantizing_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization.quant_primitives", None)
     with pytest.raises(MissingDependencyError, match=r"mpdcompress\[quant\]"):
         mpd.quantize_(_mlp())
+
+
+def test_the_triton_engine_runs_quantized_layers_on_their_dequantized_blocks():
+    pytest.importorskip("triton")
+    model = mpd.quantize_(_mlp(), "int4-g32-asym")
+    float_model = mpd.dequantize(model)
+    x = torch.randn(3, 70)
+    with torch.no_grad():
+        with mpd.use_engine("triton"):
+            got, expected = model(x), float_model(x)
+        reference = model(x)  # the PyTorch engine
+    assert torch.equal(got, expected)
+    assert (got - reference).abs().max() <= 1e-5 * reference.abs().max()
