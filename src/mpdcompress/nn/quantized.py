@@ -60,14 +60,10 @@ def quantized_problem(weight: QuantizedWeight, layout: BlockLayout) -> str | Non
     q = weight.integers()
     if bool(q[..., weight.inputs :].any()):
         return "qweight is not zero in the nibble that pads its rows"
-    if layout.nonzero_padding(weight.dequantize().reshape(*layout_blocks(layout), -1), None) is not None:
+    blocks = weight.dequantize().reshape(layout.compression, layout.max_rows, layout.max_cols, -1)
+    if layout.nonzero_padding(blocks, None) is not None:
         return "qweight is not zero on the blocks' padding"
     return None
-
-
-def layout_blocks(layout: BlockLayout) -> tuple[int, int, int]:
-    """``(c, max_rows, max_cols)``."""
-    return layout.compression, layout.max_rows, layout.max_cols
 
 
 class QuantizedBlocks(PackedBlocks):
