@@ -71,3 +71,28 @@ def test_what_cannot_be_calibrated_is_refused():
         quantize_calibrated_(packed, "int4", [_inputs(8, 1)], damp=2.0)
     with pytest.raises(CompressionError, match="no packed linear layer"):
         quantize_calibrated_(nn.Sequential(nn.Linear(4, 4)), "int4", [torch.randn(2, 4)])
+
+
+class _Tokens(nn.Module):
+    """A token model: the attention mask is for attention, which this one has none of."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.body(hidden)
+
+
+def test_padding_positions_of_an_attention_mask_do_not_count():
+    from mpdcompress.posthoc.gptq import block_hessians
+
+    model = _Tokens(_packed())
+    hidden = torch.randn(3, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    hidden[mask == 0] = 1e3  # what padding positions hold must not matter
+    layer = model.body[0].layers[0]
+    got = block_hessians(model, [{"hidden": hidden, "attention_mask": mask}], {"body.0.layers.0": layer})
+    kept = hidden[mask.bool()].double()[:, layer.in_gather] * (layer.kernel_in_index >= 0)
+    blocks = kept.view(-1, layer.compression, layer.layout.max_cols)
+    assert torch.allclose(got["body.0.layers.0"], torch.einsum("nki,nkj->kij", blocks, blocks))

@@ -32,23 +32,34 @@ def block_hessians(
 ) -> dict[str, torch.Tensor]:
     """``Xᵀ X`` per block ``(c, cols, cols)`` of each packed layer over the calibration batches,
     from the inputs its masked form receives (a chain runs its layers inside one call, so the
-    inputs are read from the unpacked model). Padding columns get zero rows and columns."""
+    inputs are read from the unpacked model). Padding columns get zero rows and columns. In a
+    batch with an ``attention_mask``, token positions it excludes (padding) do not count."""
     sources = packed_layer_sources(model)
     masked = unpack(model)
     sums: dict[str, torch.Tensor] = {}
     hooks = {}
+    positions: dict[str, torch.Tensor | None] = {"kept": None}
+
+    def kept_rows(x: torch.Tensor) -> torch.Tensor:
+        keep = positions["kept"]
+        if keep is not None and tuple(x.shape[:-1]) == tuple(keep.shape):
+            return x[keep.to(x.device).bool()]
+        return x.reshape(-1, x.shape[-1])
+
     for name, layer in layers.items():
         layout = layer.layout
         gather, valid = layer.in_gather, (layer.kernel_in_index >= 0).to(layer.in_gather.device)
 
         def add(x: torch.Tensor, name=name, gather=gather, valid=valid, layout=layout) -> None:
-            xg = (x.reshape(-1, x.shape[-1]).double()[:, gather] * valid).view(-1, layout.compression, layout.max_cols)
+            xg = (kept_rows(x).double()[:, gather] * valid).view(-1, layout.compression, layout.max_cols)
             h = torch.einsum("nki,nkj->kij", xg, xg)
             sums[name] = h if name not in sums else sums[name] + h
 
         hooks[masked.get_submodule(sources[name][1])] = add
     with evaluating(masked):
-        run(masked, reiterable(batches), hooks)
+        for batch in reiterable(batches):
+            positions["kept"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+            run(masked, [batch], hooks)
     missing = sorted(set(layers) - set(sums))
     if missing:
         raise CompressionError(f"the calibration batches never reach these layers: {missing}")
