@@ -21,10 +21,12 @@ from ..core.quantize import quantize_
 from ..models import build_model, model_spec, paper_filter
 from ..timing import interleaved_medians
 
-__all__ = ["run_runtime_bench", "render_runtime_bench"]
+__all__ = ["packed_variants", "run_runtime_bench", "render_runtime_bench"]
 
 
-def _variants(name: str, c: int, formats: tuple[str, ...]) -> dict[str, nn.Module]:
+def packed_variants(name: str, c: int, formats: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Registry model ``name`` (random weights, seed 0) as ``dense fp32``, packed at ``c`` as
+    ``MPD c=<c> fp32``, and that packed model quantized in each format (``MPD c=<c> int8``...)."""
     torch.manual_seed(0)
     dense = build_model(name).eval()
     masked = copy.deepcopy(dense)
@@ -73,16 +75,10 @@ def run_runtime_bench(
     against the same variant in PyTorch."""
     say = progress or (lambda message: None)
     shape = model_spec(name).input_shape
-    models = _variants(name, compression, formats)
-    if "pytorch" in runtimes and "int8" in formats:
-        models_pytorch = {
-            **models,
-            f"MPD c={compression} int8-dynamic": quantize_(
-                copy.deepcopy(models[f"MPD c={compression} fp32"]), "int8-dynamic"
-            ),
-        }
-    else:
-        models_pytorch = models
+    models = packed_variants(name, compression, formats)
+    # fbgemm's int8 GEMMs exist in PyTorch only: the other runtimes get the exported float graph.
+    dynamic = quantize_(copy.deepcopy(models[f"MPD c={compression} fp32"]), "int8-dynamic")
+    models_pytorch = {**models, f"MPD c={compression} int8-dynamic": dynamic}
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         for runtime in runtimes:

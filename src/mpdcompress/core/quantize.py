@@ -30,6 +30,7 @@ __all__ = [
     "dequantize",
     "quantize_weight",
     "quantized_layers",
+    "quantized_like",
     "Scheme",
     "scheme",
     "group_parameters",
@@ -89,6 +90,17 @@ class QuantConfig:
             else:
                 raise ConfigError(f"unknown quantization option {part!r} in {text!r}")
         return cls(**options)
+
+    @classmethod
+    def of(cls, config: "QuantConfig | str | None") -> "QuantConfig":
+        """``config`` as a QuantConfig: itself, its name parsed, or the default (int8) for None."""
+        if config is None:
+            return cls()
+        if isinstance(config, str):
+            return cls.parse(config)
+        if not isinstance(config, cls):
+            raise ConfigError(f"config must be a QuantConfig or its name, got {type(config).__name__}")
+        return config
 
     def describe(self) -> str:
         """The name :meth:`parse` reads back."""
@@ -186,17 +198,26 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedBlocks)}
 
 
-def _quantized(layer: PackedBlocks, config: QuantConfig) -> nn.Module:
-    layout = layer.layout
-    weight = quantize_weight(layer.weight_blocks, layout.compression, layout.max_rows, config)
-    bias = None if layer.bias is None else layer.bias.detach()
+def quantized_like(
+    layer: PackedBlocks, weight: QuantizedWeight, activations: str = "float", bias: torch.Tensor | None = None
+) -> QuantizedBlocks:
+    """The quantized layer that takes ``layer``'s place with blocks ``weight``: same mask, same
+    convolution arguments, ``layer``'s bias (or ``bias``)."""
+    if bias is None and layer.bias is not None:
+        bias = layer.bias.detach()
     if isinstance(layer, BlockDiagonalConv):
-        if config.activations == "dynamic":
+        if activations == "dynamic":
             raise CompressionError("dynamic int8 activations are for linear layers; convolutions stay weight-only")
         return QuantizedBlockDiagonalConv(
             layer.mpd_mask, weight, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation
         )
-    return QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=config.activations)
+    return QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=activations)
+
+
+def _quantized(layer: PackedBlocks, config: QuantConfig) -> QuantizedBlocks:
+    layout = layer.layout
+    weight = quantize_weight(layer.weight_blocks, layout.compression, layout.max_rows, config)
+    return quantized_like(layer, weight, config.activations)
 
 
 def quantize_(
@@ -209,9 +230,7 @@ def quantize_(
     ...); int8 weight-only by default. Dense layers (a folded head or tail, the classifier) stay
     as they are. The model must be packed (:func:`~mpdcompress.pack`).
     """
-    config = QuantConfig() if config is None else QuantConfig.parse(config) if isinstance(config, str) else config
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig or its name, got {type(config).__name__}")
+    config = QuantConfig.of(config)
     if any(isinstance(m, MaskedWeight) for m in model.modules()):
         raise CompressionError("quantize_ takes a packed model: call pack() first (masked layers hold dense weights)")
     selected = {

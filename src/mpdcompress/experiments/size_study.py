@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.convert import mpdify_, pack
+from ..bench.runtimes import packed_variants
+from ..core.convert import pack
 from ..core.quantize import QuantConfig, quantize_, quantize_weight
 from ..data.datasets import load_dataset
 from ..files.io import save
-from ..models import build_model, model_spec, paper_filter
+from ..models import model_spec
 from ..paper import DEEP_COMPRESSION
 from ..plotting import pyplot
 from ..timing import interleaved_medians
@@ -158,20 +159,16 @@ def _size_only(name: str, c: int, formats: tuple[str, ...]) -> dict[str, Any]:
     """File bytes of the dense and the packed model in every format, and their speed (random
     weights: what is measured does not depend on them)."""
     spec = model_spec(name)
-    torch.manual_seed(0)
-    dense = build_model(name).eval()
+    models = packed_variants(name, c, formats)
+    dense, packed = models.pop("dense fp32"), models[f"MPD c={c} fp32"]
     sizes = {"dense fp32": _safetensors_bytes(dense.state_dict())}
     for fmt in formats:
         sizes[f"dense {fmt}"] = _safetensors_bytes(dense_quantized(dense, QuantConfig.parse(fmt))[1])
-    masked = copy.deepcopy(dense)
-    mpdify_(masked, c, filter_fn=paper_filter(masked, name), seed=0)
-    packed = pack(masked, inplace=True)
-    variants = {"fp32": packed, **{fmt: quantize_(copy.deepcopy(packed), fmt) for fmt in formats}}
-    for fmt, model in variants.items():
-        sizes[f"mpd c={c} {fmt}"] = _file_bytes(lambda p, m=model: save(m, p, input_shape=spec.input_shape))
+    for label, model in models.items():
+        sizes[label.replace("MPD", "mpd")] = _file_bytes(lambda p, m=model: save(m, p, input_shape=spec.input_shape))
     timed = {"dense fp32": dense, f"MPD c={c} fp32": packed}
-    if "int8" in variants:
-        timed[f"MPD c={c} int8"] = variants["int8"]
+    if f"MPD c={c} int8" in models:
+        timed[f"MPD c={c} int8"] = models[f"MPD c={c} int8"]
     timed[f"MPD c={c} int8-dynamic"] = quantize_(copy.deepcopy(packed), "int8-dynamic")
     return {"model": name, "compression": c, "bytes": sizes, "seconds": _speed(timed, spec.input_shape)}
 

@@ -25,6 +25,7 @@ from ..atomic import write_atomic
 from ..core.config import MPDConfig, checked_device
 from ..core.convert import compressed_layers, mpdify_, pack, packed_layer_sources
 from ..core.masks import check_permutation
+from ..core.quantize import quantized_like
 from ..errors import (
     CompressionError,
     CompressionTypeError,
@@ -36,7 +37,6 @@ from ..errors import (
 from ..nn.loading import guard_state_dict_loading
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.packed_conv import BlockDiagonalConv
-from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear
 from .architecture import UnsupportedArchitectureError, build, describe, zero_quantized_weight
 from .header import (
     FORMAT_NAME,
@@ -216,12 +216,7 @@ def _quantized_skeleton(model: nn.Module, name: str, quantization: dict[str, Any
     blocks = torch.zeros_like(layer.weight_blocks, device="cpu")
     weight = zero_quantized_weight(blocks, layout.compression, layout.max_rows, quantization)
     bias = None if layer.bias is None else torch.zeros_like(layer.bias, device="cpu")
-    if isinstance(layer, BlockDiagonalConv):
-        conv = {k: getattr(layer, k) for k in ("stride", "padding", "dilation")}
-        parent._modules[key] = QuantizedBlockDiagonalConv(layer.mpd_mask, weight, bias, **conv)
-    else:
-        activations = quantization["activations"]
-        parent._modules[key] = QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=activations)
+    parent._modules[key] = quantized_like(layer, weight, quantization["activations"], bias)
 
 
 def _check_digests(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:

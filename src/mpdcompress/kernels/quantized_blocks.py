@@ -75,11 +75,6 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The float type the weights dequantize to (the scales')."""
-        return self.scales.dtype
-
     def dim(self) -> int:
         """Dimensions of the float blocks (what a packed layer's constructor checks)."""
         return len(self.shape)
@@ -116,8 +111,7 @@ class DynamicInt8Blocks:
     """
 
     def __init__(self, weight: QuantizedWeight) -> None:
-        if weight.bits != 8 or weight.scales.shape[-1] != 1:
-            raise ValueError("dynamic int8 activations need int8 weights with one scale per row")
+        # int8 with one scale per row: QuantizedBlockDiagonalLinear refuses anything else.
         self.shape = tuple(weight.qweight.shape)
         zeros = torch.zeros(self.shape[1], dtype=torch.int64)
         with warnings.catch_warnings():

@@ -17,11 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.convert import LayerFilter, _replace_modules, packed_layer_sources, unpack
-from ..core.quantize import QuantConfig, Scheme, group_parameters, integer_weight, quantize_, scheme, to_integers
+from ..core.quantize import (
+    QuantConfig,
+    Scheme,
+    group_parameters,
+    integer_weight,
+    quantize_,
+    quantized_like,
+    scheme,
+    to_integers,
+)
 from ..errors import CompressionError, ConfigError
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.packed_conv import BlockDiagonalConv
-from ..nn.quantized import QuantizedBlockDiagonalLinear
 from .taps import evaluating, reiterable, run
 
 __all__ = ["quantize_calibrated_", "block_hessians", "gptq_blocks"]
@@ -117,16 +125,16 @@ def quantize_calibrated_(
     """:func:`~mpdcompress.quantize_` with GPTQ error feedback for packed linear layers (their
     inputs read over ``batches``, a list or DataLoader of what ``model`` takes); packed
     convolutions are rounded to nearest. In place; returns ``model``."""
-    config = QuantConfig.parse(config) if isinstance(config, str) else config
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig or its name, got {type(config).__name__}")
+    config = QuantConfig.of(config)
     if not 0 <= damp < 1:
         raise ConfigError(f"damp must be in [0, 1), got {damp!r}")
-    linear = {
+    selected = {
         name: layer
         for name, (layer, _) in packed_layer_sources(model).items()
-        if type(layer) is BlockDiagonalLinear and (filter_fn is None or filter_fn(layer, name))
+        if type(layer) in (BlockDiagonalLinear, BlockDiagonalConv) and (filter_fn is None or filter_fn(layer, name))
     }
+    linear = {name: layer for name, layer in selected.items() if type(layer) is BlockDiagonalLinear}
+    convs = {id(layer) for layer in selected.values() if type(layer) is BlockDiagonalConv}
     if not linear:
         raise CompressionError("nothing to calibrate: no packed linear layer is selected (pack() the model first)")
     hessians = block_hessians(model, batches, linear)
@@ -134,13 +142,7 @@ def quantize_calibrated_(
     for name, layer in linear.items():
         q, scales, zeros, s = gptq_blocks(layer.weight_blocks, hessians[name], config, damp)
         weight = integer_weight(q, scales, zeros, s, config.bits, tuple(layer.weight_blocks.shape))
-        bias = None if layer.bias is None else layer.bias.detach()
-        chosen[id(layer)] = QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=config.activations)
-    convs = {
-        id(layer)
-        for name, (layer, _) in packed_layer_sources(model).items()
-        if type(layer) is BlockDiagonalConv and (filter_fn is None or filter_fn(layer, name))
-    }
+        chosen[id(layer)] = quantized_like(layer, weight, config.activations)
     _replace_modules(model, lambda m: chosen.get(id(m)))
     if convs:
         quantize_(model, config, filter_fn=lambda m, _: id(m) in convs)
