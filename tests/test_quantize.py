@@ -177,8 +177,14 @@ def test_what_cannot_be_quantized_is_refused():
         mpd.quantize_(nn.Sequential(nn.Linear(8, 8)))
     with pytest.raises(CompressionError, match="in place"):
         mpd.quantize_(mpd.pack(masked)[0])
-    with pytest.raises(CompressionError, match="linear layers"):
-        mpd.quantize_(_cnn(), "int8-dynamic")
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Linear(12, 12), nn.Unflatten(1, (12, 1, 1)), nn.Conv2d(12, 12, 1), nn.Flatten())
+    mpd.mpdify_(cnn, 3, convs=True)
+    cnn = mpd.pack(cnn)
+    before = repr(cnn)
+    with pytest.raises(CompressionError, match=r"linear layers; these are convolutions: \['2'\]"):
+        mpd.quantize_(cnn, "int8-dynamic")
+    assert repr(cnn) == before  # refused before its linear layer was quantized
     with pytest.raises(CompressionError, match="no quantized layer"):
         mpd.dequantize(_mlp())
 

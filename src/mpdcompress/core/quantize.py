@@ -31,6 +31,7 @@ __all__ = [
     "quantize_weight",
     "quantized_layers",
     "quantized_like",
+    "refuse_dynamic_convs",
     "Scheme",
     "scheme",
     "group_parameters",
@@ -214,6 +215,17 @@ def quantized_like(
     return QuantizedBlockDiagonalLinear(layer.mpd_mask, weight, bias, activations=activations)
 
 
+def refuse_dynamic_convs(config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+    """Refuse, before any layer is changed, dynamic activations for the convolutions among the
+    selected ``layers`` (by name): a half-quantized model must not be left behind."""
+    convs = [name for name, layer in layers.items() if isinstance(layer, BlockDiagonalConv)]
+    if config.activations == "dynamic" and convs:
+        raise CompressionError(
+            f"dynamic int8 activations are for linear layers; these are convolutions: {convs[:5]} "
+            "(quantize them weight-only, or leave them out with filter_fn)"
+        )
+
+
 def _quantized(layer: PackedBlocks, config: QuantConfig) -> QuantizedBlocks:
     layout = layer.layout
     weight = quantize_weight(layer.weight_blocks, layout.compression, layout.max_rows, config)
@@ -233,13 +245,15 @@ def quantize_(
     config = QuantConfig.of(config)
     if any(isinstance(m, MaskedWeight) for m in model.modules()):
         raise CompressionError("quantize_ takes a packed model: call pack() first (masked layers hold dense weights)")
-    selected = {
-        id(m): m
+    named = {
+        name: m
         for name, m in model.named_modules()
         if isinstance(m, PackedBlocks)
         and not isinstance(m, QuantizedBlocks)
         and (filter_fn is None or filter_fn(m, name))
     }
+    refuse_dynamic_convs(config, named)
+    selected = {id(m): m for m in named.values()}
     if not selected:
         already = bool(quantized_layers(model))
         raise CompressionError(

@@ -24,6 +24,7 @@ from ..core.quantize import (
     integer_weight,
     quantize_,
     quantized_like,
+    refuse_dynamic_convs,
     scheme,
     to_integers,
 )
@@ -133,6 +134,7 @@ def quantize_calibrated_(
         for name, (layer, _) in packed_layer_sources(model).items()
         if type(layer) in (BlockDiagonalLinear, BlockDiagonalConv) and (filter_fn is None or filter_fn(layer, name))
     }
+    refuse_dynamic_convs(config, selected)
     linear = {name: layer for name, layer in selected.items() if type(layer) is BlockDiagonalLinear}
     convs = {id(layer) for layer in selected.values() if type(layer) is BlockDiagonalConv}
     if not linear:
