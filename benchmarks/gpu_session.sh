@@ -14,6 +14,9 @@ out=${1:?output folder}
 part=${2:?part: key, tests, quick, bf16 or fp32}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+# The tiles the tuner picks per shape and batch (plain, swap-AB or split-K) come back with the run:
+# they are where each variant starts to win, measured.
+export MPDCOMPRESS_TILE_CACHE=$out/tiles.json
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/gpu.txt" 2>&1
 bench() {  # seconds, name, extra arguments: eager + CUDA-graph timings, targets checked in bench.md

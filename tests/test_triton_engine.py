@@ -4,6 +4,8 @@ interpreter (conftest sets TRITON_INTERPRET=1 where there is no GPU) or on a GPU
 Interpreted kernels run every program in Python, so shapes stay small and example counts low.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 import mpdcompress as mpd  # noqa: E402
-from mpdcompress.kernels import EngineUnavailableError, dispatch, engine_for, use_engine  # noqa: E402
+from mpdcompress.kernels import EngineUnavailableError, dispatch, engine_for, triton_kernels, tuning, use_engine  # noqa: E402
 from mpdcompress.kernels.triton_engine import epilogue_code  # noqa: E402
 from mpdcompress.kernels.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
 from mpdcompress.kernels.tuning import batch_bucket, candidates  # noqa: E402
@@ -148,6 +150,63 @@ def test_backward_matches_reference_engine(act, lead):
         assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
 
 
+VARIANTS = {
+    "plain": {},
+    "swap-AB": {"swap_ab": True},
+    "split-K": {"split_k": 3},
+    "both": {"swap_ab": True, "split_k": 2},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 5, 70])
+def test_every_kernel_variant_matches_reference_forward_and_backward(variant, batch, monkeypatch):
+    """Swap-AB and split-K are candidates the tuner may pick for any launch, the input gradient's
+    included; each must compute what the PyTorch engine computes (forced here, as the interpreter
+    otherwise always runs one tile)."""
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's tile is forced; on a GPU the tuner tries every variant itself")
+    monkeypatch.setattr(tuning, "_INTERPRETER", dataclasses.replace(tuning._INTERPRETER, **VARIANTS[variant]))
+    model = mpd.pack(chain([50, 37, 64, 10], nn.ReLU, lambda i: (3, 2, 5)[i]))
+    x = torch.randn(batch, 50, requires_grad=True)
+    results = {}
+    for engine in ("torch", "triton"):
+        model.zero_grad()
+        x.grad = None
+        with use_engine(engine):
+            out = model(x)
+            (out * torch.linspace(-1, 1, 10)).sum().backward()
+        results[engine] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    for ref, got in zip(results["torch"], results["triton"]):
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+    gelu = mpd.pack(chain([33, 40, 9], nn.GELU, lambda i: 3, bias=False)).eval()  # a fused non-ReLU epilogue
+    with torch.no_grad():
+        ref, got = both_engines(gelu, x.detach()[:, :33])
+    assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+
+
+def test_feature_major_activations_start_every_row_on_16_elements(monkeypatch):
+    """Triton vectorises loads only along strides it knows are multiples of 16: a batch of 70
+    still gives the kernels a feature stride of 80."""
+    real = triton_kernels._block_linear
+    strides = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(x, in_index, w, bias, out_index, y, part, batch, *args, **kwargs):
+                strides.extend(t.stride(1) for t in (x, y) if t.shape[0] > 1 and t.stride(0) == 1)
+                return real[grid](x, in_index, w, bias, out_index, y, part, batch, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_block_linear", Recording())
+    packed = mpd.pack(chain([40, 64, 48, 20], nn.ReLU, lambda i: 4)).to(DEVICE).eval()
+    with use_engine("triton"), torch.no_grad():
+        out = packed(torch.randn(70, 40, device=DEVICE))
+    assert strides and all(stride % 16 == 0 for stride in strides), strides
+    assert out.is_contiguous()
+
+
 def test_compact_training_keeps_padding_zero_and_tracks_reference():
     torch.manual_seed(0)
     models = {
@@ -240,6 +299,9 @@ def test_tile_candidates_fit_the_kernels():
             for cfg in candidates(kernel, bucket):
                 for size in (cfg.block_b, cfg.block_r, cfg.block_k):
                     assert size >= 16 and size & (size - 1) == 0  # tl.dot needs powers of two >= 16
+                if cfg.swap_ab:  # the rows are then the MMA's M: Hopper's wgmma needs 64 of them
+                    assert kernel == "linear" and cfg.block_r >= 64
+                assert cfg.split_k >= 1 and (cfg.split_k == 1 or (kernel == "linear" and bucket == 1))
 
 
 class _HostSyncRefused(TorchDispatchMode):
@@ -274,7 +336,6 @@ class _NoLaunch:
 
 @pytest.mark.parametrize("engine", ["torch", "triton"])
 def test_forward_and_backward_never_wait_for_the_device(engine, monkeypatch):
-    from mpdcompress.kernels import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "_block_linear", _NoLaunch())
     monkeypatch.setattr(triton_kernels, "_block_weight_grad", _NoLaunch())
@@ -294,8 +355,6 @@ def test_forward_and_backward_never_wait_for_the_device(engine, monkeypatch):
 
 def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp_path, monkeypatch):
     import json
-
-    from mpdcompress.kernels import triton_kernels, tuning
 
     monkeypatch.setattr(triton_kernels, "_block_linear", _NoLaunch())
     monkeypatch.setattr(triton_kernels, "_block_weight_grad", _NoLaunch())

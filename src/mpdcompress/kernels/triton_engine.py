@@ -26,6 +26,11 @@ __all__ = ["run_chain_triton", "epilogue_code", "block_linear", "FEATURE_MAJOR_I
 FEATURE_MAJOR_INPUT_MIN_BATCH = 64
 
 
+# Tile of the split-K reduction (features, batch): it reads each partial sum once, so it only
+# needs to stream; 16 batch entries is the most a batch-1-to-16 launch uses.
+_SUM_FEATURES, _SUM_BATCH = 128, 16
+
+
 def _cdiv(a: int, b: int) -> int:
     # Not triton.cdiv: that is a JIT function, ~8 µs of host time per call.
     return -(-a // b)
@@ -59,10 +64,31 @@ def _feature_major(t: Tensor) -> bool:
     return t.shape[0] > 1 and t.stride(0) == 1
 
 
-def _new_activation(batch: int, features: int, like: Tensor, feature_major: bool) -> Tensor:
-    if feature_major:
-        return like.new_empty((features, batch)).t()
+def _pitch(batch: int) -> int:
+    """Elements between two features of a feature-major activation (0: batch-major).
+
+    Rows start on multiples of 16 elements whatever the batch: Triton specialises integer
+    arguments divisible by 16 (and 1), and only then vectorises and pipelines the loads that
+    step by this stride. Not under torch.compile, whose functionalized trace lays a custom op's
+    non-dense output out densely (Inductor then asserts the dense strides at run time)."""
+    if torch.compiler.is_compiling() or batch <= 1:
+        return batch
+    return -(-batch // 16) * 16
+
+
+def _new_activation(batch: int, features: int, like: Tensor, pitch: int) -> Tensor:
+    if pitch:
+        return like.new_empty_strided((batch, features), (1, pitch))
     return like.new_empty((batch, features))
+
+
+def _layout_of(t: Tensor) -> int:
+    """The ``pitch`` argument that lays a new activation out as ``t`` is."""
+    return t.stride(1) if _feature_major(t) else 0
+
+
+def _to_feature_major(x: Tensor) -> Tensor:
+    return _new_activation(x.shape[0], x.shape[1], x, _pitch(x.shape[0])).copy_(x)
 
 
 def _launch_linear(
@@ -83,7 +109,10 @@ def _launch_linear(
     c = weight.shape[0]
 
     def run(cfg: TileConfig) -> None:
-        grid = (_cdiv(batch, cfg.block_b) * _cdiv(rows, cfg.block_r), c)
+        split = cfg.split_k
+        # Split K: fp32 partial sums of every split, summed by a second launch.
+        part = out if split == 1 else x.new_empty((split * c * rows, batch), dtype=torch.float32)
+        grid = (_cdiv(batch, cfg.block_b) * _cdiv(rows, cfg.block_r), c, split)
         tk._block_linear[grid](
             x,
             in_index,
@@ -91,6 +120,7 @@ def _launch_linear(
             bias if bias is not None else weight,
             out_index,
             out,
+            part,
             batch,
             rows,
             cols,
@@ -101,8 +131,26 @@ def _launch_linear(
             *weight_strides,
             HAS_BIAS=bias is not None,
             ACT=activation,
+            SWAP_AB=cfg.swap_ab,
+            SPLIT_K=split,
             **_launch_options(cfg, x.dtype),
         )
+        if split > 1:
+            tk._split_k_sum[(_cdiv(c * rows, _SUM_FEATURES), _cdiv(batch, _SUM_BATCH))](
+                part,
+                bias if bias is not None else part,
+                out_index,
+                out,
+                batch,
+                c * rows,
+                out.stride(0),
+                out.stride(1),
+                HAS_BIAS=bias is not None,
+                ACT=activation,
+                SPLIT_K=split,
+                BLOCK_F=_SUM_FEATURES,
+                BLOCK_B=_SUM_BATCH,
+            )
 
     key = (rows, cols, c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
     key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
@@ -125,16 +173,17 @@ def _block_linear(
     out_index: Tensor,
     out_features: int,
     activation: int,
-    feature_major: bool,
+    pitch: int,
     input_gaps: bool,
 ) -> Tensor:
     """``y[:, out_index] = act(x[:, in_index] · blocksᵀ + bias)`` per block, ``y`` (batch, out_features).
 
+    ``pitch``: 0 for a batch-major ``y``, else the distance between its features (feature-major).
     ``input_gaps``: whether some input positions are read by no block column (see
     ``ChainWeights.input_gaps``); the input gradient must zero them."""
     _check(x, blocks, bias)
     c, rows, cols = blocks.shape
-    out = _new_activation(x.shape[0], out_features, x, feature_major)
+    out = _new_activation(x.shape[0], out_features, x, pitch)
     _launch_linear(
         x,
         in_index,
@@ -154,8 +203,8 @@ block_linear = torch.library.custom_op("mpdcompress::block_linear", _block_linea
 
 
 @block_linear.register_fake
-def _(x, in_index, blocks, bias, out_index, out_features, activation, feature_major, input_gaps):
-    return _new_activation(x.shape[0], out_features, x, feature_major)
+def _(x, in_index, blocks, bias, out_index, out_features, activation, pitch, input_gaps):
+    return _new_activation(x.shape[0], out_features, x, pitch)
 
 
 @torch.library.custom_op("mpdcompress::block_linear_input_grad", mutates_args=())
@@ -165,12 +214,12 @@ def block_linear_input_grad(
     blocks: Tensor,
     in_index: Tensor,
     in_features: int,
-    feature_major: bool,
+    pitch: int,
     input_gaps: bool,
 ) -> Tensor:
     """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped."""
     c, rows, cols = blocks.shape
-    dx = _new_activation(dz.shape[0], in_features, dz, feature_major)
+    dx = _new_activation(dz.shape[0], in_features, dz, pitch)
     if input_gaps:  # positions no block column reads are never written: they must read as zero
         dx.zero_()
     _launch_linear(
@@ -189,8 +238,8 @@ def block_linear_input_grad(
 
 
 @block_linear_input_grad.register_fake
-def _(dz, out_index, blocks, in_index, in_features, feature_major, input_gaps):
-    return _new_activation(dz.shape[0], in_features, dz, feature_major)
+def _(dz, out_index, blocks, in_index, in_features, pitch, input_gaps):
+    return _new_activation(dz.shape[0], in_features, dz, pitch)
 
 
 @torch.library.custom_op("mpdcompress::block_weight_grad", mutates_args=())
@@ -229,7 +278,7 @@ def _(dz, out_index, x, in_index, rows, cols):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, in_index, blocks, bias, out_index, out_features, activation, feature_major, input_gaps = inputs
+    x, in_index, blocks, bias, out_index, out_features, activation, pitch, input_gaps = inputs
     if activation not in (tk.ACT_NONE, tk.ACT_RELU):
         raise RuntimeError("mpdcompress::block_linear is differentiable only without an epilogue or with ReLU")
     ctx.activation = activation
@@ -244,7 +293,7 @@ def _backward(ctx, grad):
     c, rows, cols = blocks.shape
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _feature_major(x), ctx.input_gaps)
+        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _layout_of(x), ctx.input_gaps)
     if ctx.needs_input_grad[2]:
         dw = block_weight_grad(dz, out_index, x, in_index, rows, cols)
     if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -299,7 +348,7 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
     cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     h = _autocast(h, cast)
     if batch >= FEATURE_MAJOR_INPUT_MIN_BATCH:
-        h = h.t().contiguous().t()
+        h = _to_feature_major(h)
     n = len(weights.blocks)
     for i in range(n):
         blocks, bias = _autocast(weights.blocks[i], cast), _autocast(weights.biases[i], cast)
@@ -313,6 +362,7 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
         else:
             act = None
         feature_major = not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
+        pitch = _pitch(batch) if feature_major else 0
         op = block_linear if trains or not _plain_eager(h) else _block_linear
         h = op(
             h,
@@ -322,7 +372,7 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
             weights.out_index[i],
             weights.out_features[i],
             code,
-            feature_major,
+            pitch,
             weights.input_gaps[i],
         )
         if act is not None:

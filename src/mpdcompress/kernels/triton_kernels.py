@@ -51,6 +51,26 @@ def _activate(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _on_batch(v, SWAP_AB: tl.constexpr):
+    """``v`` along a tile's batch axis: its rows, or its columns when swapped."""
+    if SWAP_AB:
+        t = v[None, :]
+    else:
+        t = v[:, None]
+    return t
+
+
+@triton.jit
+def _on_rows(v, SWAP_AB: tl.constexpr):
+    """``v`` along the tile's other axis (a block's rows in outputs, its columns in operands)."""
+    if SWAP_AB:
+        t = v[:, None]
+    else:
+        t = v[None, :]
+    return t
+
+
+@triton.jit
 def _block_linear(
     x_ptr,
     in_index_ptr,
@@ -58,6 +78,7 @@ def _block_linear(
     bias_ptr,
     out_index_ptr,
     y_ptr,
+    part_ptr,
     batch,
     ROWS,
     COLS,
@@ -75,10 +96,21 @@ def _block_linear(
     BLOCK_B: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """Program (tile, k): rows ``BLOCK_R`` of block ``k`` for ``BLOCK_B`` batch entries."""
+    """Program (tile, k, split): rows ``BLOCK_R`` of block ``k`` for ``BLOCK_B`` batch entries.
+
+    ``SWAP_AB`` computes ``yᵀ = W_k · xᵀ``: the block's rows are the MMA's M dimension, so a
+    batch of 16 still fills Hopper's warpgroup MMA (which needs M ≥ 64), and the tile is already
+    feature-major for the store. ``SPLIT_K`` > 1 gives each program a share of the block's
+    columns, so a batch of 1 streams the weights with ``SPLIT_K`` times the programs; the raw
+    fp32 sums go to ``part`` (``(SPLIT_K · c · ROWS, batch)``, block-row order) and
+    :func:`_split_k_sum` adds them up, adds the bias, applies the epilogue and scatters them."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
+    # Tiles are (batch, rows) or, swapped, (rows, batch); operands follow: x (batch, K) or
+    # (K, batch), W (K, rows) or (rows, K): K lies on the batch axis of W's tile.
     tiles_b = tl.cdiv(batch, BLOCK_B)
     # Batch tiles vary fastest, so programs running together share a weight tile in L2.
     pid_b = pid % tiles_b
@@ -88,23 +120,86 @@ def _block_linear(
     offs_k = tl.arange(0, BLOCK_K)
     in_batch = offs_b < batch
     in_rows = offs_r < ROWS
-    x_rows = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
-    w_block = w_ptr + blk.to(tl.int64) * stride_wc + offs_r[None, :] * stride_wr
-    acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, COLS, BLOCK_K):
+    x_rows = x_ptr + _on_batch(offs_b.to(tl.int64) * stride_xb, SWAP_AB)
+    w_block = w_ptr + blk.to(tl.int64) * stride_wc + _on_rows(offs_r * stride_wr, SWAP_AB)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = COLS
+    else:
+        # Whole BLOCK_K steps per split, so the splits' ranges never overlap.
+        per_split = tl.cdiv(tl.cdiv(COLS, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = tl.program_id(2) * per_split
+        k_end = tl.minimum(COLS, k_begin + per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k
         src = tl.load(in_index_ptr + blk * COLS + ks, mask=ks < COLS, other=-1)
         a = tl.load(
-            x_rows + src.to(tl.int64)[None, :] * stride_xf, mask=in_batch[:, None] & (src >= 0)[None, :], other=0.0
+            x_rows + _on_rows(src.to(tl.int64) * stride_xf, SWAP_AB),
+            mask=_on_batch(in_batch, SWAP_AB) & _on_rows(src >= 0, SWAP_AB),
+            other=0.0,
         )
-        w = tl.load(w_block + ks[:, None] * stride_wk, mask=(ks < COLS)[:, None] & in_rows[None, :], other=0.0)
-        acc = _mma(a, w, acc, PRECISION, UPCAST)
+        w = tl.load(
+            w_block + _on_batch(ks * stride_wk, SWAP_AB),
+            mask=_on_batch(ks < COLS, SWAP_AB) & _on_rows(in_rows, SWAP_AB),
+            other=0.0,
+        )
+        if SWAP_AB:
+            acc = _mma(w, a, acc, PRECISION, UPCAST)
+        else:
+            acc = _mma(a, w, acc, PRECISION, UPCAST)
+    keep = _on_batch(in_batch, SWAP_AB) & _on_rows(in_rows, SWAP_AB)
+    if SPLIT_K > 1:
+        part = part_ptr + ((tl.program_id(2) * tl.num_programs(1) + blk) * ROWS).to(tl.int64) * batch
+        tl.store(part + _on_rows(offs_r.to(tl.int64) * batch, SWAP_AB) + _on_batch(offs_b, SWAP_AB), acc, mask=keep)
+    else:
+        if HAS_BIAS:
+            acc += _on_rows(tl.load(bias_ptr + blk * ROWS + offs_r, mask=in_rows, other=0.0).to(tl.float32), SWAP_AB)
+        acc = _activate(acc, ACT)
+        dst = tl.load(out_index_ptr + blk * ROWS + offs_r, mask=in_rows, other=-1)
+        y = (
+            y_ptr
+            + _on_batch(offs_b.to(tl.int64) * stride_yb, SWAP_AB)
+            + _on_rows(dst.to(tl.int64) * stride_yf, SWAP_AB)
+        )
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=keep & _on_rows(dst >= 0, SWAP_AB))
+
+
+@triton.jit
+def _split_k_sum(
+    part_ptr,
+    bias_ptr,
+    out_index_ptr,
+    y_ptr,
+    batch,
+    FEATURES,
+    stride_yb,
+    stride_yf,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Second half of a split-K launch: ``y[:, out_index] = act(Σ_splits part + bias)``, in a
+    fixed order (no atomics), so results do not depend on scheduling."""
+    offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_f = offs_f < FEATURES
+    keep = in_f[:, None] & (offs_b < batch)[None, :]
+    acc = tl.zeros((BLOCK_F, BLOCK_B), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        rows = (split * FEATURES + offs_f).to(tl.int64) * batch
+        acc += tl.load(part_ptr + rows[:, None] + offs_b[None, :], mask=keep, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + blk * ROWS + offs_r, mask=in_rows, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_f, mask=in_f, other=0.0).to(tl.float32)[:, None]
     acc = _activate(acc, ACT)
-    dst = tl.load(out_index_ptr + blk * ROWS + offs_r, mask=in_rows, other=-1)
-    y = y_ptr + offs_b.to(tl.int64)[:, None] * stride_yb + dst.to(tl.int64)[None, :] * stride_yf
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_batch[:, None] & (dst >= 0)[None, :])
+    dst = tl.load(out_index_ptr + offs_f, mask=in_f, other=-1)
+    y = y_ptr + offs_b.to(tl.int64)[None, :] * stride_yb + dst.to(tl.int64)[:, None] * stride_yf
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=keep & (dst >= 0)[:, None])
 
 
 @triton.jit

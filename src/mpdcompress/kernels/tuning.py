@@ -36,6 +36,8 @@ class TileConfig:
     block_k: int  # block columns per step (for the weight gradient: columns per program)
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # linear only: the block's rows on the MMA's M dimension (small batches)
+    split_k: int = 1  # linear only: programs sharing one tile's columns (batch 1)
 
 
 # Triton reads TRITON_INTERPRET when its kernels are defined, so it is read once here too (a
@@ -57,16 +59,22 @@ def batch_bucket(batch: int) -> int:
     return 1 if batch <= 1 else 1 << (min(batch, 4096) - 1).bit_length()
 
 
-# (block_b, block_r, block_k, num_warps, num_stages). Small batches read weights (GEMV-like):
-# many narrow row tiles so every SM streams weights; large batches are GEMMs: big square tiles.
+# (block_b, block_r, block_k, num_warps, num_stages[, swap_ab, split_k]). Small batches read
+# weights (GEMV-like): many narrow row tiles so every SM streams weights, split K at batch 1, and
+# swapped tiles whose M dimension is the block's rows; large batches are GEMMs: big square tiles.
+# Which wins where is for the measurement to say (``choose``), not for these lists.
 # fmt: off
 _WEIGHT_GRAD = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3),
                 (32, 128, 128, 8, 4), (64, 64, 128, 4, 4), (16, 32, 64, 4, 4), (128, 64, 64, 4, 3)]
 _LINEAR_BY_BUCKET = [  # (largest batch bucket, candidates); None: every larger bucket
-    (16, [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 16, 256, 4, 3), (16, 32, 256, 4, 3),
-          (16, 64, 128, 4, 4), (16, 64, 64, 4, 5), (16, 32, 64, 2, 5), (16, 16, 64, 2, 6)]),
+    (1, [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 64, 128, 4, 4, True), (16, 128, 64, 4, 4, True),
+         (16, 32, 128, 4, 4, False, 4), (16, 16, 256, 4, 3, False, 8), (16, 64, 128, 4, 4, True, 4),
+         (16, 64, 64, 4, 4, True, 8)]),
+    (16, [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 4, 5),
+          (16, 64, 128, 4, 4, True), (16, 128, 64, 4, 3, True), (16, 128, 128, 8, 3, True),
+          (16, 64, 256, 4, 3, True)]),
     (128, [(32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
-           (16, 64, 128, 4, 4), (32, 32, 128, 4, 4), (64, 32, 64, 4, 4), (128, 64, 64, 8, 3)]),
+           (16, 64, 128, 4, 4), (128, 64, 64, 8, 3), (32, 128, 64, 4, 4, True), (64, 128, 64, 4, 3, True)]),
     (None, [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
             (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]),
 ]
