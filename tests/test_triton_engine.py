@@ -17,7 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 import mpdcompress as mpd  # noqa: E402
-from mpdcompress.kernels import EngineUnavailableError, dispatch, engine_for, triton_kernels, tuning, use_engine  # noqa: E402
+from mpdcompress.kernels import (  # noqa: E402
+    EngineUnavailableError,
+    dispatch,
+    engine_for,
+    triton_engine,
+    triton_kernels,
+    tuning,
+    use_engine,
+)
 from mpdcompress.kernels.triton_engine import epilogue_code  # noqa: E402
 from mpdcompress.kernels.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
 from mpdcompress.kernels.tuning import batch_bucket, candidates  # noqa: E402
@@ -205,6 +213,46 @@ def test_feature_major_activations_start_every_row_on_16_elements(monkeypatch):
         out = packed(torch.randn(70, 40, device=DEVICE))
     assert strides and all(stride % 16 == 0 for stride in strides), strides
     assert out.is_contiguous()
+
+
+def test_launch_plans_replay_eager_inference_and_follow_every_change_of_the_model(monkeypatch):
+    """The second no-grad call of a module replays the launches its first call built; a plan never
+    outlives a change of the tensors it launches with (dtype, device, identity), and sees
+    in-place updates (it reads the live tensors)."""
+    records = []
+    record = triton_engine.LaunchPlan.record.__func__
+    monkeypatch.setattr(
+        triton_engine.LaunchPlan, "record", classmethod(lambda cls, *a: records.append(1) or record(cls, *a))
+    )
+    masked = chain([40, 64, 48, 20], nn.GELU, lambda i: (4, 3, 2)[i]).eval()
+    packed = mpd.pack(masked).to(DEVICE)
+    with use_engine("triton"), torch.no_grad():
+        for shape in [(3, 40), (70, 40), (2, 5, 40), (3, 40)]:
+            x = torch.randn(shape, device=DEVICE)
+            first, again = packed(x), packed(x)
+            assert torch.equal(first, again) and first.is_contiguous()
+            assert_close_to_scale(again.cpu(), masked(x.cpu()), rel=TOLERANCE[torch.float32])
+        assert len(records) == 3  # one plan per batch size and layout, reused after that
+        x = torch.randn(5, 40, device=DEVICE)
+        packed(x)
+        layer = packed[0].layers[0]
+        layer.weight_blocks.mul_(2)  # what an optimizer step does: in place, no new plan needed
+        masked[0].weight.mul_(2)
+        assert_close_to_scale(packed(x).cpu(), masked(x.cpu()), rel=TOLERANCE[torch.float32])
+        before = len(records)
+        half = packed.half()  # .to(): the same Parameter objects get new data of another dtype
+        assert_close_to_scale(half(x.half()).float().cpu(), masked(x.cpu()), rel=TOLERANCE[torch.float16])
+        packed.float()  # (weights now rounded to fp16: the PyTorch engine is the reference below)
+        state = {k: v.clone() for k, v in packed.state_dict().items()}
+        state["0.layers.0.bias"] = state["0.layers.0.bias"] + 1
+        packed.load_state_dict(state, assign=True)  # new tensors replace the recorded ones
+        ref, got = both_engines(packed, x)
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+        assert len(records) == before + 2
+        mpd.quantize_(packed, "int8")  # layers replaced by quantized ones: never replayed stale
+        ref, got = both_engines(packed, x)
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
+        assert_close_to_scale(got, mpd.dequantize(packed)(x), rel=TOLERANCE[torch.float32])
 
 
 def test_compact_training_keeps_padding_zero_and_tracks_reference():

@@ -29,6 +29,8 @@ __all__ = [
     "get_engine",
     "use_engine",
     "engine_for",
+    "forget_launch_plans",
+    "launch_plan_generation",
 ]
 
 ENGINES = ("auto", "torch", "triton")
@@ -81,11 +83,12 @@ def engine_for(x: torch.Tensor, has_kernel_indices: bool = True) -> str:
     # The common CPU case returns first: at batch 1 every microsecond of dispatch shows.
     if _engine == "torch" or (_engine == "auto" and not x.is_cuda):
         return "torch"
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():  # is_tracing() without its wrapper
         return "torch"
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    device = "cuda" if x.is_cuda else x.device.type  # .device builds an object: host time
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     reason = None
-    if not _has_triton():
+    if not (_triton_installed or _has_triton()):
         reason = 'Triton is not installed (pip install "mpdcompress[gpu]")'
     elif not has_kernel_indices:
         reason = "these weights carry no kernel indices"
@@ -102,16 +105,37 @@ def engine_for(x: torch.Tensor, has_kernel_indices: bool = True) -> str:
 
 
 _triton_chain: Callable[[torch.Tensor, ChainWeights], torch.Tensor] | None = None
+_triton_packed: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+# The Triton engine replays a packed module's eager inference from a cached launch plan (built
+# tensors, tiles and grids); a plan is valid while this number has not moved. Packed modules move
+# it whenever their tensors may change identity, dtype or device (``.to()``, ``load_state_dict``,
+# attribute assignment, new modules): rare events, so one global number is enough.
+_launch_plan_generation = 0
+
+
+def forget_launch_plans() -> None:
+    """Make every cached launch plan stale (the next call of each module builds a new one)."""
+    global _launch_plan_generation
+    _launch_plan_generation += 1
+
+
+def launch_plan_generation() -> int:
+    """The number a launch plan must have been built at to be used."""
+    return _launch_plan_generation
+
+
+def _import_triton_engine() -> None:
+    # Imported on first use (it imports Triton); kept in globals, as an import statement per
+    # call costs host time at batch 1.
+    global _triton_chain, _triton_packed
+    from .triton_engine import run_chain_triton, run_packed_triton
+
+    _triton_chain, _triton_packed = run_chain_triton, run_packed_triton
 
 
 def _run_triton(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
-    # Imported on first use (it imports Triton); kept in a global, as an import statement per
-    # call costs host time at batch 1.
-    global _triton_chain
     if _triton_chain is None:
-        from .triton_engine import run_chain_triton
-
-        _triton_chain = run_chain_triton
+        _import_triton_engine()
     return _triton_chain(x, weights)
 
 
@@ -126,5 +150,7 @@ def run_packed(x: torch.Tensor, module) -> torch.Tensor:
     """Apply a packed module (anything with ``chain_weights(kernel_indices)``) to ``x``; the
     kernel indices are gathered only when the Triton engine will read them."""
     if engine_for(x) == "triton":
-        return _run_triton(x, module.chain_weights(kernel_indices=True))
+        if _triton_packed is None:
+            _import_triton_engine()
+        return _triton_packed(x, module)
     return run_chain_torch(x, module.chain_weights(kernel_indices=False))

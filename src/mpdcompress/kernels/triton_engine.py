@@ -9,14 +9,16 @@ kernel is tested against.
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import triton_kernels as tk
+from .dispatch import launch_plan_generation
 from .torch_engine import ChainWeights
-from .tuning import TileConfig, choose, interpreting
+from .tuning import TileConfig, capturing, choose, interpreting
 
 __all__ = ["run_chain_triton", "epilogue_code", "block_linear", "FEATURE_MAJOR_INPUT_MIN_BATCH"]
 
@@ -91,6 +93,81 @@ def _to_feature_major(x: Tensor) -> Tensor:
     return _new_activation(x.shape[0], x.shape[1], x, _pitch(x.shape[0])).copy_(x)
 
 
+class _LinearLaunch:
+    """One ``_block_linear`` launch with everything but the activations fixed: the tile (chosen,
+    and measured on first use, for this batch bucket and layout), the grid and the arguments.
+    Built per call, or once per batch size by a :class:`LaunchPlan`."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        in_index: Tensor,
+        weight: Tensor,
+        weight_strides: tuple[int, int, int],
+        rows: int,
+        cols: int,
+        bias: Optional[Tensor],
+        out_index: Tensor,
+        out: Tensor,
+        activation: int,
+    ) -> None:
+        self.batch, self.c, self.rows, self.cols = x.shape[0], weight.shape[0], rows, cols
+        self.bias, self.out_index, self.activation = bias, out_index, activation
+        self.operands = (in_index, weight, bias if bias is not None else weight, out_index)
+        self.weight_strides = weight_strides
+        key = (rows, cols, self.c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
+        key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
+        self._use(choose("linear", self.batch, key, x.device, lambda cfg: self._use(cfg)(x, out)))
+
+    def _use(self, cfg: TileConfig) -> "_LinearLaunch":
+        self.split = cfg.split_k
+        self.grid = (_cdiv(self.batch, cfg.block_b) * _cdiv(self.rows, cfg.block_r), self.c, cfg.split_k)
+        self.sum_grid = (_cdiv(self.c * self.rows, _SUM_FEATURES), _cdiv(self.batch, _SUM_BATCH))
+        self.options = dict(
+            HAS_BIAS=self.bias is not None,
+            ACT=self.activation,
+            SWAP_AB=cfg.swap_ab,
+            SPLIT_K=cfg.split_k,
+            **_launch_options(cfg, self.operands[1].dtype),
+        )
+        return self
+
+    def __call__(self, x: Tensor, out: Tensor) -> None:
+        # Split K: fp32 partial sums of every split, summed by a second launch.
+        part = (
+            out if self.split == 1 else x.new_empty((self.split * self.c * self.rows, self.batch), dtype=torch.float32)
+        )
+        tk._block_linear[self.grid](
+            x,
+            *self.operands,
+            out,
+            part,
+            self.batch,
+            self.rows,
+            self.cols,
+            *x.stride(),
+            *out.stride(),
+            *self.weight_strides,
+            **self.options,
+        )
+        if self.split > 1:
+            tk._split_k_sum[self.sum_grid](
+                part,
+                self.bias if self.bias is not None else part,
+                self.out_index,
+                out,
+                self.batch,
+                self.c * self.rows,
+                out.stride(0),
+                out.stride(1),
+                HAS_BIAS=self.bias is not None,
+                ACT=self.activation,
+                SPLIT_K=self.split,
+                BLOCK_F=_SUM_FEATURES,
+                BLOCK_B=_SUM_BATCH,
+            )
+
+
 def _launch_linear(
     x: Tensor,
     in_index: Tensor,
@@ -103,58 +180,8 @@ def _launch_linear(
     out: Tensor,
     activation: int,
 ) -> None:
-    batch = x.shape[0]
-    if batch == 0:
-        return
-    c = weight.shape[0]
-
-    def run(cfg: TileConfig) -> None:
-        split = cfg.split_k
-        # Split K: fp32 partial sums of every split, summed by a second launch.
-        part = out if split == 1 else x.new_empty((split * c * rows, batch), dtype=torch.float32)
-        grid = (_cdiv(batch, cfg.block_b) * _cdiv(rows, cfg.block_r), c, split)
-        tk._block_linear[grid](
-            x,
-            in_index,
-            weight,
-            bias if bias is not None else weight,
-            out_index,
-            out,
-            part,
-            batch,
-            rows,
-            cols,
-            x.stride(0),
-            x.stride(1),
-            out.stride(0),
-            out.stride(1),
-            *weight_strides,
-            HAS_BIAS=bias is not None,
-            ACT=activation,
-            SWAP_AB=cfg.swap_ab,
-            SPLIT_K=split,
-            **_launch_options(cfg, x.dtype),
-        )
-        if split > 1:
-            tk._split_k_sum[(_cdiv(c * rows, _SUM_FEATURES), _cdiv(batch, _SUM_BATCH))](
-                part,
-                bias if bias is not None else part,
-                out_index,
-                out,
-                batch,
-                c * rows,
-                out.stride(0),
-                out.stride(1),
-                HAS_BIAS=bias is not None,
-                ACT=activation,
-                SPLIT_K=split,
-                BLOCK_F=_SUM_FEATURES,
-                BLOCK_B=_SUM_BATCH,
-            )
-
-    key = (rows, cols, c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
-    key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
-    run(choose("linear", batch, key, x.device, run))
+    if x.shape[0]:
+        _LinearLaunch(x, in_index, weight, weight_strides, rows, cols, bias, out_index, out, activation)(x, out)
 
 
 def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
@@ -339,6 +366,22 @@ def _plain_eager(x: Tensor) -> bool:
     return type(x) is Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
+def _epilogue(act, trains: bool) -> tuple[int, Optional[Callable[[Tensor], Tensor]]]:
+    """The kernel epilogue for the element-wise ``act`` after a layer, and what is left to apply
+    after the launch (None when the kernel applies it all)."""
+    # Plain callables (not modules) are applied as they are, between two launches.
+    code = epilogue_code(act) if act is None or isinstance(act, nn.Module) else None
+    if code is None or (trains and code not in (tk.ACT_NONE, tk.ACT_RELU)):
+        return tk.ACT_NONE, act
+    return code, None
+
+
+def _output_pitch(batch: int, last: bool) -> int:
+    # Between layers activations are feature-major; the last layer writes batch-major for the
+    # caller unless the batch is large enough that a final transpose beats scattered stores.
+    return _pitch(batch) if not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH else 0
+
+
 def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
     """The packed chain, one custom op per layer; same contract as the PyTorch engine."""
     flat = x.dim() == 2  # the common case: no reshape either way (host time at batch 1)
@@ -354,15 +397,9 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
         blocks, bias = _autocast(weights.blocks[i], cast), _autocast(weights.biases[i], cast)
         last = i == n - 1
         act = None if last else weights.activations[i]
-        # Plain callables (not modules) are applied as they are, between two launches.
-        code = epilogue_code(act) if act is None or isinstance(act, nn.Module) else None
         trains = torch.is_grad_enabled() and (blocks.requires_grad or h.requires_grad)
-        if code is None or (trains and code not in (tk.ACT_NONE, tk.ACT_RELU)):
-            code = tk.ACT_NONE
-        else:
-            act = None
-        feature_major = not last or batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
-        pitch = _pitch(batch) if feature_major else 0
+        code, act = _epilogue(act, trains)
+        pitch = _output_pitch(batch, last)
         op = block_linear if trains or not _plain_eager(h) else _block_linear
         h = op(
             h,
@@ -380,3 +417,83 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
     if _feature_major(h):
         h = h.contiguous()
     return h if flat else h.reshape(*lead, h.shape[-1])
+
+
+# -- launch plans: eager inference with the host work done once ------------------------------------
+_PLANS_PER_MODULE = 16  # batch sizes remembered; a module serving more starts over
+_plans: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class LaunchPlan:
+    """A packed module's eager inference at one batch size and input layout with every launch
+    built (operands, tile, grid, options): a call allocates the activations and launches, and
+    nothing else runs in Python: at batch 1 a GPU hides none of the host's time."""
+
+    def __init__(self, batch: int, generation: int) -> None:
+        self.batch, self.generation = batch, generation
+        self.transpose_input = batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
+        self.transpose_output = False
+        # Per layer: the launch, the output's shape and strides (None: batch-major), what to
+        # apply after the launch.
+        self.steps: list[tuple[_LinearLaunch, tuple, Optional[tuple], Optional[Callable[[Tensor], Tensor]]]] = []
+
+    @classmethod
+    def record(cls, x: Tensor, weights: ChainWeights, generation: int) -> tuple["LaunchPlan", Tensor]:
+        """Run the chain on ``x`` (batch-major or any 2-D layout, batch ≥ 1) and keep its launches."""
+        plan = cls(x.shape[0], generation)
+        h = _to_feature_major(x) if plan.transpose_input else x
+        n = len(weights.blocks)
+        for i in range(n):
+            blocks, bias = weights.blocks[i], weights.biases[i]
+            _check(h, blocks, bias)
+            code, act = _epilogue(None if i == n - 1 else weights.activations[i], trains=False)
+            pitch = _output_pitch(plan.batch, i == n - 1)
+            out = _new_activation(plan.batch, weights.out_features[i], h, pitch)
+            c, rows, cols = blocks.shape
+            strides = (blocks.stride(0), blocks.stride(1), blocks.stride(2))
+            launch = _LinearLaunch(
+                h, weights.in_index[i], blocks, strides, rows, cols, bias, weights.out_index[i], out, code
+            )
+            launch(h, out)
+            plan.steps.append((launch, (plan.batch, weights.out_features[i]), (1, pitch) if pitch else None, act))
+            h = out if act is None else act(out)
+        plan.transpose_output = _feature_major(h)
+        return plan, h.contiguous() if plan.transpose_output else h
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h = _to_feature_major(x) if self.transpose_input else x
+        for launch, shape, strides, act in self.steps:
+            out = h.new_empty(shape) if strides is None else h.new_empty_strided(shape, strides)
+            launch(h, out)
+            h = out if act is None else act(out)
+        return h.contiguous() if self.transpose_output else h
+
+
+def _plannable(weights: ChainWeights) -> bool:
+    # Plain parameter blocks only: quantized layers make their float blocks on every call.
+    return all(isinstance(b, nn.Parameter) for b in weights.blocks)
+
+
+def run_packed_triton(x: Tensor, module: nn.Module) -> Tensor:
+    """``module`` (anything with ``chain_weights``) applied to ``x`` on the Triton engine: eager
+    inference (no autograd, no autocast, no tracing) replays a cached :class:`LaunchPlan`;
+    everything else runs :func:`run_chain_triton`."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
+        return run_chain_triton(x, module.chain_weights(kernel_indices=True))
+    h = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    plans = _plans.get(module)
+    key = (h.shape[0], h.stride(), h.dtype, h.get_device())  # get_device: an int, cheaper than .device
+    plan = None if plans is None else plans.get(key)
+    generation = launch_plan_generation()
+    if plan is not None and plan.generation == generation and _plain_eager(x):
+        out = plan(h)
+    else:
+        weights = module.chain_weights(kernel_indices=True)
+        # A plan records tiles: none is recorded while a CUDA graph is captured (tiles are not
+        # measured then) or while tracing.
+        if not h.shape[0] or not _plannable(weights) or not _plain_eager(x) or capturing(x.device):
+            return run_chain_triton(x, weights)
+        if plans is None or len(plans) >= _PLANS_PER_MODULE:
+            plans = _plans[module] = {}
+        plans[key], out = LaunchPlan.record(h, weights, generation)
+    return out if h is x else out.reshape(*x.shape[:-1], out.shape[-1])

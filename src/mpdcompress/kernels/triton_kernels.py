@@ -13,7 +13,9 @@ batch: the gather is a coalesced row load, not a scattered element load (measure
 one 4096² bf16 layer at 8192 rows: 103 µs gathering rows, 3.2 ms gathering single features).
 
 ``_block_linear`` serves the forward (``y = act(x W_kᵀ + b)``) and, with the weight strides
-swapped and the index roles exchanged, the input gradient (``dx = dz W_k``).
+swapped and the index roles exchanged, the input gradient (``dx = dz W_k``). Its variants (the
+tuner picks by measurement): swapped operands for small batches, split K (with
+``_split_k_sum``) for batch 1.
 ``_block_weight_grad`` computes ``dW_k = dz_kᵀ x_k`` over the same gathered operands.
 """
 

@@ -14,6 +14,7 @@ from ..core.layout import BlockLayout
 from ..core.masks import MPDMask, check_incoming_mask
 from ..errors import CompressionError
 from ..kernels import ChainWeights, run_packed
+from ..kernels.dispatch import forget_launch_plans
 from .masked import MPDLinear
 
 __all__ = ["PackedBlocks", "BlockDiagonalLinear", "PackedChain", "is_elementwise", "ELEMENTWISE_MODULES"]
@@ -71,7 +72,34 @@ def _rebuild_indices(module: "PackedBlocks", _keys) -> None:
     module._build_indices()
 
 
-class PackedBlocks:
+class ForgetsLaunchPlans:
+    """For modules the engines run: any change that may give their tensors another identity,
+    dtype or device (``.to()``, ``load_state_dict``, assigning or registering a tensor or module)
+    makes the Triton engine's cached launch plans stale. In-place updates (optimizer steps,
+    ``load_state_dict`` copies) keep plans valid: a launch reads the tensors' current values."""
+
+    def __setattr__(self, name, value) -> None:
+        forget_launch_plans()
+        super().__setattr__(name, value)
+
+    def register_buffer(self, *args, **kwargs) -> None:
+        forget_launch_plans()
+        super().register_buffer(*args, **kwargs)
+
+    def register_parameter(self, *args, **kwargs) -> None:
+        forget_launch_plans()
+        super().register_parameter(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        forget_launch_plans()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        forget_launch_plans()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class PackedBlocks(ForgetsLaunchPlans):
     """What the packed layers share: the mask as buffers (``row_order``, ``col_order``,
     ``num_blocks``) and padded blocks (``weight_blocks``) whose padding stays zero."""
 
@@ -310,7 +338,7 @@ def _ops(gap: nn.Module | None) -> list[nn.Module]:
     return list(gap) if isinstance(gap, nn.Sequential) else [gap]
 
 
-class PackedChain(nn.Module):
+class PackedChain(ForgetsLaunchPlans, nn.Module):
     """``layers[0] → activations[0] → layers[1] → ... → layers[-1]`` with fused permutations.
 
     A dense ``nn.Linear`` right before the chain (``head``, then the element-wise ``head_gap``)
