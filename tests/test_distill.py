@@ -190,6 +190,20 @@ def test_wordnet_glosses_are_read_without_the_licence_header(tmp_path):
     assert corpus("wordnet").load(tmp_path / "wn") == ["a small dog", "a big cat; `the cat sat'"]
 
 
+def test_licences_are_split_into_prose_sentences(tmp_path):
+    folder = tmp_path / "licenses"
+    folder.mkdir()
+    (folder / "GPL-3").write_text(
+        'GNU GENERAL PUBLIC LICENSE\n  Version 3\n\n 0. Definitions. "This License" refers to version 3\n'
+        "of the GNU General Public License. You may convey verbatim copies of the Program. 4.\nA short one."
+    )
+    (folder / "GPL").symlink_to(folder / "GPL-3")
+    assert corpus("licenses").load(folder) == [
+        '"This License" refers to version 3 of the GNU General Public License.',
+        "You may convey verbatim copies of the Program.",
+    ]
+
+
 def test_fortunes_are_split_on_percent_lines(tmp_path):
     folder = tmp_path / "fortunes"
     folder.mkdir()

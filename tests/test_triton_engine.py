@@ -201,9 +201,9 @@ def test_feature_major_activations_start_every_row_on_16_elements(monkeypatch):
 
     class Recording:
         def __getitem__(self, grid):
-            def launch(x, in_index, w, bias, out_index, y, part, batch, *args, **kwargs):
+            def launch(x, in_index, w, bias, out_index, y, *args, **kwargs):
                 strides.extend(t.stride(1) for t in (x, y) if t.shape[0] > 1 and t.stride(0) == 1)
-                return real[grid](x, in_index, w, bias, out_index, y, part, batch, *args, **kwargs)
+                return real[grid](x, in_index, w, bias, out_index, y, *args, **kwargs)
 
             return launch
 
@@ -399,6 +399,60 @@ def test_forward_and_backward_never_wait_for_the_device(engine, monkeypatch):
             net(inp).sum().backward()
             with torch.no_grad():
                 net(inp[:1])
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records every ATen op dispatched (our custom ops count as one op each, their bodies unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_fuses_the_relu_derivative_and_the_bias_gradient_into_the_kernels():
+    # Even blocks: uneven ones multiply by their padding mask in autograd, which is not the epilogue.
+    model = mpd.pack(chain([48, 36, 64, 8], nn.ReLU, lambda i: (3, 2, 4)[i])).train()
+    x = torch.randn(70, 48, requires_grad=True)
+    with use_engine("triton"):
+        out = model(x)
+        with _OpsSeen() as seen:
+            out.backward(torch.randn_like(out))
+    elementwise = {"gt", "mul", "sum", "index_select", "clamp", "ge"} & set(seen.ops)
+    assert not elementwise, seen.ops  # each of those would be a launch of its own on a GPU
+    assert seen.ops.count("block_weight_grad") == 3 and seen.ops.count("block_linear_input_grad") == 3
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_gradients_reach_the_input_through_a_frozen_packed_model(engine):
+    """A frozen packed model behind trained layers (or a saliency map): only the input needs a gradient."""
+    masked = chain([48, 36, 20], nn.ReLU, lambda i: 4).eval()
+    packed = mpd.pack(masked).to(DEVICE).requires_grad_(False)
+    x = torch.randn(6, 48, device=DEVICE, requires_grad=True)
+    with use_engine(engine):
+        packed(x).square().sum().backward()
+    xm = x.detach().cpu().requires_grad_()
+    masked(xm).square().sum().backward()
+    assert_close_to_scale(x.grad.cpu(), xm.grad, rel=TOLERANCE[torch.float32])
+
+
+def test_bias_only_fine_tuning_matches_reference_engine():
+    """Frozen blocks, trained biases: the bias gradient then has no weight-gradient launch to ride in."""
+    model = mpd.pack(chain([50, 37, 64, 10], nn.ReLU, lambda i: (3, 2, 5)[i])).to(DEVICE).train()
+    for layer in model[0].layers:
+        layer.weight_blocks.requires_grad_(False)
+    x = torch.randn(9, 50, device=DEVICE)
+    grads = {}
+    for engine in ("torch", "triton"):
+        model.zero_grad()
+        with use_engine(engine):
+            model(x).square().sum().backward()
+        grads[engine] = [layer.bias.grad.clone() for layer in model[0].layers]
+    for ref, got in zip(grads["torch"], grads["triton"]):
+        assert_close_to_scale(got, ref, rel=TOLERANCE[torch.float32])
 
 
 def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp_path, monkeypatch):

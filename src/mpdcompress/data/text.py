@@ -45,6 +45,22 @@ def _fortunes(folder: Path) -> list[str]:
     return sentences
 
 
+def _licenses(folder: Path) -> list[str]:
+    sentences = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.is_symlink():  # GPL -> GPL-3 and the like: read once
+            continue
+        text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8", errors="replace"))
+        # Sentence ends: a full stop, question or exclamation mark before a capital or a quote.
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(])", text):
+            # A section number that the split left at either end ("... Code. 4." / "2. The ...").
+            sentence = re.sub(r"^(\d+|[a-z])[.)] |\s+\d+\.$", "", sentence.strip())
+            # Prose, not headings, section numbers or lists of names.
+            if 4 <= len(sentence.split()) <= 60 and sentence[-1] in ".!?" and sentence.lstrip("\"'(")[:1].isupper():
+                sentences.append(sentence)
+    return sentences
+
+
 @dataclass(frozen=True)
 class TextCorpus:
     """A corpus of English text that a Debian package installs, and how to read it into sentences."""
@@ -90,12 +106,20 @@ CORPORA: dict[str, TextCorpus] = {
             _fortunes,
             "fortune(6) quotations",
         ),
+        TextCorpus(
+            "licenses",
+            Path("/usr/share/common-licenses"),
+            "GPL-3",
+            "base-files",
+            _licenses,
+            "the software licences every Debian system ships (GPL, Apache, MPL, ...): legal prose",
+        ),
     )
 }
 
 
 def corpus(name: str) -> TextCorpus:
-    """The registered text corpus called ``name`` (``wordnet``, ``fortunes``)."""
+    """The registered text corpus called ``name`` (``wordnet``, ``fortunes``, ``licenses``)."""
     if name not in CORPORA:
         raise UnknownNameError(f"unknown text corpus {name!r}; choose from {', '.join(CORPORA)}")
     return CORPORA[name]

@@ -76,7 +76,11 @@ def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
         return True
     if not torch.is_grad_enabled():
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*weights.blocks, *weights.biases))
+    # Gradients flow through the input too: a frozen packed model behind trained layers, or
+    # gradients with respect to the input itself (saliency, adversarial examples).
+    return x.requires_grad or any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (*weights.blocks, *weights.biases)
+    )
 
 
 def _block_gemm_to_batch_major(

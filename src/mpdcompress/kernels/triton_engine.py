@@ -110,13 +110,18 @@ class _LinearLaunch:
         out_index: Tensor,
         out: Tensor,
         activation: int,
+        gate: Optional[Tensor] = None,
     ) -> None:
         self.batch, self.c, self.rows, self.cols = x.shape[0], weight.shape[0], rows, cols
         self.bias, self.out_index, self.activation = bias, out_index, activation
         self.operands = (in_index, weight, bias if bias is not None else weight, out_index)
         self.weight_strides = weight_strides
+        # ``gate``: an input gradient through a ReLU reads the forward's output beside ``dz``.
+        self.gate = gate if gate is not None else weight
+        self.gate_strides = (0, 0) if gate is None else gate.stride()
         key = (rows, cols, self.c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
         key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
+        key += (None if gate is None else _feature_major(gate),)
         self._use(choose("linear", self.batch, key, x.device, lambda cfg: self._use(cfg)(x, out)))
 
     def _use(self, cfg: TileConfig) -> "_LinearLaunch":
@@ -126,6 +131,7 @@ class _LinearLaunch:
         self.options = dict(
             HAS_BIAS=self.bias is not None,
             ACT=self.activation,
+            GATED=self.gate is not self.operands[1],
             SWAP_AB=cfg.swap_ab,
             SPLIT_K=cfg.split_k,
             **_launch_options(cfg, self.operands[1].dtype),
@@ -142,12 +148,14 @@ class _LinearLaunch:
             *self.operands,
             out,
             part,
+            self.gate,
             self.batch,
             self.rows,
             self.cols,
             *x.stride(),
             *out.stride(),
             *self.weight_strides,
+            *self.gate_strides,
             **self.options,
         )
         if self.split > 1:
@@ -179,9 +187,10 @@ def _launch_linear(
     out_index: Tensor,
     out: Tensor,
     activation: int,
+    gate: Optional[Tensor] = None,
 ) -> None:
     if x.shape[0]:
-        _LinearLaunch(x, in_index, weight, weight_strides, rows, cols, bias, out_index, out, activation)(x, out)
+        _LinearLaunch(x, in_index, weight, weight_strides, rows, cols, bias, out_index, out, activation, gate)(x, out)
 
 
 def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
@@ -243,8 +252,10 @@ def block_linear_input_grad(
     in_features: int,
     pitch: int,
     input_gaps: bool,
+    gate: Optional[Tensor] = None,
 ) -> Tensor:
-    """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped."""
+    """``dx[:, in_index] = dz[:, out_index] · blocks`` per block: the forward with the roles swapped.
+    With ``gate`` (the forward's output of a ReLU layer), ``dz`` counts only where it is positive."""
     c, rows, cols = blocks.shape
     dx = _new_activation(dz.shape[0], in_features, dz, pitch)
     if input_gaps:  # positions no block column reads are never written: they must read as zero
@@ -260,21 +271,34 @@ def block_linear_input_grad(
         in_index,
         dx,
         tk.ACT_NONE,
+        gate,
     )
     return dx
 
 
 @block_linear_input_grad.register_fake
-def _(dz, out_index, blocks, in_index, in_features, pitch, input_gaps):
+def _(dz, out_index, blocks, in_index, in_features, pitch, input_gaps, gate=None):
     return _new_activation(dz.shape[0], in_features, dz, pitch)
 
 
 @torch.library.custom_op("mpdcompress::block_weight_grad", mutates_args=())
-def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor, rows: int, cols: int) -> Tensor:
-    """``dW_k = dz[:, rows_k]ᵀ · x[:, cols_k]`` for every block, padding entries zero."""
+def block_weight_grad(
+    dz: Tensor,
+    out_index: Tensor,
+    x: Tensor,
+    in_index: Tensor,
+    rows: int,
+    cols: int,
+    gate: Optional[Tensor] = None,
+    bias_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``dW_k = dz[:, rows_k]ᵀ · x[:, cols_k]`` for every block, padding entries zero, and with
+    ``bias_grad`` the bias gradient ``db_k = Σ_batch dz[:, rows_k]`` (else an empty tensor).
+    With ``gate`` (the forward's output of a ReLU layer), ``dz`` counts only where it is positive."""
     c = in_index.shape[0] // cols
-    dw = dz.new_empty((c, rows, cols))
+    dw, db = _weight_grad_outputs(dz, c, rows, cols, bias_grad)
     batch = x.shape[0]
+    gated = gate if gate is not None else dz
 
     def run(cfg: TileConfig) -> None:
         grid = (_cdiv(rows, cfg.block_r) * _cdiv(cols, cfg.block_k), c)
@@ -284,24 +308,33 @@ def block_weight_grad(dz: Tensor, out_index: Tensor, x: Tensor, in_index: Tensor
             x,
             in_index,
             dw,
+            gated,
+            db if bias_grad else dw,
             batch,
             rows,
             cols,
-            dz.stride(0),
-            dz.stride(1),
-            x.stride(0),
-            x.stride(1),
+            *dz.stride(),
+            *x.stride(),
+            *gated.stride(),
+            GATED=gate is not None,
+            BIAS_GRAD=bias_grad,
             **_launch_options(cfg, x.dtype),
         )
 
     key = (rows, cols, c, str(x.dtype), _feature_major(x), _feature_major(dz))
+    key += (None if gate is None else _feature_major(gate), bias_grad)
     run(choose("weight_grad", batch, key, x.device, run))
-    return dw
+    return dw, db
+
+
+def _weight_grad_outputs(dz: Tensor, c: int, rows: int, cols: int, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    # Every entry is written, a batch of 0 included (its programs store zero sums).
+    return dz.new_empty((c, rows, cols)), dz.new_empty((c * rows if bias_grad else 0,))
 
 
 @block_weight_grad.register_fake
-def _(dz, out_index, x, in_index, rows, cols):
-    return dz.new_empty((in_index.shape[0] // cols, rows, cols))
+def _(dz, out_index, x, in_index, rows, cols, gate=None, bias_grad=False):
+    return _weight_grad_outputs(dz, in_index.shape[0] // cols, rows, cols, bias_grad)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -316,16 +349,24 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     x, in_index, blocks, out_index, output = ctx.saved_tensors
-    dz = grad if output is None else grad * (output > 0)
+    # The last layer's gradient comes batch-major (through the final ``.contiguous()``): the
+    # kernels would gather it element by element, so large batches pay one transpose instead.
+    if grad.shape[0] >= FEATURE_MAJOR_INPUT_MIN_BATCH and not _feature_major(grad):
+        grad = _to_feature_major(grad)
     c, rows, cols = blocks.shape
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
     dx = dw = db = None
+    # The ReLU's derivative (``output > 0``) and the bias gradient are applied inside the kernels.
     if ctx.needs_input_grad[0]:
-        dx = block_linear_input_grad(dz, out_index, blocks, in_index, x.shape[1], _layout_of(x), ctx.input_gaps)
+        dx = block_linear_input_grad(
+            grad, out_index, blocks, in_index, x.shape[1], _layout_of(x), ctx.input_gaps, output
+        )
     if ctx.needs_input_grad[2]:
-        dw = block_weight_grad(dz, out_index, x, in_index, rows, cols)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        valid = out_index >= 0
-        db = dz.sum(0).index_select(0, out_index.clamp(min=0).long()) * valid
+        dw, fused_db = block_weight_grad(grad, out_index, x, in_index, rows, cols, output, bias_grad)
+        db = fused_db if bias_grad else None
+    elif bias_grad:  # frozen blocks, a trained bias
+        dz = grad if output is None else grad * (output > 0)
+        db = dz.sum(0).index_select(0, out_index.clamp(min=0).long()) * (out_index >= 0)
     return dx, None, dw, db, None, None, None, None, None
 
 
@@ -397,7 +438,9 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
         blocks, bias = _autocast(weights.blocks[i], cast), _autocast(weights.biases[i], cast)
         last = i == n - 1
         act = None if last else weights.activations[i]
-        trains = torch.is_grad_enabled() and (blocks.requires_grad or h.requires_grad)
+        trains = torch.is_grad_enabled() and (
+            blocks.requires_grad or h.requires_grad or (bias is not None and bias.requires_grad)
+        )
         code, act = _epilogue(act, trains)
         pitch = _output_pitch(batch, last)
         op = block_linear if trains or not _plain_eager(h) else _block_linear

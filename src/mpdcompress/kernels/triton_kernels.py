@@ -81,6 +81,7 @@ def _block_linear(
     out_index_ptr,
     y_ptr,
     part_ptr,
+    gate_ptr,
     batch,
     ROWS,
     COLS,
@@ -91,8 +92,11 @@ def _block_linear(
     stride_wc,
     stride_wr,
     stride_wk,
+    stride_gb,
+    stride_gf,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -108,7 +112,9 @@ def _block_linear(
     feature-major for the store. ``SPLIT_K`` > 1 gives each program a share of the block's
     columns, so a batch of 1 streams the weights with ``SPLIT_K`` times the programs; the raw
     fp32 sums go to ``part`` (``(SPLIT_K · c · ROWS, batch)``, block-row order) and
-    :func:`_split_k_sum` adds them up, adds the bias, applies the epilogue and scatters them."""
+    :func:`_split_k_sum` adds them up, adds the bias, applies the epilogue and scatters them.
+    ``GATED`` (input gradients through a ReLU): ``x`` counts only where ``gate`` (the forward's
+    output, laid out like ``x``'s positions) is positive, so ``dz · 1[z > 0]`` is never stored."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     # Tiles are (batch, rows) or, swapped, (rows, batch); operands follow: x (batch, K) or
@@ -139,11 +145,17 @@ def _block_linear(
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k
         src = tl.load(in_index_ptr + blk * COLS + ks, mask=ks < COLS, other=-1)
-        a = tl.load(
-            x_rows + _on_rows(src.to(tl.int64) * stride_xf, SWAP_AB),
-            mask=_on_batch(in_batch, SWAP_AB) & _on_rows(src >= 0, SWAP_AB),
-            other=0.0,
-        )
+        in_tile = _on_batch(in_batch, SWAP_AB) & _on_rows(src >= 0, SWAP_AB)
+        a = tl.load(x_rows + _on_rows(src.to(tl.int64) * stride_xf, SWAP_AB), mask=in_tile, other=0.0)
+        if GATED:
+            gate = tl.load(
+                gate_ptr
+                + _on_batch(offs_b.to(tl.int64) * stride_gb, SWAP_AB)
+                + _on_rows(src.to(tl.int64) * stride_gf, SWAP_AB),
+                mask=in_tile,
+                other=0.0,
+            )
+            a = tl.where(gate > 0, a, 0.0).to(a.dtype)
         w = tl.load(
             w_block + _on_batch(ks * stride_wk, SWAP_AB),
             mask=_on_batch(ks < COLS, SWAP_AB) & _on_rows(in_rows, SWAP_AB),
@@ -211,6 +223,8 @@ def _block_weight_grad(
     x_ptr,
     in_index_ptr,
     dw_ptr,
+    gate_ptr,
+    db_ptr,
     batch,
     ROWS,
     COLS,
@@ -218,13 +232,21 @@ def _block_weight_grad(
     stride_zf,
     stride_xb,
     stride_xf,
+    stride_gb,
+    stride_gf,
+    GATED: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """Program (tile, k): ``dW_k[rows, cols] = Σ_batch dz[batch, rows]ᵀ x[batch, cols]``, padding zero."""
+    """Program (tile, k): ``dW_k[rows, cols] = Σ_batch dz[batch, rows]ᵀ x[batch, cols]``, padding zero.
+
+    ``GATED``: ``dz`` counts only where ``gate`` (the forward's output) is positive (ReLU).
+    ``BIAS_GRAD``: the programs of the first column tile also store ``db_k[rows] = Σ_batch dz``,
+    so neither the gated ``dz`` nor the bias gradient costs a launch of its own."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     tiles_k = tl.cdiv(COLS, BLOCK_K)
@@ -237,12 +259,23 @@ def _block_weight_grad(
     cols = tl.load(in_index_ptr + blk * COLS + offs_k, mask=offs_k < COLS, other=-1)
     dz_rows = dz_ptr + rows.to(tl.int64)[:, None] * stride_zf
     x_cols = x_ptr + cols.to(tl.int64)[None, :] * stride_xf
+    gate_rows = gate_ptr + rows.to(tl.int64)[:, None] * stride_gf
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for b0 in range(0, batch, BLOCK_B):
         bs = (b0 + offs_b).to(tl.int64)
         in_batch = bs < batch
-        dz = tl.load(dz_rows + bs[None, :] * stride_zb, mask=(rows >= 0)[:, None] & in_batch[None, :], other=0.0)
+        in_tile = (rows >= 0)[:, None] & in_batch[None, :]
+        dz = tl.load(dz_rows + bs[None, :] * stride_zb, mask=in_tile, other=0.0)
+        if GATED:
+            gate = tl.load(gate_rows + bs[None, :] * stride_gb, mask=in_tile, other=0.0)
+            dz = tl.where(gate > 0, dz, 0.0).to(dz.dtype)
+        if BIAS_GRAD:
+            db += tl.sum(dz.to(tl.float32), axis=1)
         x = tl.load(x_cols + bs[:, None] * stride_xb, mask=in_batch[:, None] & (cols >= 0)[None, :], other=0.0)
         acc = _mma(dz, x, acc, PRECISION, UPCAST)
     dw = dw_ptr + blk.to(tl.int64) * ROWS * COLS + offs_r[:, None] * COLS + offs_k[None, :]
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(offs_r < ROWS)[:, None] & (offs_k < COLS)[None, :])
+    if BIAS_GRAD:
+        first_tile = (tl.zeros_like(offs_r) + pid_k) == 0  # as a vector: a scalar mask is not portable
+        tl.store(db_ptr + blk * ROWS + offs_r, db.to(db_ptr.dtype.element_ty), mask=(offs_r < ROWS) & first_tile)
