@@ -255,6 +255,36 @@ def test_launch_plans_replay_eager_inference_and_follow_every_change_of_the_mode
         assert_close_to_scale(got, mpd.dequantize(packed)(x), rel=TOLERANCE[torch.float32])
 
 
+def test_a_gpu_measures_the_activation_layout_of_each_launch_plan(monkeypatch):
+    """Whether to transpose the input first and to write the last output feature-major is timed
+    (all four ways) once per chain shape and batch bucket, not fixed at 64 rows; every way computes
+    the same thing. Measurement is faked here: the interpreter's timings mean nothing."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the layouts are really measured; this fakes the timings")
+    monkeypatch.setattr(triton_engine, "_measures_layouts", lambda device: True)
+    monkeypatch.setattr(triton_engine, "_layouts_chosen", {})
+    outputs = {}
+
+    def fake_measure(options, run):
+        for layout in options:
+            outputs[layout] = run(layout)
+        return {layout: 2.0 - layout[0] + layout[1] for layout in options}  # (True, False) "wins"
+
+    monkeypatch.setattr(tuning, "measure", fake_measure)
+    masked = chain([40, 64, 48, 20], nn.ReLU, lambda i: (4, 3, 2)[i]).eval()
+    packed = mpd.pack(masked)
+    x = torch.randn(5, 40)
+    with use_engine("triton"), torch.no_grad():
+        out = packed(x)
+        assert_close_to_scale(out, masked(x), rel=TOLERANCE[torch.float32])
+        plan = next(iter(triton_engine._plans[packed[0]].values()))
+    assert (plan.transpose_input, plan.feature_major_output) == (True, False)
+    assert sorted(outputs) == sorted(triton_engine._LAYOUTS)
+    for got in outputs.values():
+        assert got.shape == out.shape and got.is_contiguous()
+        assert_close_to_scale(got, out, rel=TOLERANCE[torch.float32])
+
+
 def test_compact_training_keeps_padding_zero_and_tracks_reference():
     torch.manual_seed(0)
     models = {
@@ -470,7 +500,7 @@ def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp
         measured.append(options)
         return {cfg: float(i != 1) for i, cfg in enumerate(options)}
 
-    monkeypatch.setattr(tuning, "_measure", fake_measure)
+    monkeypatch.setattr(tuning, "measure", fake_measure)
     torch.manual_seed(0)
     model = mpd.pack(mpd.mpdify_(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 12)), 4))
     x = torch.randn(7, 32)
@@ -489,7 +519,7 @@ def test_tune_measures_ahead_of_time_persists_and_never_tunes_inside_capture(tmp
     # A new process reads the cache: nothing is measured again.
     monkeypatch.setattr(tuning, "_chosen", {})
     monkeypatch.setattr(tuning, "_recent", {})
-    monkeypatch.setattr(tuning, "_measure", lambda options, run: pytest.fail("measured a cached shape"))
+    monkeypatch.setattr(tuning, "measure", lambda options, run: pytest.fail("measured a cached shape"))
     with use_engine("triton"):
         model(torch.randn(20, 32)).sum().backward()
 

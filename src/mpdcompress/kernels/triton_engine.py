@@ -9,6 +9,7 @@ kernel is tested against.
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Callable, Optional
 
@@ -16,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import triton_kernels as tk
+from . import tuning
 from .dispatch import launch_plan_generation
 from .torch_engine import ChainWeights
-from .tuning import TileConfig, capturing, choose, interpreting
+from .tuning import TileConfig, batch_bucket, capturing, choose, interpreting
 
 __all__ = ["run_chain_triton", "epilogue_code", "block_linear", "FEATURE_MAJOR_INPUT_MIN_BATCH"]
 
@@ -472,25 +474,29 @@ class LaunchPlan:
     built (operands, tile, grid, options): a call allocates the activations and launches, and
     nothing else runs in Python: at batch 1 a GPU hides none of the host's time."""
 
-    def __init__(self, batch: int, generation: int) -> None:
+    def __init__(self, batch: int, generation: int, layout: tuple[bool, bool]) -> None:
         self.batch, self.generation = batch, generation
-        self.transpose_input = batch >= FEATURE_MAJOR_INPUT_MIN_BATCH
+        # Whether the input is made feature-major before the first launch, and whether the last
+        # launch writes feature-major (then one transpose) rather than scattering batch-major.
+        self.transpose_input, self.feature_major_output = layout
         self.transpose_output = False
         # Per layer: the launch, the output's shape and strides (None: batch-major), what to
         # apply after the launch.
         self.steps: list[tuple[_LinearLaunch, tuple, Optional[tuple], Optional[Callable[[Tensor], Tensor]]]] = []
 
     @classmethod
-    def record(cls, x: Tensor, weights: ChainWeights, generation: int) -> tuple["LaunchPlan", Tensor]:
+    def record(
+        cls, x: Tensor, weights: ChainWeights, generation: int, layout: tuple[bool, bool]
+    ) -> tuple["LaunchPlan", Tensor]:
         """Run the chain on ``x`` (batch-major or any 2-D layout, batch ≥ 1) and keep its launches."""
-        plan = cls(x.shape[0], generation)
+        plan = cls(x.shape[0], generation, layout)
         h = _to_feature_major(x) if plan.transpose_input else x
         n = len(weights.blocks)
         for i in range(n):
             blocks, bias = weights.blocks[i], weights.biases[i]
             _check(h, blocks, bias)
             code, act = _epilogue(None if i == n - 1 else weights.activations[i], trains=False)
-            pitch = _output_pitch(plan.batch, i == n - 1)
+            pitch = _pitch(plan.batch) if i < n - 1 or plan.feature_major_output else 0
             out = _new_activation(plan.batch, weights.out_features[i], h, pitch)
             c, rows, cols = blocks.shape
             strides = (blocks.stride(0), blocks.stride(1), blocks.stride(2))
@@ -510,6 +516,32 @@ class LaunchPlan:
             launch(h, out)
             h = out if act is None else act(out)
         return h.contiguous() if self.transpose_output else h
+
+
+# (transpose the input first, write the last output feature-major): which wins depends on the
+# GPU, the shapes and the batch, so a GPU measures the four once per chain shape and batch bucket.
+_LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
+_layouts_chosen: dict[tuple, tuple[bool, bool]] = {}
+
+
+def _measures_layouts(device: torch.device) -> bool:
+    return not interpreting() and os.environ.get("MPDCOMPRESS_AUTOTUNE", "1") != "0" and not capturing(device)
+
+
+def _layout(x: Tensor, weights: ChainWeights, generation: int) -> tuple[bool, bool]:
+    """The activation layout of a new launch plan: measured on a GPU (once per chain shape, dtype
+    and batch bucket), else the rule of the general path (feature-major from 64 rows)."""
+    batch = x.shape[0]
+    guess = (batch >= FEATURE_MAJOR_INPUT_MIN_BATCH, batch >= FEATURE_MAJOR_INPUT_MIN_BATCH)
+    if batch < 2 or not _measures_layouts(x.device):
+        return guess
+    shapes = tuple((tuple(b.shape), tuple(b.stride())) for b in weights.blocks)
+    key = (batch_bucket(batch), x.dtype, x.device, x.stride(1) == 1, shapes, tuple(weights.out_features))
+    if key not in _layouts_chosen:
+        plans = {layout: LaunchPlan.record(x, weights, generation, layout)[0] for layout in _LAYOUTS}
+        timings = tuning.measure(_LAYOUTS, lambda layout: plans[layout](x))
+        _layouts_chosen[key] = min(timings, key=timings.get) if timings else guess
+    return _layouts_chosen[key]
 
 
 def _plannable(weights: ChainWeights) -> bool:
@@ -538,5 +570,5 @@ def run_packed_triton(x: Tensor, module: nn.Module) -> Tensor:
             return run_chain_triton(x, weights)
         if plans is None or len(plans) >= _PLANS_PER_MODULE:
             plans = _plans[module] = {}
-        plans[key], out = LaunchPlan.record(h, weights, generation)
+        plans[key], out = LaunchPlan.record(h, weights, generation, _layout(h, weights, generation))
     return out if h is x else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import EngineUnavailableError
 
-__all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates", "cache_path", "capturing"]
+__all__ = ["TileConfig", "batch_bucket", "choose", "interpreting", "candidates", "cache_path", "capturing", "measure"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def _save(device: torch.device) -> None:
         warnings.warn(f"mpdcompress: cannot write the tile cache {cache_path()}: {exc}", stacklevel=3)
 
 
-def _measure(options: list[TileConfig], run: Callable[[TileConfig], object]) -> dict[TileConfig, float]:
+def measure(options: list, run: Callable[[object], object]) -> dict:
+    """Milliseconds of ``run(option)`` for each option that fits the GPU (Triton's ``do_bench``)."""
     from triton.testing import do_bench
 
     timings = {}
@@ -188,7 +189,7 @@ def choose(
                 stacklevel=2,
             )
         return options[0]
-    timings = _measure(options, run)
+    timings = measure(options, run)
     if not timings:
         raise EngineUnavailableError(f"no tile configuration of {kernel} fits this GPU for shape {shape_key}")
     table[key] = _recent[kernel, bucket, shape_key, device] = min(timings, key=timings.get)
