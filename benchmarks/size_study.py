@@ -3,7 +3,8 @@ whole-file bytes, test accuracy and CPU speed, beside the dense model quantized 
 Deep Compression's published figures.
 
 Usage: python benchmarks/size_study.py [--model lenet300] [--dataset mnist] [-c 4 8 10 16]
-       [--formats int8 int4 int4-g128] [--epochs 20] [--train-limit N] [--out results/size]
+       [--formats int8 int4 int4-g128] [--epochs 20] [--qat-steps 0] [--train-limit N]
+       [--out results/size]
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["int8", "int4", "int4-g128"])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--qat-steps", type=int, default=0, help="quantization-aware steps per 4-bit format")
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--out", default="results/size")
     args = parser.parse_args()
@@ -33,6 +35,7 @@ def main() -> None:
         args.seed,
         args.train_limit,
         speed_compression=10 if 10 in args.compressions else args.compressions[0],
+        qat_steps=args.qat_steps,
     )
     results = timed_study(lambda: run_size_study(profile, progress=lambda message: print(message, flush=True)))
     report = render_size_study(results, command_line("benchmarks/size_study.py", sys.argv[1:]))

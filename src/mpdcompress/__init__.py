@@ -2,7 +2,7 @@
 
 Compress in place with :func:`mpdify_` (masked dense layers, or ``mode="compact"`` for the packed form),
 deploy with :func:`pack` (block-diagonal layers that compute the same function with ~1/c of the
-weights and FLOPs), :func:`quantize_` its blocks to int8 / int4, ship with :func:`save` / :func:`load` / :func:`export_onnx`.
+weights and FLOPs), :func:`quantize_` its blocks to int8 / int4 (trained for it with :func:`fake_quantize_`), ship with :func:`save` / :func:`load` / :func:`export_onnx`.
 """
 
 from ._version import __version__
@@ -11,6 +11,7 @@ from .core.convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack
 from .core.layout import BlockLayout, validate_compression
 from .core.mask_search import kept_mass, mask_from_weight
 from .core.masks import MPDMask, layer_seed, make_mask
+from .core.qat import fake_quantize_
 from .core.quantize import QuantConfig, dequantize, quantize_
 from .files.executorch import export_executorch, run_executorch
 from .files.io import ModelFileError, NonFiniteWeightsWarning, load, read_manifest, save
@@ -52,6 +53,7 @@ __all__ = [
     "QuantConfig",
     "quantize_",
     "dequantize",
+    "fake_quantize_",
     "QuantizedBlockDiagonalLinear",
     "QuantizedBlockDiagonalConv",
     "apply_masks_",

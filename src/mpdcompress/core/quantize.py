@@ -240,7 +240,9 @@ def quantize_(
 
     ``config``: a :class:`QuantConfig` or its name (``"int8"``, ``"int4"``, ``"int4-g64-asym"``,
     ...); int8 weight-only by default. Dense layers (a folded head or tail, the classifier) stay
-    as they are. The model must be packed (:func:`~mpdcompress.pack`).
+    as they are. The model must be packed (:func:`~mpdcompress.pack`). Layers prepared by
+    :func:`~mpdcompress.fake_quantize_` store exactly the blocks their last forward used; they
+    must be quantized with the config they trained for.
     """
     config = QuantConfig.of(config)
     if any(isinstance(m, MaskedWeight) for m in model.modules()):
@@ -253,6 +255,13 @@ def quantize_(
         and (filter_fn is None or filter_fn(m, name))
     }
     refuse_dynamic_convs(config, named)
+    trained_for = {name: m.fake_quant.config for name, m in named.items() if m.fake_quant is not None}
+    mismatched = {name: other.describe() for name, other in trained_for.items() if other != config}
+    if mismatched:
+        raise CompressionError(
+            f"these layers trained quantization-aware for another format than {config.describe()}: "
+            f"{dict(list(mismatched.items())[:5])}; quantize them with the config they trained for"
+        )
     selected = {id(m): m for m in named.values()}
     if not selected:
         already = bool(quantized_layers(model))

@@ -33,7 +33,7 @@ from ..models import model_spec, paper_filter
 from ..posthoc.calibrate import compress_calibrated
 from ..posthoc.distill import DistillConfig, distill
 from ..train import TrainConfig, train
-from ..train.inputs import open_datasets, prepare
+from ..train.inputs import open_datasets, sampled_batches
 from ..train.loop import evaluate
 
 __all__ = ["PosthocProfile", "run_posthoc_study", "render_posthoc_report", "write_posthoc_report"]
@@ -98,11 +98,7 @@ def run_posthoc_study(profile: PosthocProfile, progress: Callable[[str], None] |
         epoch = _epoch_steps(len(train_data), profile.batch_size)
         entry["epoch_steps"] = epoch
 
-        def batch(step: int, size: int = profile.batch_size) -> torch.Tensor:
-            g = torch.Generator().manual_seed(profile.seed * 1_000_003 + step)
-            images, _ = train_data.__getitems__(torch.randint(len(train_data), (size,), generator=g))
-            return prepare(images, dataset)
-
+        batch = sampled_batches(train_data, dataset, profile.batch_size, profile.seed)
         # Calibration images are drawn apart from the distillation batches' stream.
         calibration = [batch(-1 - k, 500) for k in range(-(-profile.calibration // 500))]
         for masks in profile.masks:

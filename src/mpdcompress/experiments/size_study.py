@@ -22,15 +22,17 @@ from torch import nn
 
 from ..bench.runtimes import packed_variants
 from ..core.convert import pack
+from ..core.qat import fake_quantize_
 from ..core.quantize import QuantConfig, quantize_, quantize_weight
 from ..data.datasets import load_dataset
 from ..files.io import save
 from ..models import model_spec
 from ..paper import DEEP_COMPRESSION
 from ..plotting import pyplot
+from ..posthoc.distill import DistillConfig, distill
 from ..timing import interleaved_medians
 from ..train import TrainConfig, train
-from ..train.inputs import open_datasets
+from ..train.inputs import open_datasets, sampled_batches
 from ..train.loop import evaluate
 
 __all__ = ["SizeProfile", "run_size_study", "render_size_study", "plot_size_study", "dense_quantized"]
@@ -50,6 +52,11 @@ class SizeProfile:
     speed_compression: int = 10  # the factor timed at batch 1 and 64
     size_only: str | None = "alexnet-fc"  # a model sized and timed with random weights (no data here)
     size_only_compression: int = 8
+    # Quantization-aware training: each 4-bit format also as the packed model distilled from its
+    # own fp32 form for this many steps with its blocks rounded as stored (0: none).
+    qat_steps: int = 0
+    qat_lr: float = 1e-4
+    qat_batch: int = 64
 
 
 def dense_quantized(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -104,7 +111,8 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
     splits = {split: load_dataset(profile.dataset, split) for split in ("train", "test")}
     test = splits["test"]
     base = TrainConfig(model=profile.model, dataset=profile.dataset, epochs=profile.epochs, seed=profile.seed)
-    _, test_images = open_datasets(base.resolved(), splits["train"], test)
+    train_images, test_images = open_datasets(base.resolved(), splits["train"], test)
+    batches = sampled_batches(train_images, profile.dataset, profile.qat_batch, profile.seed)
 
     def score(model: nn.Module) -> float:
         return evaluate(model, test_images, profile.dataset)
@@ -138,6 +146,10 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
         variants = {"fp32": packed}
         for name in profile.formats:
             variants[name] = quantize_(copy.deepcopy(packed), name)
+        for name in profile.formats if profile.qat_steps else ():
+            if QuantConfig.parse(name).bits == 4:
+                say(f"MPD c={c} {name}: {profile.qat_steps} quantization-aware steps")
+                variants[f"{name} QAT"] = _quantization_aware(packed, name, batches, profile)
         for name, model in variants.items():
             size = _file_bytes(lambda p, m=model: save(m, p, input_shape=spec.input_shape))
             rows.append(
@@ -153,6 +165,15 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
         say(f"{profile.size_only}: sizes and speed with random weights")
         results["size_only"] = _size_only(profile.size_only, profile.size_only_compression, profile.formats)
     return results
+
+
+def _quantization_aware(packed: nn.Module, name: str, batches, profile: SizeProfile) -> nn.Module:
+    """``packed`` quantized as ``name`` after learning the rounding: distilled from itself in fp32
+    with its blocks rounded as stored (:func:`fake_quantize_`)."""
+    student = fake_quantize_(copy.deepcopy(packed), name)
+    config = DistillConfig(steps=profile.qat_steps, lr=profile.qat_lr, seed=profile.seed, logits=("output",))
+    distill(student, packed, batches, config)
+    return quantize_(student.eval(), name)
 
 
 def _size_only(name: str, c: int, formats: tuple[str, ...]) -> dict[str, Any]:
@@ -183,7 +204,15 @@ def render_size_study(results: dict[str, Any], command: str) -> str:
         f"# The smallest model: {p['model']} on {p['dataset']}, MPD × int8 / int4",
         "",
         f"Command: `{command}`. Each model trained from scratch for {p['epochs']} epochs (seed {p['seed']}) "
-        "with the model's recipe; quantized after training, no fine-tuning. Sizes are whole files: MPD as "
+        "with the model's recipe; quantized after training, no fine-tuning"
+        + (
+            f" (rows marked QAT: the packed model first distilled from its own fp32 form for {p['qat_steps']:,} "
+            f"steps of {p['qat_batch']} training images, AdamW at lr {p['qat_lr']:g}, with its blocks rounded as "
+            "stored: `fake_quantize_`)"
+            if p.get("qat_steps")
+            else ""
+        )
+        + ". Sizes are whole files: MPD as "
         "`mpdcompress.save` writes them (manifest, permutations, biases, scales, the dense classifier); the "
         "dense baselines as a safetensors file of their state dict. Accuracy on the test split.",
         "",

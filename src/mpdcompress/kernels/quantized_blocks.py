@@ -95,10 +95,11 @@ class QuantizedWeight:
         return (self._grouped(q) - zero).flatten(-2)[..., : q.shape[-1]]
 
     def dequantize(self) -> torch.Tensor:
-        """The float blocks, in the layer's stored shape."""
+        """The float blocks, in the layer's stored shape, contiguous (a strided view would make
+        the GEMMs round differently from a float layer holding the same values)."""
         q = self._grouped(self.integers()).to(self.scales.dtype)
         w = (q * self.scales.unsqueeze(-1)).flatten(-2)
-        return w[..., : self.inputs].reshape(self.shape)
+        return w[..., : self.inputs].contiguous().reshape(self.shape)
 
 
 class DynamicInt8Blocks:

@@ -7,6 +7,8 @@ gather. Both are ordinary trainable modules (parameters are the blocks and the b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -109,6 +111,9 @@ class PackedBlocks(ForgetsLaunchPlans):
     col_order: torch.Tensor
     num_blocks: torch.Tensor
     padding_mask: torch.Tensor | None
+    # Quantization-aware training (set by mpdcompress.fake_quantize_): blocks -> the blocks
+    # rounded as quantize_ will store them, with a straight-through gradient.
+    fake_quant: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def plane(self) -> tuple[int, int]:
         """``(d_out, d_in)``: the shape of the matrix the mask lives on."""
@@ -154,11 +159,12 @@ class PackedBlocks(ForgetsLaunchPlans):
         return MPDMask(self.layout, self.row_order.cpu(), self.col_order.cpu())
 
     def effective_blocks(self) -> torch.Tensor:
-        """The blocks with padding forced to zero while gradients can reach it (compact training)."""
+        """The blocks with padding forced to zero while gradients can reach it (compact training),
+        rounded to their integer levels during quantization-aware training."""
         w = self.weight_blocks
         if self.padding_mask is not None and torch.is_grad_enabled() and w.requires_grad:
-            return w * self.padding_mask
-        return w
+            w = w * self.padding_mask
+        return w if self.fake_quant is None else self.fake_quant(w)
 
     def engine_blocks(self, kernel_indices: bool) -> torch.Tensor:
         """What the engine multiplies with (``kernel_indices``: for the Triton engine): the blocks,

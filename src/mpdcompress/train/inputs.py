@@ -11,6 +11,7 @@ images are read, so splitting the data over processes does not change what the m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "step_plan",
     "rank_micro_batches",
     "batch_loader",
+    "sampled_batches",
 ]
 
 
@@ -40,6 +42,19 @@ def prepare(images: torch.Tensor, dataset: str) -> torch.Tensor:
     shape = (1, -1) + (1,) * (images.dim() - 2)
     x = images.float().div_(255.0)
     return (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
+
+
+def sampled_batches(images, dataset: str, size: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """``step`` → a batch of ``size`` prepared images drawn at random from ``images`` (an
+    :class:`InMemoryImages`, labels dropped), the same for the same seed and step: the input
+    stream of a distillation, which needs no labels and resumes at any step."""
+
+    def batch(step: int, size: int = size) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        drawn, _ = images.__getitems__(torch.randint(len(images), (size,), generator=g))
+        return prepare(drawn, dataset)
+
+    return batch
 
 
 class InMemoryImages:
