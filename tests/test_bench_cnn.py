@@ -10,6 +10,7 @@ from torch import nn
 import mpdcompress as mpd
 from mpdcompress.bench.cnn import CnnProfile, multiply_adds, render_cnn_report, run_cnn_bench, thin_dense
 from mpdcompress.cli.main import main
+from mpdcompress.errors import ConfigError
 from mpdcompress.models import MODELS, build_model
 
 
@@ -34,15 +35,24 @@ def test_thin_dense_has_the_parameters_asked_for_and_runs(name):
 def test_cnn_bench_report_and_command(tmp_path, capsys):
     result = run_cnn_bench(CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1))
     (row,) = result["rows"]
-    assert set(row["seconds"]) == {"dense", "mpd_fc", "mpd_conv_fc", "thin_dense"}
+    variants = {"dense", "mpd_fc", "mpd_conv_fc", "thin_dense"}
+    assert set(row["seconds"]) == variants | {f"{v} channels_last" for v in variants}
     macs = row["multiply_adds"]
     assert macs["dense"] > macs["mpd_fc"] > macs["mpd_conv_fc"]
-    assert "| deep-mnist | 2 | 1 |" in render_cnn_report(result)
+    report = render_cnn_report(result)
+    assert (
+        "| deep-mnist | 2 | 1 | channels first | 1.00× |" in report
+        and "| deep-mnist | 2 | 1 | channels last |" in report
+    )
+    with pytest.raises(ConfigError, match="layouts must be"):
+        run_cnn_bench(CnnProfile(models=("deep-mnist",), layouts=("nhwc",)))
     out = tmp_path / "cnn"
     args = ["bench", "--profile", "cnn", "--models", "vgg11-cifar", "--factors", "8", "--batches", "1"]
+    args += ["--layouts", "channels_last"]
     assert main([*args, "--out", str(out), "--quiet"]) == 0
     saved = json.loads((out / "bench_cnn.json").read_text())
-    assert saved["rows"][0]["model"] == "vgg11-cifar" and "no FC layer" in (out / "bench_cnn.md").read_text()
+    assert saved["rows"][0]["model"] == "vgg11-cifar" and saved["rows"][0]["layouts"] == ["channels_last"]
+    assert "| vgg11-cifar | 8 | 1 | channels last |" in (out / "bench_cnn.md").read_text()
     assert main(["bench", "--profile", "cnn", "--models", "resnet-50", "--quiet"]) == 2
     assert "unknown models" in capsys.readouterr().err
 

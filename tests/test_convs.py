@@ -208,6 +208,48 @@ def test_compiled_and_channels_last_packed_convs_compute_the_same():
         assert_close_to_scale(last(x.to(memory_format=torch.channels_last)), expected, 1e-5)
 
 
+def test_channels_last_input_stays_channels_last_through_every_gather():
+    torch.manual_seed(0)
+    masked = mpd.mpdify_(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 24, 3, padding=1),
+            nn.BatchNorm2d(24),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(24, 12, 3),
+            nn.ReLU(),
+            nn.Conv2d(12, 8, 1),  # a lone compressed conv after the chain's dense tail is not folded
+        ),
+        4,
+        convs=True,
+        seed=0,
+    ).eval()
+    packed = mpd.pack(masked).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 12, 12)
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: seen.append((type(m).__name__, out)))
+        for m in packed.modules()
+        if isinstance(m, (mpd.PackedConvChain, mpd.BlockDiagonalConv, nn.MaxPool2d, nn.BatchNorm2d))
+    ]
+    with torch.no_grad():
+        out = packed(x.contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    assert {name for name, _ in seen} >= {"PackedConvChain", "MaxPool2d"}
+    for name, y in seen:
+        assert y.is_contiguous(memory_format=torch.channels_last), name
+    assert_close_to_scale(out, masked(x), 1e-5)
+    # Autograd through the channels-last gathers (training the packed form).
+    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    packed.train()(x_last).square().sum().backward()
+    x_first = x.clone().requires_grad_()
+    mpd.pack(masked).train()(x_first).square().sum().backward()
+    assert_close_to_scale(x_last.grad, x_first.grad, 1e-5)
+
+
 def _forged(tmp_path, model, edit_state=None, edit_manifest=None):
     """``model`` saved, then re-signed after an edit of its tensors or manifest, as a forger would."""
     from safetensors.torch import save as st_save

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.convert import mpdify_, pack
+from ..errors import ConfigError
 from ..models import MODELS, build_model, paper_filter, scale_widths
 from ..nn import MaskedWeight
 from ..timing import interleaved_medians
@@ -36,6 +37,7 @@ __all__ = [
 
 CNN_MODELS = ("deep-mnist", "tf-cifar10", "alexnet-bn", "resnet18-cifar", "vgg11-cifar")
 VARIANTS = ("dense", "mpd_fc", "mpd_conv_fc", "thin_dense")
+LAYOUTS = ("channels_first", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class CnnProfile:
     factors: tuple[int, ...] = (2, 4, 8)
     batches: tuple[int, ...] = (1, 64)
     repeats: int = 7
+    # Memory formats every variant runs in; ratios are to the channels-first dense model, timed
+    # round-robin with all of them (on this CPU, pooling runs far faster channels-last).
+    layouts: tuple[str, ...] = LAYOUTS
 
 
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -122,6 +127,9 @@ def run_cnn_bench(
 ) -> dict[str, Any]:
     """Time every variant of every model at every factor and batch; returns the result dict."""
     say = progress or (lambda message: None)
+    unknown = sorted(set(profile.layouts) - set(_FORMATS))
+    if unknown or not profile.layouts:
+        raise ConfigError(f"layouts must be some of {', '.join(_FORMATS)}, got {list(profile.layouts)}")
     rows = []
     for name in profile.models:
         shape = MODELS[name].input_shape
@@ -131,10 +139,14 @@ def run_cnn_bench(
             sizes = {k: parameter_count(m) for k, m in models.items()}
             macs = {"dense": dense_macs, "thin_dense": multiply_adds(models["thin_dense"], shape)}
             macs.update({k: multiply_adds(m, shape) for k, m in masked.items()})
+            placed = {layout: _in_layout(models, layout) for layout in profile.layouts}
             for batch in profile.batches:
                 x = torch.randn(batch, *shape)
+                calls = {}
+                for layout, variants in placed.items():
+                    xl = x.contiguous(memory_format=_FORMATS[layout])
+                    calls.update({_key(k, layout): (lambda m=m, xl=xl: m(xl)) for k, m in variants.items()})
                 with torch.no_grad():
-                    calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
                     seconds = interleaved_medians(calls, repeats=profile.repeats, min_time=0.05 if batch == 1 else 0)
                 rows.append(
                     {
@@ -142,38 +154,70 @@ def run_cnn_bench(
                         "compression": c,
                         "batch": batch,
                         "seconds": seconds,
+                        "layouts": list(profile.layouts),
                         "parameters": sizes,
                         "multiply_adds": macs,
                     }
                 )
-                say(f"{name} c={c} batch {batch}: {seconds['dense'] / seconds['mpd_conv_fc']:.2f}x")
+                say(
+                    f"{name} c={c} batch {batch}: "
+                    + ", ".join(
+                        f"{layout} {seconds[_key('dense', layout)] / seconds[_key('mpd_conv_fc', layout)]:.2f}x"
+                        for layout in profile.layouts
+                    )
+                )
     return {"command": command, "machine": describe_machine("cpu"), "profile": asdict(profile), "rows": rows}
 
 
+_FORMATS = {"channels_first": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _key(variant: str, layout: str) -> str:
+    """A variant's name in a row's timings: plain for channels-first, suffixed otherwise."""
+    return variant if layout == "channels_first" else f"{variant} {layout}"
+
+
+def _in_layout(models: dict[str, nn.Module], layout: str) -> dict[str, nn.Module]:
+    if layout not in _FORMATS:
+        raise ConfigError(f"unknown layout {layout!r}: expected one of {', '.join(_FORMATS)}")
+    if layout == "channels_first":
+        return models
+    return {k: copy.deepcopy(m).to(memory_format=_FORMATS[layout]) for k, m in models.items()}
+
+
 def render_cnn_report(result: dict[str, Any]) -> str:
-    """The CNN section as Markdown: speed-ups over dense with their multiply-add limits, and sizes."""
+    """The CNN section as Markdown: speed-ups over the channels-first dense model with their
+    multiply-add limits, per memory format, and sizes."""
     lines = [
         "# Whole CNNs: MPD on convolutions and FC layers vs dense, FC-only MPD and a thin dense network",
         "",
         f"Command: `{result['command']}`. Machine: {result['machine'].get('cpu', '?')}, "
-        f"torch {result['machine'].get('torch', '?')}. Each row's variants were timed round-robin in one process;",
-        "speed-ups are dense time / variant time (median of the samples). *limit*: dense multiply-adds /",
+        f"torch {result['machine'].get('torch', '?')}. Each row's variants, in every memory format, were timed",
+        "round-robin in one process; speed-ups are the time of the dense model in the row's first layout",
+        "(channels-first unless only channels-last was asked for) / the variant's (medians), so the other",
+        "layout's rows include what the layout alone gains (their *dense* column). Against the dense model",
+        "in the same layout: divide by that column. *limit*: dense multiply-adds /",
         "the variant's (the uncompressed first convolution caps it). Parameters as a fraction of dense.",
         "",
-        "| model | c | batch | MPD conv+FC × (limit) | MPD FC only × (limit) | thin dense × (limit) "
+        "| model | c | batch | layout | dense × | MPD conv+FC × (limit) | MPD FC only × (limit) | thin dense × (limit) "
         "| params conv+FC | params thin |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         s, m, p = row["seconds"], row["multiply_adds"], row["parameters"]
+        layouts = row.get("layouts", ["channels_first"])
+        reference = s[_key("dense", layouts[0])]
+        for layout in layouts:
 
-        def cell(variant: str) -> str:
-            if variant not in s:
-                return "— (no FC layer to compress)"
-            return f"{s['dense'] / s[variant]:.2f}× ({m['dense'] / m[variant]:.2f}×)"
+            def cell(variant: str, layout: str = layout) -> str:
+                key = _key(variant, layout)
+                if key not in s:
+                    return "— (no FC layer to compress)"
+                return f"{reference / s[key]:.2f}× ({m['dense'] / m[variant]:.2f}×)"
 
-        lines.append(
-            f"| {row['model']} | {row['compression']} | {row['batch']} | {cell('mpd_conv_fc')} | {cell('mpd_fc')} "
-            f"| {cell('thin_dense')} | {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
-        )
+            lines.append(
+                f"| {row['model']} | {row['compression']} | {row['batch']} | {layout.replace('_', ' ')} "
+                f"| {reference / s[_key('dense', layout)]:.2f}× | {cell('mpd_conv_fc')} | {cell('mpd_fc')} "
+                f"| {cell('thin_dense')} | {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
+            )
     return "\n".join(lines) + "\n"

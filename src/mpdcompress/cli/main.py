@@ -132,7 +132,7 @@ def _bench_cnn(args: argparse.Namespace, command: str, progress) -> list:
     from ..atomic import write_atomic
     from ..bench.cnn import CnnProfile, render_cnn_report, run_cnn_bench
 
-    changes = {"models": args.models, "factors": args.factors, "batches": args.batches}
+    changes = {"models": args.models, "factors": args.factors, "batches": args.batches, "layouts": args.layouts}
     profile = dataclasses.replace(CnnProfile(), **{k: tuple(v) for k, v in changes.items() if v})
     unknown = sorted(set(profile.models) - set(MODELS))
     if unknown:
@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--factors", nargs="+", type=positive_int, help="compression factors")
     bench.add_argument("--batches", nargs="+", type=positive_int, help="layer batch sizes")
     bench.add_argument("--models", nargs="+", help="model stacks (default: all)")
+    bench.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=("channels_first", "channels_last"),
+        help="cnn profile: memory formats each model runs in (default: both)",
+    )
     bench.add_argument(
         "--compile",
         metavar="MODE",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import CompressionError
 from .packed import is_elementwise, padded_sources
-from .packed_conv import BlockDiagonalConv
+from .packed_conv import BlockDiagonalConv, gather_channels
 
 __all__ = ["PackedConvChain", "is_channelwise", "reordered", "conv_like", "DENSE_CONVS"]
 
@@ -198,16 +198,16 @@ class PackedConvChain(nn.Module):
             x = self.head(input)
             x = x if self.head_gap is None else self.head_gap(x)
         else:
-            x = input.index_select(dim, self.layers[0].in_gather)
+            x = gather_channels(input, dim, self.layers[0].in_gather)
         for i, layer in enumerate(self.layers):
             x = layer.grouped(x)
             if i + 1 < len(self.layers):
                 x = self.gaps[i](x)
                 link = getattr(self, f"link_{i + 1}")
-                x = x if link is None else x.index_select(dim, link)
+                x = x if link is None else gather_channels(x, dim, link)
         x = x if self.tail_gap is None else self.tail_gap(x)
         if self.tail is None:
-            return x.index_select(dim, self.layers[-1].out_gather)
+            return gather_channels(x, dim, self.layers[-1].out_gather)
         weight = self.tail.weight
         if self.tail_columns is not None and torch.is_grad_enabled() and weight.requires_grad:
             return self.tail._conv_forward(x, weight * self.tail_columns, self.tail.bias)

@@ -171,7 +171,7 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dim = -1 - len(self.kernel_size)
-        return self.grouped(input.index_select(dim, self.in_gather)).index_select(dim, self.out_gather)
+        return gather_channels(self.grouped(gather_channels(input, dim, self.in_gather)), dim, self.out_gather)
 
     def extra_repr(self) -> str:
         layout = self.layout
@@ -180,6 +180,19 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
             f"padding={self.padding}, dilation={self.dilation}, compression={layout.compression}, "
             f"blocks={layout.compression}x{layout.max_rows}x{layout.max_cols}, bias={self.bias is not None}"
         )
+
+
+def gather_channels(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, index)`` along the channels, keeping a channels-last layout.
+
+    ``index_select`` returns a contiguous (channels-first) tensor, so every convolution and
+    pooling after it would run channels-first again, which on the CPU is many times slower
+    for pooling (a 2x2 max-pool measured ~25x); gathering along the last dimension of the NHWC
+    view keeps the layout the user chose.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(dim, index)
 
 
 def _per_dim(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
