@@ -368,6 +368,22 @@ def test_fused_conv_chains_compute_the_masked_model_and_unpack_exactly(stack, se
             assert_close_to_scale(packed(x), model(x), 1e-5)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_channel_dropout_between_compressed_convs_keeps_them_in_one_chain(dims):
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    dropout = nn.Dropout1d if dims == 1 else nn.Dropout2d
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        conv(8, 16, 3, padding=1), nn.ReLU(), dropout(0.3), conv(16, 12, 3), nn.FeatureAlphaDropout(0.2)
+    )
+    mpd.mpdify_(model, 4, convs=True, seed=0)
+    packed = mpd.pack(model.eval())
+    assert isinstance(packed[0], mpd.PackedConvChain) and len(packed[0].layers) == 2
+    x = torch.randn(2, 8, *[7] * dims)
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), model(x), 1e-5)
+
+
 def test_alexnet_bn_convs_pack_into_one_chain_with_the_first_conv_folded():
     model = build_model("alexnet-bn").eval()
     mpd.mpdify_(model, 8, convs=True, seed=0)

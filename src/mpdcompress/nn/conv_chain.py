@@ -36,12 +36,17 @@ _POOLS = (
 )
 
 
+# Drop whole channels at random: a channel permutation leaves the distribution of what they
+# drop unchanged, as nn.Dropout's is for a feature permutation (and in eval they are identities).
+_CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.FeatureAlphaDropout)
+
+
 def is_channelwise(module: nn.Module) -> bool:
     """Whether ``module`` treats every channel alike and apart, so a channel permutation commutes
     with it (BatchNorm after its parameters are permuted the same way)."""
     if type(module) in _POOLS:
         return not getattr(module, "return_indices", False)
-    return type(module) in _BATCH_NORMS or is_elementwise(module)
+    return type(module) in (*_BATCH_NORMS, *_CHANNEL_DROPOUTS) or is_elementwise(module)
 
 
 @torch.no_grad()
