@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import CompressionError
-from ..nn.masked import MaskedWeight
 from ..nn.packed import PackedBlocks
-from ..nn.quantized import QuantizedBlocks
 from .convert import LayerFilter
-from .quantize import QuantConfig, quantize_weight
+from .quantize import QuantConfig, float_packed_layers, quantize_weight
 
 __all__ = ["FakeQuantizer", "fake_quantize_", "fake_quantized_layers"]
 
@@ -59,17 +57,7 @@ def fake_quantize_(
     part of ``state_dict`` or model files: after loading a checkpoint, call this again.
     """
     config = QuantConfig.of(config)
-    if any(isinstance(m, MaskedWeight) for m in model.modules()):
-        raise CompressionError(
-            "fake_quantize_ takes a packed model: call pack() first, then train the packed blocks (compact training)"
-        )
-    selected = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, PackedBlocks)
-        and not isinstance(m, QuantizedBlocks)
-        and (filter_fn is None or filter_fn(m, name))
-    }
+    selected = float_packed_layers(model, filter_fn, "fake_quantize_")
     if not selected:
         raise CompressionError("nothing to prepare: the model has no float packed layer (that filter_fn selects)")
     if any(m.weight_blocks.device.type == "meta" for m in selected.values()):

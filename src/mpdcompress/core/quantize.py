@@ -232,6 +232,20 @@ def _quantized(layer: PackedBlocks, config: QuantConfig) -> QuantizedBlocks:
     return quantized_like(layer, weight, config.activations)
 
 
+def float_packed_layers(model: nn.Module, filter_fn: LayerFilter | None, caller: str) -> dict[str, PackedBlocks]:
+    """Qualified name → float packed layer of ``model`` that ``filter_fn`` selects (all without
+    it); ``caller`` refuses a masked model by name."""
+    if any(isinstance(m, MaskedWeight) for m in model.modules()):
+        raise CompressionError(f"{caller} takes a packed model: call pack() first (masked layers hold dense weights)")
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, PackedBlocks)
+        and not isinstance(m, QuantizedBlocks)
+        and (filter_fn is None or filter_fn(m, name))
+    }
+
+
 def quantize_(
     model: nn.Module, config: QuantConfig | str | None = None, *, filter_fn: LayerFilter | None = None
 ) -> nn.Module:
@@ -245,15 +259,7 @@ def quantize_(
     must be quantized with the config they trained for.
     """
     config = QuantConfig.of(config)
-    if any(isinstance(m, MaskedWeight) for m in model.modules()):
-        raise CompressionError("quantize_ takes a packed model: call pack() first (masked layers hold dense weights)")
-    named = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, PackedBlocks)
-        and not isinstance(m, QuantizedBlocks)
-        and (filter_fn is None or filter_fn(m, name))
-    }
+    named = float_packed_layers(model, filter_fn, "quantize_")
     refuse_dynamic_convs(config, named)
     trained_for = {name: m.fake_quant.config for name, m in named.items() if m.fake_quant is not None}
     mismatched = {name: other.describe() for name, other in trained_for.items() if other != config}

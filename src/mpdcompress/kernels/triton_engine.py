@@ -178,23 +178,6 @@ class _LinearLaunch:
             )
 
 
-def _launch_linear(
-    x: Tensor,
-    in_index: Tensor,
-    weight: Tensor,
-    weight_strides: tuple[int, int, int],
-    rows: int,
-    cols: int,
-    bias: Optional[Tensor],
-    out_index: Tensor,
-    out: Tensor,
-    activation: int,
-    gate: Optional[Tensor] = None,
-) -> None:
-    if x.shape[0]:
-        _LinearLaunch(x, in_index, weight, weight_strides, rows, cols, bias, out_index, out, activation, gate)(x, out)
-
-
 def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
     if x.dtype != blocks.dtype or (bias is not None and bias.dtype != blocks.dtype):
         raise RuntimeError(
@@ -222,18 +205,9 @@ def _block_linear(
     _check(x, blocks, bias)
     c, rows, cols = blocks.shape
     out = _new_activation(x.shape[0], out_features, x, pitch)
-    _launch_linear(
-        x,
-        in_index,
-        blocks,
-        (blocks.stride(0), blocks.stride(1), blocks.stride(2)),
-        rows,
-        cols,
-        bias,
-        out_index,
-        out,
-        activation,
-    )
+    if x.shape[0]:
+        strides = (blocks.stride(0), blocks.stride(1), blocks.stride(2))
+        _LinearLaunch(x, in_index, blocks, strides, rows, cols, bias, out_index, out, activation)(x, out)
     return out
 
 
@@ -262,19 +236,9 @@ def block_linear_input_grad(
     dx = _new_activation(dz.shape[0], in_features, dz, pitch)
     if input_gaps:  # positions no block column reads are never written: they must read as zero
         dx.zero_()
-    _launch_linear(
-        dz,
-        out_index,
-        blocks,
-        (blocks.stride(0), blocks.stride(2), blocks.stride(1)),
-        cols,
-        rows,
-        None,
-        in_index,
-        dx,
-        tk.ACT_NONE,
-        gate,
-    )
+    if dz.shape[0]:
+        strides = (blocks.stride(0), blocks.stride(2), blocks.stride(1))  # blocks transposed
+        _LinearLaunch(dz, out_index, blocks, strides, cols, rows, None, in_index, dx, tk.ACT_NONE, gate)(dz, dx)
     return dx
 
 
