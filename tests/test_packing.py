@@ -42,7 +42,7 @@ def test_unpack_round_trips(sdc, seed, bias):
 @given(
     st.lists(st.integers(2, 40), min_size=3, max_size=5),
     st.integers(0, 10_000),
-    st.integers(1, 6),
+    st.sampled_from([1, 2, 6, 15, 16, 17, 40]),  # batch-major below 16 rows, feature-major from 16
     st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh, nn.Identity]),
 )
 def test_pack_fused_chain_is_exact(dims, seed, batch, act):
@@ -77,6 +77,27 @@ def test_lenet_pack_exact_with_uneven_blocks(c, batch):
     x = torch.randn(batch, 1, 28, 28)
     with torch.no_grad():
         assert_close_to_scale(packed(x), model(x))
+
+
+def test_small_and_large_batches_agree_in_inference_training_and_compiled_calls():
+    from mpdcompress.kernels.torch_engine import BATCH_MAJOR_BELOW
+
+    model = mpdify_(lenet(), 10)
+    packed = pack(model)
+    x = torch.randn(BATCH_MAJOR_BELOW + 3, 1, 28, 28)
+    small = x[: BATCH_MAJOR_BELOW - 1]
+    with torch.no_grad():
+        assert_close_to_scale(packed(small), packed(x)[: small.shape[0]])
+        assert_close_to_scale(torch.compile(packed)(small), model(small))
+    inputs = [small.clone().requires_grad_() for _ in range(2)]
+    packed(inputs[0]).square().sum().backward()
+    grads = [p.grad.clone() for p in packed.parameters()]
+    model(inputs[1]).square().sum().backward()
+    assert_close_to_scale(inputs[0].grad, inputs[1].grad)
+    packed.zero_grad()
+    packed(torch.cat([small, small])).square().sum().backward()  # 2x the rows, from 16 up
+    for grad, twice in zip(grads, [p.grad for p in packed.parameters()], strict=True):
+        assert_close_to_scale(2 * grad, twice)
 
 
 def test_pack_leaves_original_and_unpack_restores_structure():
@@ -258,6 +279,11 @@ def test_packed_model_through_torch_export_and_jit_trace():
         assert_close_to_scale(exported.module()(x), ref)
         traced = torch.jit.trace(packed, (x,))
         assert_close_to_scale(traced(x), ref)
+        # A small example batch must not pin a dynamic batch to the engine's small-batch layout.
+        dynamic = torch.export.export(packed, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+        for batch in (1, 64):
+            y = torch.randn(batch, 784)
+            assert_close_to_scale(dynamic.module()(y), packed(y))
 
 
 def test_pack_and_unpack_do_not_copy_the_layers_they_replace():

@@ -30,7 +30,8 @@ def test_a_prepared_model_computes_exactly_what_quantize_then_stores(make, shape
         expected = quantized(x)
         assert torch.equal(model(x), expected)
         assert not torch.equal(make()(x), expected)  # the rounding is there
-    assert torch.equal(model(x), expected)  # with autograd on, the same values
+    # With autograd on, the same blocks (the GEMMs may run another way: no out= arguments).
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_gradients_pass_the_rounding_unchanged_to_the_float_blocks():
