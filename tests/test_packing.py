@@ -42,7 +42,7 @@ def test_unpack_round_trips(sdc, seed, bias):
 @given(
     st.lists(st.integers(2, 40), min_size=3, max_size=5),
     st.integers(0, 10_000),
-    st.sampled_from([1, 2, 6, 15, 16, 17, 40]),  # batch-major below 16 rows, feature-major from 16
+    st.sampled_from([1, 2, 6, 15, 16, 17, 40]),  # batch-major at batch 1, feature-major above
     st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh, nn.Identity]),
 )
 def test_pack_fused_chain_is_exact(dims, seed, batch, act):
@@ -85,7 +85,7 @@ def test_small_and_large_batches_agree_in_inference_training_and_compiled_calls(
     model = mpdify_(lenet(), 10)
     packed = pack(model)
     x = torch.randn(BATCH_MAJOR_BELOW + 3, 1, 28, 28)
-    small = x[: BATCH_MAJOR_BELOW - 1]
+    small = x[: BATCH_MAJOR_BELOW - 1]  # one layout
     with torch.no_grad():
         assert_close_to_scale(packed(small), packed(x)[: small.shape[0]])
         assert_close_to_scale(torch.compile(packed)(small), model(small))
@@ -95,7 +95,7 @@ def test_small_and_large_batches_agree_in_inference_training_and_compiled_calls(
     model(inputs[1]).square().sum().backward()
     assert_close_to_scale(inputs[0].grad, inputs[1].grad)
     packed.zero_grad()
-    packed(torch.cat([small, small])).square().sum().backward()  # 2x the rows, from 16 up
+    packed(torch.cat([small, small])).square().sum().backward()  # 2x the rows: the other layout
     for grad, twice in zip(grads, [p.grad for p in packed.parameters()], strict=True):
         assert_close_to_scale(2 * grad, twice)
 

@@ -119,7 +119,7 @@ def test_dynamic_int8_activations_stay_close_to_weight_only():
             expected, got = weight_only(x), dynamic(x)
         assert not torch.equal(got, expected)
         assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
-    x = torch.randn(16, 70)  # eager and traced calls share their activation layout from 16 rows up
+    x = torch.randn(16, 70)  # eager and traced calls share their activation layout above one row
     with torch.no_grad():  # an exported graph sees the float blocks (no fbgemm op in it)
         exported = torch.export.export(dynamic, (x,)).module()
         assert torch.equal(exported(x), weight_only(x))

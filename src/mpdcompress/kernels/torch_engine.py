@@ -9,10 +9,10 @@ It runs on every device and is the reference the Triton engine is tested against
   tensor, and ``bmm(blocks, h.view(c, cols, batch))`` needs no transpose;
 * the user's batch-major input and output are converted inside the first and last GEMM (BLAS
   reads and writes transposed operands for free), never by a separate transpose copy;
-* in eager calls below 16 rows of batch, activations stay batch-major ``(batch, features)`` throughout: a block
-  GEMM with the batch as its short M dimension ran 2-6x faster than with the batch as N (MKL,
-  batch 1-8, LeNet to AlexNet FC6 shapes; even at 16, 0.6-1.6x by shape), and gathering the
-  columns of so few rows costs little.
+* in eager calls at batch 1, the chain runs batch-major: every block GEMM then multiplies a row
+  by the transposed block, which MKL ran 1.26-1.33x faster on the AlexNet FC and transformer MLP
+  stacks (2 threads; benchmarks/small_batch_layout.py). From 2 rows up feature-major won on
+  those stacks in most cases on 2 threads (on 1 thread batch-major won up to 8-24 rows).
 
 Without autograd, the last GEMM writes straight into batch-major output through ``out=``; with
 autograd (training the packed form) or under tracing it uses the functional ops plus one copy.
@@ -28,7 +28,7 @@ import torch
 __all__ = ["BlockGemm", "ChainWeights", "run_chain_torch", "BATCH_MAJOR_BELOW"]
 
 # Batches smaller than this run the whole chain batch-major (see the module notes).
-BATCH_MAJOR_BELOW = 16
+BATCH_MAJOR_BELOW = 2
 
 
 class BlockGemm(Protocol):
