@@ -138,6 +138,15 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         train(small_config(epochs=3, compression=2), checkpoint_dir=tmp_path / "part", resume=True)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(small_config(), checkpoint_dir=tmp_path / "none", resume=True)
+    # A checkpoint from before a config field existed resumes as if it held the field's default.
+    path = tmp_path / "part" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["qat"]
+    torch.save(state, path)
+    older = train(small_config(epochs=3), checkpoint_dir=tmp_path / "part", resume=True)
+    assert older.history == resumed.history
+    with pytest.raises(CheckpointError, match=r"different configuration \(mode, qat differ\)"):
+        train(small_config(epochs=3, mode="compact", qat="int8"), checkpoint_dir=tmp_path / "part", resume=True)
 
 
 def test_killed_cli_run_resumes_to_the_same_weights(data_dir, tmp_path):

@@ -141,3 +141,39 @@ def test_the_size_study_adds_quantization_aware_rows_for_4_bit_formats(data_dir,
     report = render_size_study(results, "cmd")
     assert "| mpd c=4 | int4-g64 QAT |" in report and "distilled from its own fp32 form for 3 steps" in report
     assert plot_size_study(results, tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_trainer_trains_compact_blocks_quantization_aware_and_the_file_quantizes_to_the_same_model(
+    data_dir, tmp_path, capsys
+):
+    from mpdcompress.cli.main import main
+    from mpdcompress.errors import ConfigError
+    from mpdcompress.train import train
+
+    from .helpers import small_config
+
+    with pytest.raises(ConfigError, match="needs a compression and mode 'compact'"):
+        train(small_config(qat="int4"))
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        train(small_config(mode="compact", qat="int3"))
+    result = train(small_config(mode="compact", qat="int4", epochs=1))
+    assert result.config["qat"] == "int4-g32" and fake_quantized_layers(result.model)
+    saved = mpd.save(result.model, tmp_path / "packed.safetensors")
+    quantized = mpd.quantize_(mpd.load(saved), "int4")
+    x = torch.randn(7, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(quantized(x), result.model.eval()(x))  # the accuracy trained for is the one shipped
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--train-limit", "200", "--epochs", "1", "-c", "4"]
+    assert main([*argv, "--mode", "compact", "--qat", "int4-g64", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks trained as int4-g64" in printed and "--format int4-g64" in printed
+    assert (
+        main(
+            ["quantize", str(out / "packed.safetensors"), "-o", str(tmp_path / "q.safetensors"), "--format", "int4-g64"]
+        )
+        == 0
+    )
+    assert main([*argv, "--qat", "int4", "--out", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "mode 'compact'" in capsys.readouterr().err

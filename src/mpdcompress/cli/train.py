@@ -57,6 +57,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="compact trains the packed block-diagonal form directly (~1/c of the cost)",
     )
     tr.add_argument(
+        "--qat",
+        metavar="FORMAT",
+        help="with --mode compact: train with the blocks rounded as FORMAT (int8, int4, int4-g128, ...) stores them; "
+        "then `mpdcompress quantize --format FORMAT` stores exactly those blocks",
+    )
+    tr.add_argument(
         "--init",
         choices=["block", "dense"],
         default="block",
@@ -244,6 +250,7 @@ def _train(config, args, ctx) -> int:
             + (
                 f"MPD c={resolved.compression} {resolved.mode}{'' if resolved.permute else ' (non-permuted)'}"
                 + (", convolutions too" if resolved.compress_convs else "")
+                + (f", blocks trained as {resolved.qat}" if resolved.qat else "")
                 if resolved.compression
                 else "dense"
             )
@@ -289,8 +296,12 @@ def _train(config, args, ctx) -> int:
     if resolved.compression:
         name = "packed" if resolved.mode == "compact" else "masked"
         path = save(result.model, out / f"{name}.safetensors", input_shape=model_spec(resolved.model).input_shape)
-        print(
-            f"{name} model: {path}"
-            + ("" if name == "packed" else f" (pack it with: mpdcompress pack {path} -o packed.safetensors)")
-        )
+        hint = f" (pack it with: mpdcompress pack {path} -o packed.safetensors)"
+        if name == "packed":
+            hint = (
+                ""
+                if not resolved.qat
+                else f" (quantize it with: mpdcompress quantize {path} -o quantized.safetensors --format {resolved.qat})"
+            )
+        print(f"{name} model: {path}{hint}")
     return 0

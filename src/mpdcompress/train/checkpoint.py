@@ -7,7 +7,7 @@ loss of the unfinished epoch, and every rank's random-number state.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ def read_checkpoint(path: Path | None, config: TrainConfig, device: torch.device
             f"{path}: not a checkpoint of this mpdcompress version (format "
             f"{state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT})"
         )
-    if comparable(state["config"]) != comparable(asdict(config)):
-        differ = sorted(k for k, v in comparable(asdict(config)).items() if state["config"].get(k) != v)
+    # Fields added since the checkpoint was written count as their defaults (what it ran with).
+    saved = {f.name: f.default for f in fields(TrainConfig)} | state["config"]
+    if comparable(saved) != comparable(asdict(config)):
+        differ = sorted(k for k, v in comparable(asdict(config)).items() if saved.get(k) != v)
         raise CheckpointError(f"{path} was made with a different configuration ({', '.join(differ)} differ)")
     return state

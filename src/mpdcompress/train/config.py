@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..core.config import INITS, MODES, check_choice
+from ..core.quantize import QuantConfig
 from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..models import model_spec
 
@@ -106,6 +107,7 @@ class TrainConfig:
     width: float = 1.0  # every inner width of the model times this (a thin dense baseline: < 1)
     mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
     init: str = "block"  # training from scratch; "dense" keeps nn.Linear's initialization (see mpdify_)
+    qat: str | None = None  # compact mode: train with the blocks rounded as this format stores them
     seed: int = 0  # initialization and data order
     mask_seed: int | None = None  # masks; defaults to seed
     epochs: int | None = None
@@ -131,6 +133,10 @@ class TrainConfig:
         check_choice("init", self.init, INITS)
         if not (isinstance(self.width, (int, float)) and 0 < self.width <= 16):
             raise ConfigError(f"width must be a number in (0, 16], got {self.width!r}")
+        if self.qat is not None and (self.mode != "compact" or not self.compression):
+            raise ConfigError(
+                "quantization-aware training (qat) trains the packed blocks: it needs a compression and mode 'compact'"
+            )
         recipe = recipe_for_model(self.model)
         values = asdict(self)
         if recipe is not None:
@@ -154,6 +160,8 @@ class TrainConfig:
         values["weight_decay"] = values["weight_decay"] or 0.0
         if values["mask_seed"] is None:
             values["mask_seed"] = self.seed
+        if self.qat is not None:  # one name per format, so a resumed run compares alike
+            values["qat"] = QuantConfig.parse(self.qat).describe()
         return TrainConfig(**values)
 
     @classmethod

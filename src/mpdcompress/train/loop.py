@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.convert import mpdify_
+from ..core.qat import fake_quantize_
 from ..data.sources import Split
 from ..errors import ConfigError, TrainingDiverged
 from ..models import build_model, fc_weights_kept, paper_filter, scale_widths
@@ -88,6 +89,8 @@ def build_for(config: TrainConfig) -> nn.Module:
             mode=config.mode,
             init=config.init,
         )
+    if config.qat:
+        fake_quantize_(model, config.qat)
     return model
 
 
