@@ -339,6 +339,27 @@ def test_distill_with_no_steps_saves_the_calibrated_student_and_reports_every_so
     assert len(mpd.compressed_layers(load_compressed(out))) == 4
 
 
+def test_distill_calibrates_and_distils_on_several_corpora_interleaved(encoder_dir, tmp_path, capsys):
+    from mpdcompress.data.text import interleave
+
+    assert interleave([["a1", "a2", "a3"], ["b1"]]) == ["a1", "b1", "a2", "a3"]
+    write_wordnet(tmp_path / "wn", sentences(200, seed=2))
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "fortunes").write_text("\n%\n".join(s + " and some more words" for s in sentences(300, seed=3)))
+    argv = ["distill", "--model-dir", str(encoder_dir), "-c", "2", "--calibration", "64", "--steps", "2"]
+    argv += ["--eval-sentences", "20", "-o", str(tmp_path / "student"), "--quiet"]
+    corpora = ["--corpus", f"wordnet={tmp_path / 'wn'}", f"fortunes={fortunes}"]
+    assert main([*argv, *corpora, "--eval-corpus", f"fortunes={fortunes}"]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("after 2 steps"))
+    assert "wordnet (held out): cosine" in line and "fortunes (held out): cosine" in line
+    assert main([*argv, "--corpus", "wordnet", "fortunes", "--corpus-dir", str(tmp_path / "wn")]) == 2
+    assert "give several as NAME=DIR" in capsys.readouterr().err
+    assert main([*argv, "--corpus", "manpages"]) == 2
+    assert "unknown corpus ['manpages']" in capsys.readouterr().err
+
+
 def test_the_distill_command_reports_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["distill", "--model-dir", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "has no config.json" in capsys.readouterr().err

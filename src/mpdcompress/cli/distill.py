@@ -22,7 +22,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from ..core.convert import mpdify_, pack
     from ..core.roles import select_roles
-    from ..data.text import held_out_split, load_corpus, sample_sentences
+    from ..data.text import held_out_split, interleave, load_corpus, sample_sentences
     from ..files.hf import save_compressed
     from ..nn import MaskedWeight
     from ..posthoc.calibrate import compress_calibrated
@@ -33,13 +33,18 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     spec = pretrained_spec(args.model)
     roles = args.roles or list(spec.roles)
     compression = args.compression or spec.compression
+    corpora = _training_corpora(args, spec.corpus)
     teacher, tokenizer = load_sentence_encoder(args.model, args.model_dir)
-    corpus_name = args.corpus or spec.corpus
-    train, test = held_out_split(load_corpus(corpus_name, args.corpus_dir))
-    sources = {f"{corpus_name} (held out)": test[: args.eval_sentences]}
+    parts, sources = [], {}
+    for name, folder in corpora.items():
+        part, held = held_out_split(load_corpus(name, folder))
+        parts.append(part)
+        sources[f"{name} (held out)"] = held[: args.eval_sentences]
+    # Interleaved, so that the first --calibration sentences and every stretch of batches mix them.
+    train = interleave(parts)
     for entry in args.eval_corpus or []:
         name, _, folder = entry.partition("=")
-        if name == corpus_name and not folder:
+        if name in corpora and not folder:
             continue  # its held-out part is evaluated already
         sources[name] = sample_sentences(load_corpus(name, folder or None), args.eval_sentences)
     references = {source: embed(teacher, tokenizer, sentences) for source, sentences in sources.items()}
@@ -124,6 +129,20 @@ def _distill(args: argparse.Namespace, student, teacher, tokenizer, train: list[
     print(f"distilled {result.steps} steps in {result.seconds / 60:.1f} min")
 
 
+def _training_corpora(args: argparse.Namespace, default: str) -> dict[str, str | None]:
+    """Name → folder (None: where Debian installs it) of each calibration and distillation corpus."""
+    entries = [entry.partition("=") for entry in args.corpus or [default]]
+    corpora = {name: folder or None for name, _, folder in entries}
+    unknown = sorted(set(corpora) - set(CORPORA))
+    if unknown:
+        raise ConfigError(f"unknown corpus {unknown}: choose from {', '.join(CORPORA)}")
+    if args.corpus_dir:
+        if len(corpora) > 1:
+            raise ConfigError("--corpus-dir names the folder of one corpus: give several as NAME=DIR")
+        corpora = {name: args.corpus_dir for name in corpora}
+    return corpora
+
+
 def _agreement(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
@@ -154,8 +173,14 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--roles", nargs="+", choices=[*ROLE_GROUPS, *ROLES], help="layers to compress (default: mlp)")
     p.add_argument("--mode", choices=MODES, default="compact", help="compact trains the packed blocks directly")
-    p.add_argument("--corpus", choices=list(CORPORA), help="distillation and held-out text (default: wordnet)")
-    p.add_argument("--corpus-dir", help="where the corpus's files are, if not where Debian installs them")
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="NAME[=DIR]",
+        help=f"calibration, distillation and held-out text ({', '.join(CORPORA)}; default: wordnet); several "
+        "are interleaved, and each is evaluated on its own held-out part",
+    )
+    p.add_argument("--corpus-dir", help="where the (one) corpus's files are, if not where Debian installs them")
     p.add_argument(
         "--eval-corpus",
         nargs="+",

@@ -8,6 +8,7 @@ quotations). Both are read in a fixed order, so a split is the same on every mac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataUnavailableError, UnknownNameError
 
-__all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split", "sample_sentences"]
+__all__ = ["TextCorpus", "CORPORA", "corpus", "load_corpus", "held_out_split", "interleave", "sample_sentences"]
 
 
 def _wordnet(folder: Path) -> list[str]:
@@ -139,6 +140,12 @@ def held_out_split(sentences: list[str], held_out: float = 0.1) -> tuple[list[st
         h = int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little") / 2**32
         (test if h < held_out else train).append(s)
     return train, test
+
+
+def interleave(parts: list[list[str]]) -> list[str]:
+    """The sentences of ``parts`` taken in turn (one of each, then the next of each, ...), so that
+    every prefix mixes the sources until the shorter ones run out."""
+    return [s for row in itertools.zip_longest(*parts) for s in row if s is not None]
 
 
 def sample_sentences(sentences: list[str], n: int) -> list[str]:
