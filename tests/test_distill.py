@@ -342,7 +342,7 @@ def test_distill_with_no_steps_saves_the_calibrated_student_and_reports_every_so
 def test_distill_calibrates_and_distils_on_several_corpora_interleaved(encoder_dir, tmp_path, capsys):
     from mpdcompress.data.text import interleave
 
-    assert interleave([["a1", "a2", "a3"], ["b1"]]) == ["a1", "b1", "a2", "a3"]
+    assert interleave([["a1", "a2", "a3"], ["b1"], []]) == ["a1", "b1", "a2", "b1", "a3", "b1"]
     write_wordnet(tmp_path / "wn", sentences(200, seed=2))
     fortunes = tmp_path / "fortunes"
     fortunes.mkdir()

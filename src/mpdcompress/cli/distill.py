@@ -40,7 +40,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         part, held = held_out_split(load_corpus(name, folder))
         parts.append(part)
         sources[f"{name} (held out)"] = held[: args.eval_sentences]
-    # Interleaved, so that the first --calibration sentences and every stretch of batches mix them.
+    # Interleaved in equal shares, so that the first --calibration sentences and every stretch of
+    # batches mix them.
     train = interleave(parts)
     for entry in args.eval_corpus or []:
         name, _, folder = entry.partition("=")
@@ -178,7 +179,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="NAME[=DIR]",
         help=f"calibration, distillation and held-out text ({', '.join(CORPORA)}; default: wordnet); several "
-        "are interleaved, and each is evaluated on its own held-out part",
+        "are interleaved in equal shares (the smaller repeated), each evaluated on its own held-out part",
     )
     p.add_argument("--corpus-dir", help="where the (one) corpus's files are, if not where Debian installs them")
     p.add_argument(

@@ -8,7 +8,6 @@ quotations). Both are read in a fixed order, so a split is the same on every mac
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import re
 from collections.abc import Callable
@@ -143,9 +142,13 @@ def held_out_split(sentences: list[str], held_out: float = 0.1) -> tuple[list[st
 
 
 def interleave(parts: list[list[str]]) -> list[str]:
-    """The sentences of ``parts`` taken in turn (one of each, then the next of each, ...), so that
-    every prefix mixes the sources until the shorter ones run out."""
-    return [s for row in itertools.zip_longest(*parts) for s in row if s is not None]
+    """The sentences of ``parts`` taken in turn (one of each, then the next of each, ...), the
+    shorter parts repeated until the longest runs out: every source weighs alike in any stretch,
+    whatever its size (a 1,000-sentence corpus beside WordNet's 100,000 glosses would otherwise
+    make 1 % of the batches)."""
+    parts = [part for part in parts if part]
+    longest = max(map(len, parts), default=0)
+    return [part[i % len(part)] for i in range(longest) for part in parts]
 
 
 def sample_sentences(sentences: list[str], n: int) -> list[str]:
