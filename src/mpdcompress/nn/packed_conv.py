@@ -187,11 +187,16 @@ def gather_channels(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Ten
 
     ``index_select`` returns a contiguous (channels-first) tensor, so every convolution and
     pooling after it would run channels-first again, which on the CPU is many times slower
-    for pooling (a 2x2 max-pool measured ~25x); gathering along the last dimension of the NHWC
-    view keeps the layout the user chose.
+    for pooling (a 2x2 max-pool measured ~25x); gathering the columns of the NHWC view keeps
+    the layout the user chose. As ``torch.gather`` over ``(pixels, channels)`` rows, which reads
+    the input once in order: ``index_select`` along the 4-D view's last dimension measured
+    several times slower once the activation outgrows the cache.
     """
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+        n, _, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, x.shape[1])
+        picked = torch.gather(pixels, 1, index.expand(pixels.shape[0], -1))
+        return picked.view(n, h, w, index.numel()).permute(0, 3, 1, 2)
     return x.index_select(dim, index)
 
 
