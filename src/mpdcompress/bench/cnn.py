@@ -37,7 +37,8 @@ __all__ = [
 
 CNN_MODELS = ("deep-mnist", "tf-cifar10", "alexnet-bn", "resnet18-cifar", "vgg11-cifar")
 VARIANTS = ("dense", "mpd_fc", "mpd_conv_fc", "thin_dense")
-LAYOUTS = ("channels_first", "channels_last")
+_FORMATS = {"channels_first": torch.contiguous_format, "channels_last": torch.channels_last}
+LAYOUTS = tuple(_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -169,17 +170,12 @@ def run_cnn_bench(
     return {"command": command, "machine": describe_machine("cpu"), "profile": asdict(profile), "rows": rows}
 
 
-_FORMATS = {"channels_first": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
 def _key(variant: str, layout: str) -> str:
     """A variant's name in a row's timings: plain for channels-first, suffixed otherwise."""
     return variant if layout == "channels_first" else f"{variant} {layout}"
 
 
 def _in_layout(models: dict[str, nn.Module], layout: str) -> dict[str, nn.Module]:
-    if layout not in _FORMATS:
-        raise ConfigError(f"unknown layout {layout!r}: expected one of {', '.join(_FORMATS)}")
     if layout == "channels_first":
         return models
     return {k: copy.deepcopy(m).to(memory_format=_FORMATS[layout]) for k, m in models.items()}

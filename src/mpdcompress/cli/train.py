@@ -296,12 +296,11 @@ def _train(config, args, ctx) -> int:
     if resolved.compression:
         name = "packed" if resolved.mode == "compact" else "masked"
         path = save(result.model, out / f"{name}.safetensors", input_shape=model_spec(resolved.model).input_shape)
-        hint = f" (pack it with: mpdcompress pack {path} -o packed.safetensors)"
-        if name == "packed":
-            hint = (
-                ""
-                if not resolved.qat
-                else f" (quantize it with: mpdcompress quantize {path} -o quantized.safetensors --format {resolved.qat})"
-            )
+        if name == "masked":
+            hint = f" (pack it with: mpdcompress pack {path} -o packed.safetensors)"
+        elif resolved.qat:
+            hint = f" (quantize it with: mpdcompress quantize {path} -o quantized.safetensors --format {resolved.qat})"
+        else:
+            hint = ""
         print(f"{name} model: {path}{hint}")
     return 0

@@ -81,10 +81,10 @@ def _tracing() -> bool:
     )
 
 
-def _functional_only(x: torch.Tensor, weights: ChainWeights) -> bool:
+def _functional_only(x: torch.Tensor, weights: ChainWeights, tracing: bool) -> bool:
     # out= bypasses autograd and autocast and is opaque to tracers, so it is only used in plain
     # eager inference.
-    if _tracing():
+    if tracing:
         return True
     if x.is_meta:  # shape inference (torch has no autocast state for the meta device)
         return True
@@ -135,7 +135,8 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     batch = x2d.shape[0]
-    functional = _functional_only(x, weights)
+    tracing = _tracing()
+    functional = _functional_only(x, weights, tracing)
     n = len(weights.blocks)
     first = weights.blocks[0]
     if weights.gathers[0] is not None:
@@ -143,7 +144,7 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     xg = x2d.reshape(batch, first.shape[0], first.shape[2])
     # Traced graphs keep one layout for every batch: a branch on it would pin an exported
     # dynamic batch dimension to one side of the threshold.
-    if n == 1 or (type(batch) is int and batch < BATCH_MAJOR_BELOW and not _tracing()):
+    if n == 1 or (type(batch) is int and batch < BATCH_MAJOR_BELOW and not tracing):
         y = _block_gemm_to_batch_major(xg.transpose(0, 1), first, weights.biases[0], functional)
         for i in range(1, n):
             blocks = weights.blocks[i]

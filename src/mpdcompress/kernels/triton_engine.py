@@ -509,7 +509,8 @@ def _layout(x: Tensor, weights: ChainWeights, generation: int) -> tuple[bool, bo
 
 
 def _plannable(weights: ChainWeights) -> bool:
-    # Plain parameter blocks only: quantized layers make their float blocks on every call.
+    # Plain parameter blocks only: quantized and quantization-aware layers make their float
+    # blocks on every call.
     return all(isinstance(b, nn.Parameter) for b in weights.blocks)
 
 
