@@ -177,3 +177,11 @@ def test_the_trainer_trains_compact_blocks_quantization_aware_and_the_file_quant
     )
     assert main([*argv, "--qat", "int4", "--out", str(tmp_path / "refused"), "--quiet"]) == 2
     assert "mode 'compact'" in capsys.readouterr().err
+
+
+def test_a_packed_model_on_the_meta_device_is_refused_by_both_quantizers():
+    model = mpd.mpdify_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 2, mode="compact").to("meta")
+    for quantizer in (mpd.quantize_, mpd.fake_quantize_):
+        with pytest.raises(CompressionError, match="meta device"):
+            quantizer(model, "int8")
+    assert not fake_quantized_layers(model) and not quantized_layers(model)

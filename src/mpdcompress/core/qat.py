@@ -60,8 +60,6 @@ def fake_quantize_(
     selected = float_packed_layers(model, filter_fn, "fake_quantize_")
     if not selected:
         raise CompressionError("nothing to prepare: the model has no float packed layer (that filter_fn selects)")
-    if any(m.weight_blocks.device.type == "meta" for m in selected.values()):
-        raise CompressionError("cannot prepare a model on the meta device: its weights have no values yet")
     for layer in selected.values():
         layout = layer.layout
         layer.fake_quant = FakeQuantizer(config, layout.compression, layout.max_rows)

@@ -234,16 +234,19 @@ def _quantized(layer: PackedBlocks, config: QuantConfig) -> QuantizedBlocks:
 
 def float_packed_layers(model: nn.Module, filter_fn: LayerFilter | None, caller: str) -> dict[str, PackedBlocks]:
     """Qualified name → float packed layer of ``model`` that ``filter_fn`` selects (all without
-    it); ``caller`` refuses a masked model by name."""
+    it); ``caller`` refuses by name a masked model, or selected layers with no values yet."""
     if any(isinstance(m, MaskedWeight) for m in model.modules()):
         raise CompressionError(f"{caller} takes a packed model: call pack() first (masked layers hold dense weights)")
-    return {
+    selected = {
         name: m
         for name, m in model.named_modules()
         if isinstance(m, PackedBlocks)
         and not isinstance(m, QuantizedBlocks)
         and (filter_fn is None or filter_fn(m, name))
     }
+    if any(m.weight_blocks.device.type == "meta" for m in selected.values()):
+        raise CompressionError(f"{caller} cannot take a model on the meta device: its weights have no values yet")
+    return selected
 
 
 def quantize_(
@@ -275,8 +278,6 @@ def quantize_(
             "nothing to quantize: "
             + ("every packed layer selected is quantized already" if already else "the model has no packed layer")
         )
-    if any(m.weight_blocks.device.type == "meta" for m in selected.values()):
-        raise CompressionError("cannot quantize a model on the meta device: its weights have no values yet")
     replaced = _replace_modules(model, lambda m: _quantized(m, config) if id(m) in selected else None)
     if replaced is not model:
         raise CompressionError("quantize_ works in place: pass the model that holds the packed layer, not the layer")
