@@ -76,13 +76,16 @@ def deep_mnist(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def tf_cifar10(num_classes: int = 10) -> nn.Sequential:
+def tf_cifar10(num_classes: int = 10, in_channels: int = 3, image_size: int = 24) -> nn.Sequential:
     """TensorFlow's CIFAR-10 tutorial model on 24x24 crops: FC 2304 → 384 → 192 → classes.
 
     Local response normalization follows the tutorial (size 4, alpha 0.001/9, beta 0.75).
+    ``in_channels`` and ``image_size`` fit the same layers to other images (each pool halves the
+    side, rounding up), e.g. 1 and 28 for Fashion-MNIST: FC 3136 → 384 → 192 → classes.
     """
+    side = -(-image_size // 4)
     return nn.Sequential(
-        nn.Conv2d(3, 64, 5, padding=2),
+        nn.Conv2d(in_channels, 64, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(3, 2, padding=1),
         nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
@@ -91,7 +94,7 @@ def tf_cifar10(num_classes: int = 10) -> nn.Sequential:
         nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
         nn.MaxPool2d(3, 2, padding=1),
         nn.Flatten(),
-        *_mlp([6 * 6 * 64, 384, 192, num_classes]),
+        *_mlp([side * side * 64, 384, 192, num_classes]),
     )
 
 
@@ -212,6 +215,18 @@ MODELS: dict[str, ModelSpec] = {
             "tf-cifar10",
             False,
             "TF CIFAR-10 tutorial CNN, FC 2304-384-192-10",
+        ),
+        ModelSpec(
+            "tf-cifar10-gray",
+            lambda num_classes=10: tf_cifar10(num_classes, in_channels=1, image_size=28),
+            (1, 28, 28),
+            10,
+            compression=10,
+            keep_classifier_dense=True,
+            dataset="fashion-mnist",
+            recipe="tf-cifar10-fashion",
+            fc_only=False,
+            description="the TF CIFAR-10 CNN on 28x28 grey images (Fashion-MNIST), FC 3136-384-192-10",
         ),
         _paper_spec(
             "alexnet-bn",
