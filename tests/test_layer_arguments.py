@@ -132,8 +132,21 @@ def group_norm(draw):
     return nn.GroupNorm(groups, channels, draw(st.floats(1e-8, 1e-2)), draw(flag)), torch.randn(2, channels, 3)
 
 
+@st.composite
+def quantized_linear(draw):
+    pytest.importorskip("torchao")  # quantizing needs it; loading does not
+    from mpdcompress.core.quantize import QuantConfig, quantize_weight
+
+    inputs, outputs = draw(st.integers(1, 9)), draw(small)
+    config = QuantConfig.parse(draw(st.sampled_from(["int8", "int8-dynamic", "int4-g2", "int4-g4-asym"])))
+    linear = nn.Linear(inputs, outputs, draw(flag))
+    weight = quantize_weight(linear.weight.detach()[None], 1, outputs, config)
+    return mpd.QuantizedLinear.from_weight(weight, linear.bias, config.activations), torch.randn(2, inputs)
+
+
 LAYERS = {
     "Linear": st.builds(lambda i, o, b: (nn.Linear(i, o, b), torch.randn(2, i)), small, small, flag),
+    "QuantizedLinear": quantized_linear(),
     "Conv1d": conv(1),
     "Conv2d": conv(2),
     "Conv3d": conv(3),

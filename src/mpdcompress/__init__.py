@@ -27,6 +27,7 @@ from .nn import (
     PackedConvChain,
     QuantizedBlockDiagonalConv,
     QuantizedBlockDiagonalLinear,
+    QuantizedLinear,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "fake_quantize_",
     "QuantizedBlockDiagonalLinear",
     "QuantizedBlockDiagonalConv",
+    "QuantizedLinear",
     "apply_masks_",
     "compressed_layers",
     "save",

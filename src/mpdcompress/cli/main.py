@@ -192,7 +192,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     model = load_model_file(args.file, args)
     if manifest["form"] == "masked":
         model = pack(model)
-    quantize_(model, args.format)
+    quantize_(model, args.format, dense_layers=args.dense_layers)
     out = save(model, args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
     before, after = os.path.getsize(args.file), os.path.getsize(out)
     packed = " (packed first)" if manifest["form"] == "masked" else ""
@@ -385,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="int8",
         help="int8 (one scale per row), int8-dynamic (int8 activations on the CPU), int4 (groups of 32), "
         "int4-g64, int4-g128, and -asym for zero points (default int8)",
+    )
+    qz.add_argument(
+        "--dense-layers",
+        action="store_true",
+        help="also the nn.Linear layers the packed model keeps dense (the classifier, a folded head or tail), "
+        "in the same format",
     )
     add_model_class_arguments(qz)
     qz.set_defaults(func=_cmd_quantize)

@@ -21,7 +21,13 @@ from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, pac
 from ..nn.masked import MaskedWeight
 from ..nn.packed import BlockDiagonalLinear, PackedBlocks
 from ..nn.packed_conv import BlockDiagonalConv
-from ..nn.quantized import ACTIVATIONS, QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks
+from ..nn.quantized import (
+    ACTIVATIONS,
+    QuantizedBlockDiagonalConv,
+    QuantizedBlockDiagonalLinear,
+    QuantizedBlocks,
+    QuantizedLinear,
+)
 from .convert import LayerFilter, _replace_modules
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "quantize_weight",
     "quantized_layers",
     "quantized_like",
+    "dense_linear_layers",
     "refuse_dynamic_convs",
     "Scheme",
     "scheme",
@@ -194,9 +201,9 @@ def quantize_weight(blocks: torch.Tensor, c: int, rows: int, config: QuantConfig
     return integer_weight(q, scales.reshape(c, rows, -1), zeros, s, config.bits, tuple(blocks.shape))
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks]:
-    """Qualified name → quantized packed layer, for every one in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedBlocks)}
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedBlocks | QuantizedLinear]:
+    """Qualified name → quantized layer (packed or dense), for every one in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantizedBlocks, QuantizedLinear))}
 
 
 def quantized_like(
@@ -244,25 +251,54 @@ def float_packed_layers(model: nn.Module, filter_fn: LayerFilter | None, caller:
         and not isinstance(m, QuantizedBlocks)
         and (filter_fn is None or filter_fn(m, name))
     }
-    if any(m.weight_blocks.device.type == "meta" for m in selected.values()):
-        raise CompressionError(f"{caller} cannot take a model on the meta device: its weights have no values yet")
+    _refuse_meta(selected.values(), caller, "weight_blocks")
     return selected
 
 
+def _refuse_meta(layers, caller: str, weight: str) -> None:
+    if any(getattr(m, weight).device.type == "meta" for m in layers):
+        raise CompressionError(f"{caller} cannot take a model on the meta device: its weights have no values yet")
+
+
+def dense_linear_layers(model: nn.Module, filter_fn: LayerFilter | None, caller: str) -> dict[str, nn.Linear]:
+    """Qualified name → ``nn.Linear`` of ``model`` that ``filter_fn`` selects (all without it):
+    the dense layers a packed model keeps (the classifier, a chain's folded head or tail)."""
+    selected = {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))
+    }
+    _refuse_meta(selected.values(), caller, "weight")
+    return selected
+
+
+def _quantized_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    weight = quantize_weight(linear.weight.detach()[None], 1, linear.out_features, config)
+    return QuantizedLinear.from_weight(weight, linear.bias, config.activations)
+
+
 def quantize_(
-    model: nn.Module, config: QuantConfig | str | None = None, *, filter_fn: LayerFilter | None = None
+    model: nn.Module,
+    config: QuantConfig | str | None = None,
+    *,
+    filter_fn: LayerFilter | None = None,
+    dense_layers: bool = False,
 ) -> nn.Module:
     """Quantize the blocks of every packed layer of ``model`` in place (``filter_fn(module, name)``
     selects some), torchao-style; returns ``model``.
 
     ``config``: a :class:`QuantConfig` or its name (``"int8"``, ``"int4"``, ``"int4-g64-asym"``,
-    ...); int8 weight-only by default. Dense layers (a folded head or tail, the classifier) stay
-    as they are. The model must be packed (:func:`~mpdcompress.pack`). Layers prepared by
+    ...); int8 weight-only by default. Dense layers (the classifier, a chain's folded head or
+    tail) stay float unless ``dense_layers``: then every ``nn.Linear`` that ``filter_fn``
+    selects becomes a :class:`~mpdcompress.QuantizedLinear` of the same format (a model with no
+    packed layer, quantized this way, is the dense baseline a user would try first). The model
+    must be packed (:func:`~mpdcompress.pack`) or dense. Layers prepared by
     :func:`~mpdcompress.fake_quantize_` store exactly the blocks their last forward used; they
     must be quantized with the config they trained for.
     """
     config = QuantConfig.of(config)
     named = float_packed_layers(model, filter_fn, "quantize_")
+    dense = dense_linear_layers(model, filter_fn, "quantize_") if dense_layers else {}
     refuse_dynamic_convs(config, named)
     trained_for = {name: m.fake_quant.config for name, m in named.items() if m.fake_quant is not None}
     mismatched = {name: other.describe() for name, other in trained_for.items() if other != config}
@@ -271,23 +307,32 @@ def quantize_(
             f"these layers trained quantization-aware for another format than {config.describe()}: "
             f"{dict(list(mismatched.items())[:5])}; quantize them with the config they trained for"
         )
-    selected = {id(m): m for m in named.values()}
-    if not selected:
+    selected = {id(m) for m in named.values()}
+    selected_dense = {id(m) for m in dense.values()}
+    if not selected and not selected_dense:
+        kind = "packed or dense linear" if dense_layers else "packed"
         already = bool(quantized_layers(model))
         raise CompressionError(
             "nothing to quantize: "
-            + ("every packed layer selected is quantized already" if already else "the model has no packed layer")
+            + (f"every {kind} layer selected is quantized already" if already else f"the model has no {kind} layer")
+            + ("" if dense_layers else " (dense_layers=True quantizes its nn.Linear layers)")
         )
-    replaced = _replace_modules(model, lambda m: _quantized(m, config) if id(m) in selected else None)
+
+    def quantized(module: nn.Module) -> nn.Module | None:
+        if id(module) in selected:
+            return _quantized(module, config)
+        return _quantized_linear(module, config) if id(module) in selected_dense else None
+
+    replaced = _replace_modules(model, quantized)
     if replaced is not model:
         raise CompressionError("quantize_ works in place: pass the model that holds the packed layer, not the layer")
     return model
 
 
 def dequantize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The float packed model a quantized one computes: every quantized layer back to a float
-    packed layer holding exactly its dequantized weights. Unless ``inplace``, ``model`` is
-    untouched."""
+    """The float model a quantized one computes: every quantized packed layer back to a float
+    packed layer, every :class:`~mpdcompress.QuantizedLinear` back to an ``nn.Linear``, each
+    holding exactly its dequantized weights. Unless ``inplace``, ``model`` is untouched."""
     if not quantized_layers(model):
         raise CompressionError("nothing to dequantize: the model has no quantized layer")
     if not inplace:
@@ -297,6 +342,8 @@ def dequantize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def _dequantized(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized()
     if not isinstance(module, QuantizedBlocks):
         return None
     weights = module.weight_blocks

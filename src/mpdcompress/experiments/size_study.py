@@ -5,7 +5,8 @@ Deep Compression's published figures.
 Every size is a file on disk: MPD models as :func:`~mpdcompress.save` writes them (manifest,
 permutations, biases, scales and dense layers included); the dense baselines as a safetensors
 file of their state dict (quantized: integer weights and scales, as torchao-style weight-only
-quantization stores them).
+quantization stores them). A quantized format applies to the whole model: the dense layers a
+packed model keeps (the classifier) are quantized alike (``quantize_(..., dense_layers=True)``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from ..bench.runtimes import packed_variants
 from ..core.convert import pack
 from ..core.qat import fake_quantize_
-from ..core.quantize import QuantConfig, quantize_, quantize_weight
+from ..core.quantize import QuantConfig, quantize_
 from ..data.datasets import load_dataset
 from ..files.io import save
 from ..models import model_spec
@@ -35,7 +36,7 @@ from ..train import TrainConfig, train
 from ..train.inputs import open_datasets, sampled_batches
 from ..train.loop import evaluate
 
-__all__ = ["SizeProfile", "run_size_study", "render_size_study", "plot_size_study", "dense_quantized"]
+__all__ = ["SizeProfile", "run_size_study", "render_size_study", "plot_size_study"]
 
 
 @dataclass(frozen=True)
@@ -57,27 +58,6 @@ class SizeProfile:
     qat_steps: int = 0
     qat_lr: float = 1e-4
     qat_batch: int = 64
-
-
-def dense_quantized(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Every ``nn.Linear`` of ``model`` quantized as :func:`quantize_` quantizes blocks (one
-    block): the dequantized model and the tensors a weight-only file stores."""
-    model = copy.deepcopy(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        weight = quantize_weight(module.weight.detach()[None], 1, module.out_features, config)
-        with torch.no_grad():
-            module.weight.copy_(weight.dequantize()[0])
-        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = weight.qweight, weight.scales
-        if weight.zero_points is not None:
-            tensors[f"{name}.zero_points"] = weight.zero_points
-    for key, value in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if not (key.endswith(".weight") and f"{owner}.qweight" in tensors):
-            tensors[key] = value
-    return model, tensors
 
 
 def _file_bytes(write: Callable[[Path], object]) -> int:
@@ -136,16 +116,21 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
         {"model": "dense", "format": "fp32", "bytes": _safetensors_bytes(dense.state_dict()), "accuracy": score(dense)}
     ]
     for name in profile.formats:
-        quantized, tensors = dense_quantized(dense, QuantConfig.parse(name))
+        quantized = quantize_(copy.deepcopy(dense), name, dense_layers=True)
         rows.append(
-            {"model": "dense", "format": name, "bytes": _safetensors_bytes(tensors), "accuracy": score(quantized)}
+            {
+                "model": "dense",
+                "format": name,
+                "bytes": _safetensors_bytes(quantized.state_dict()),
+                "accuracy": score(quantized),
+            }
         )
     timed: dict[str, nn.Module] = {"dense fp32": dense}
     for c in profile.compressions:
         packed = pack(trained(c))
         variants = {"fp32": packed}
         for name in profile.formats:
-            variants[name] = quantize_(copy.deepcopy(packed), name)
+            variants[name] = quantize_(copy.deepcopy(packed), name, dense_layers=True)
         for name in profile.formats if profile.qat_steps else ():
             if QuantConfig.parse(name).bits == 4:
                 say(f"MPD c={c} {name}: {profile.qat_steps} quantization-aware steps")
@@ -158,7 +143,7 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
             say(f"MPD c={c} {name}: {size:,} bytes, {100 * rows[-1]['accuracy']:.2f} %")
         if c == profile.speed_compression:
             timed.update({f"MPD c={c} fp32": packed, f"MPD c={c} int8": variants.get("int8", packed)})
-            timed[f"MPD c={c} int8-dynamic"] = quantize_(copy.deepcopy(packed), "int8-dynamic")
+            timed[f"MPD c={c} int8-dynamic"] = quantize_(copy.deepcopy(packed), "int8-dynamic", dense_layers=True)
     say("timing at batch 1 and 64")
     results = {"profile": asdict(profile), "rows": rows, "seconds": _speed(timed, spec.input_shape)}
     if profile.size_only:
@@ -169,11 +154,12 @@ def run_size_study(profile: SizeProfile, progress: Callable[[str], None] | None 
 
 def _quantization_aware(packed: nn.Module, name: str, batches, profile: SizeProfile) -> nn.Module:
     """``packed`` quantized as ``name`` after learning the rounding: distilled from itself in fp32
-    with its blocks rounded as stored (:func:`fake_quantize_`)."""
+    with its blocks rounded as stored (:func:`fake_quantize_`); its dense layers are rounded
+    after training."""
     student = fake_quantize_(copy.deepcopy(packed), name)
     config = DistillConfig(steps=profile.qat_steps, lr=profile.qat_lr, seed=profile.seed, logits=("output",))
     distill(student, packed, batches, config)
-    return quantize_(student.eval(), name)
+    return quantize_(student.eval(), name, dense_layers=True)
 
 
 def _size_only(name: str, c: int, formats: tuple[str, ...]) -> dict[str, Any]:
@@ -184,7 +170,7 @@ def _size_only(name: str, c: int, formats: tuple[str, ...]) -> dict[str, Any]:
     dense, packed = models.pop("dense fp32"), models[f"MPD c={c} fp32"]
     sizes = {"dense fp32": _safetensors_bytes(dense.state_dict())}
     for fmt in formats:
-        sizes[f"dense {fmt}"] = _safetensors_bytes(dense_quantized(dense, QuantConfig.parse(fmt))[1])
+        sizes[f"dense {fmt}"] = _safetensors_bytes(quantize_(copy.deepcopy(dense), fmt, dense_layers=True).state_dict())
     for label, model in models.items():
         sizes[label.replace("MPD", "mpd")] = _file_bytes(lambda p, m=model: save(m, p, input_shape=spec.input_shape))
     timed = {"dense fp32": dense, f"MPD c={c} fp32": packed}
@@ -213,7 +199,8 @@ def render_size_study(results: dict[str, Any], command: str) -> str:
             else ""
         )
         + ". Sizes are whole files: MPD as "
-        "`mpdcompress.save` writes them (manifest, permutations, biases, scales, the dense classifier); the "
+        "`mpdcompress.save` writes them (manifest, permutations, biases, scales; the classifier, which MPD leaves "
+        "dense, quantized like the blocks: `quantize_(..., dense_layers=True)`); the "
         "dense baselines as a safetensors file of their state dict. Accuracy on the test split.",
         "",
         "| model | format | file bytes | smaller than dense fp32 | test accuracy | vs dense | vs fp32 MPD |",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -19,12 +19,11 @@ from torch import nn
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
 from ..errors import ModelFileError, UnsupportedArchitectureError
-from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight
 from ..nn.conv_chain import PackedConvChain
 from ..nn.masked import MPDConv1d, MPDConv2d, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain
 from ..nn.packed_conv import BlockDiagonalConv
-from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, quantized_shapes
+from ..nn.quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, zero_quantized_weight
 from ..nn.residual import Residual
 from .layer_arguments import SUPPORTED_LAYERS, check_layer_args
 from .layer_kinds import CONV_DIMS, LAYER_KINDS, QUANTIZED_KINDS, quantization_entry, quantization_problem
@@ -39,7 +38,7 @@ __all__ = [
     "tuple_args",
     "construct_layer",
     "compressed_layer_sizes",
-    "zero_quantized_weight",
+    "layer_entries",
 ]
 
 _MASKED_CONVS = {"MPDConv1d": MPDConv1d, "MPDConv2d": MPDConv2d}
@@ -216,6 +215,18 @@ def fold(
     return result
 
 
+def layer_entries(spec: Any, _place_name: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every layer entry of an architecture (shared places once) with its place: the module's
+    name in the rebuilt model."""
+    children = _child_specs(spec, ModelFileError)
+    if children is None:
+        yield _place_name, spec
+        return
+    for key, sub in children:
+        if isinstance(sub, dict) and sub.get("type") != "Shared":
+            yield from layer_entries(sub, _place(_place_name, key))
+
+
 def tuple_args(args: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments with JSON lists turned back into tuples."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
@@ -312,24 +323,6 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
     conv_args = {k: v for k, v in tuple_args(a).items() if k in ("stride", "padding", "dilation")}
     conv = QuantizedBlockDiagonalConv if quantization is not None else BlockDiagonalConv
     return conv(mask, weight, bias_tensor, **conv_args)
-
-
-def zero_quantized_weight(blocks: torch.Tensor, c: int, rows: int, quantization: dict[str, Any]) -> QuantizedWeight:
-    """The integer form of all-zero ``blocks`` (a skeleton a file's tensors are loaded into),
-    made without torchao."""
-    inputs = blocks.numel() // (c * rows)
-    shapes = quantized_shapes(
-        c, rows, inputs, quantization["bits"], quantization["group_size"], quantization["symmetric"]
-    )
-    if quantization["bits"] == 8:
-        qweight = torch.zeros(shapes["qweight"], dtype=torch.int8)
-    else:  # a zero of symmetric int4 is the nibble 8; asymmetric zero points are 0 here
-        nibble = SYMMETRIC_INT4_ZERO if quantization["symmetric"] else 0
-        qweight = torch.full(shapes["qweight"], nibble * 0x11, dtype=torch.uint8)
-    zeros = None if "zero_points" not in shapes else torch.zeros(shapes["zero_points"], dtype=torch.uint8)
-    scales = torch.ones(shapes["scales"], dtype=blocks.dtype)
-    group = inputs if quantization["bits"] == 8 else quantization["group_size"]
-    return QuantizedWeight(qweight, scales, zeros, quantization["bits"], tuple(blocks.shape), group)
 
 
 def construct_layer(kind: str, args: Any, fail: Callable[[str], Exception] = ModelFileError) -> nn.Module:

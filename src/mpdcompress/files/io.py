@@ -37,7 +37,8 @@ from ..errors import (
 from ..nn.loading import guard_state_dict_loading
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.packed_conv import BlockDiagonalConv
-from .architecture import UnsupportedArchitectureError, build, describe, zero_quantized_weight
+from ..nn.quantized import QuantizedLinear, zero_quantized_weight
+from .architecture import UnsupportedArchitectureError, build, construct_layer, describe, layer_entries
 from .header import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -49,7 +50,7 @@ from .header import (
     tensor_digest,
 )
 from .layer_kinds import PACKED_KINDS, quantization_entry
-from .load_checks import check_layer_tensors, check_runs, check_template
+from .load_checks import check_layer_tensors, check_quantized_dense, check_runs, check_template
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
 
@@ -123,6 +124,13 @@ def save(
         architecture = describe(model)
     except UnsupportedArchitectureError:
         architecture = None
+    quantized_dense = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if quantized_dense and architecture is None:
+        raise UnsupportedArchitectureError(
+            f"cannot save quantized dense layers ({quantized_dense[:3]}) of a model whose architecture a file "
+            "cannot describe (it has custom modules): a template could not rebuild them; quantize the packed "
+            "layers only (quantize_ without dense_layers)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     storages: dict[tuple[int, int], str] = {}
     ties: dict[str, str] = {}  # state_dict key -> the key whose tensor it is
@@ -153,7 +161,9 @@ def save(
         tensors[key] = value.detach().cpu().contiguous()
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": QUANTIZED_VERSION if any("quantization" in v for v in layers.values()) else 2,
+        "format_version": (
+            QUANTIZED_VERSION if quantized_dense or any("quantization" in v for v in layers.values()) else 2
+        ),
         "writer": f"mpdcompress {__version__}",
         "form": "packed" if packed == {True} else "masked",
         "layers": layers,
@@ -199,9 +209,21 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
         for name, layer in manifest["layers"].items():
             if "quantization" in layer:
                 _quantized_skeleton(model, name, layer["quantization"])
+        for name, entry in layer_entries(manifest.get("architecture") or {"type": "Sequential"}):
+            if entry["type"] == "QuantizedLinear":
+                _quantized_dense_skeleton(model, name, entry)
     except MPDCompressError as exc:
         raise ModelFileError(f"{path}: the file's layers do not fit this model: {exc}") from None
     return model
+
+
+def _quantized_dense_skeleton(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """Put the file's zero QuantizedLinear where ``model`` has the ``nn.Linear`` ``name``."""
+    owner, _, key = name.rpartition(".")
+    parent = model.get_submodule(owner)
+    if type(parent._modules.get(key)) is not nn.Linear:
+        raise CompressionError(f"{name} is not an nn.Linear in this model")
+    parent._modules[key] = construct_layer("QuantizedLinear", entry.get("args"))
 
 
 def _quantized_skeleton(model: nn.Module, name: str, quantization: dict[str, Any]) -> None:
@@ -316,6 +338,7 @@ def load(
     state = _check_tensors(tensors, manifest, {k: v for k, v in expected.items() if k not in ties}, path, on_nonfinite)
     state = {k: v.to(expected[k].dtype) if k.endswith(_INDEX_SUFFIXES) else v for k, v in state.items()}
     check_layer_tensors(state, manifest, path)
+    check_quantized_dense(skeleton, state, path)
     if model is not None:
         check_template(skeleton, manifest, path)
     skeleton.load_state_dict({**state, **{alias: state[key] for alias, key in ties.items()}}, strict=True, assign=True)

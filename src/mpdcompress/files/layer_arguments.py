@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from ..nn.quantized import QuantizedLinear
+
 __all__ = ["LAYER_ARGUMENTS", "SUPPORTED_LAYERS", "check_layer_args"]
 
 _MAX_SIZE = 2**40  # no feature, channel or embedding count of a real model comes near this
@@ -147,6 +149,15 @@ _DROPOUT = {"p": number(0, 1), **INPLACE}
 # argument of its constructor gets the constructor's default.
 LAYER_ARGUMENTS: dict[type[nn.Module], dict[str, Arg]] = {
     nn.Linear: {"in_features": size(), "out_features": size(), "bias": FLAG},
+    QuantizedLinear: {
+        "in_features": size(),
+        "out_features": size(),
+        "bias": FLAG,
+        "bits": Arg(lambda v: type(v) is int and v in (4, 8), "4 or 8"),
+        "group_size": size(2, _MAX_WINDOW) | none(),
+        "symmetric": FLAG,
+        "activations": choice("float", "dynamic"),
+    },
     nn.Conv1d: _conv(1),
     nn.Conv2d: _conv(2),
     nn.Conv3d: _conv(3),

@@ -15,13 +15,13 @@ from torch.func import functional_call
 
 from ..core.layout import BlockLayout
 from ..core.masks import MPDMask
-from ..errors import ModelFileError, UnsupportedArchitectureError, first_line
+from ..errors import CompressionError, ModelFileError, UnsupportedArchitectureError, first_line
 from ..kernels.quantized_blocks import QuantizedWeight
-from ..nn.quantized import quantized_problem
+from ..nn.quantized import QuantizedLinear, quantized_problem
 from .architecture import describe
 from .layer_kinds import PACKED_KINDS, QUANTIZED_KINDS
 
-__all__ = ["check_layer_tensors", "check_template", "check_runs"]
+__all__ = ["check_layer_tensors", "check_quantized_dense", "check_template", "check_runs"]
 
 
 def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
@@ -48,6 +48,17 @@ def check_layer_tensors(state: dict[str, torch.Tensor], manifest: dict[str, Any]
         mask = mask.view(*mask.shape, *[1] * (weight.dim() - 2))  # a convolution's, at every kernel position
         if bool(weight.masked_fill(mask, 0).any()):
             raise ModelFileError(f"{path}: {name}.weight holds nonzero values off its mask")
+
+
+def check_quantized_dense(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The same checks for the quantized dense layers the architecture holds (scales finite and
+    positive, zero points in range, the padding nibble zero)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            try:
+                module.check_incoming(state, f"{name}.")
+            except CompressionError as exc:
+                raise ModelFileError(f"{path}: {exc}") from None
 
 
 def _quantized_weight(state: dict[str, torch.Tensor], name: str, layer: dict[str, Any], layout: BlockLayout):

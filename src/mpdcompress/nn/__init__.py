@@ -4,7 +4,7 @@ from .conv_chain import PackedConvChain
 from .masked import MaskedWeight, MPDConv1d, MPDConv2d, MPDLinear
 from .packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from .packed_conv import BlockDiagonalConv
-from .quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks
+from .quantized import QuantizedBlockDiagonalConv, QuantizedBlockDiagonalLinear, QuantizedBlocks, QuantizedLinear
 from .residual import Residual
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "QuantizedBlocks",
     "QuantizedBlockDiagonalLinear",
     "QuantizedBlockDiagonalConv",
+    "QuantizedLinear",
     "Residual",
     "is_elementwise",
 ]

@@ -30,9 +30,10 @@ def _check_whole_state(module, state_dict, prefix, local_metadata, strict, missi
     # A module-level function, not a closure: deep copies and pickles of the model keep it.
     from .masked import MaskedWeight
     from .packed import PackedBlocks
+    from .quantized import QuantizedLinear
 
     for name, layer in module.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(layer, (MaskedWeight, PackedBlocks)):
+        if isinstance(layer, (MaskedWeight, PackedBlocks, QuantizedLinear)):
             layer.check_incoming(state_dict, f"{name}." if name else "")
     expected = module.state_dict(prefix=prefix, keep_vars=True)
     problems = [
