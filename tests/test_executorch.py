@@ -54,3 +54,48 @@ def test_a_model_that_does_not_take_the_example_is_refused_before_tracing(tmp_pa
     with pytest.raises(ExportError, match="does not run on the example"):
         mpd.export_executorch(_packed("lenet300"), torch.randn(2, 3, 5), tmp_path / "m.pte")
     assert not (tmp_path / "m.pte").exists()
+
+
+@pytest.mark.parametrize("config", ["int8", "int4-g32"])
+def test_int8_activations_run_xnnpack_kernels_close_to_the_weight_only_output(tmp_path, config):
+    model = mpd.quantize_(_packed("lenet300"), config, dense_layers=True)
+    exact = mpd.export_executorch(model, torch.randn(2, 1, 28, 28), tmp_path / "exact.pte")
+    fast = mpd.export_executorch(model, torch.randn(2, 1, 28, 28), tmp_path / "fast.pte", int8_activations=True)
+    # The integers are constants of the program either way; the fast one holds no float copy.
+    assert fast.stat().st_size < 1.5 * exact.stat().st_size
+    for batch in (1, 6):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = model(x)
+        got = mpd.run_executorch(fast, x)[0]
+        error = (got - expected).abs().max() / expected.abs().max()
+        assert 0 < error < 1e-2  # activations are rounded to int8, so not exact, and not far
+        _close(mpd.run_executorch(exact, x)[0], expected)
+
+
+def test_int8_activations_form_matches_in_pytorch_and_leaves_what_xnnpack_cannot_run(tmp_path):
+    from mpdcompress.files.executorch import Int8ActivationBlocks, _int8_activation_form
+
+    model = mpd.quantize_(_packed("deep-mnist", convs=True), "int4-g32", dense_layers=True)
+    form = _int8_activation_form(model)
+    kinds = {
+        type(m).__name__: isinstance(m.export_gemm, Int8ActivationBlocks)
+        for m in form.modules()
+        if hasattr(m, "export_gemm")
+    }
+    assert kinds == {"QuantizedBlockDiagonalConv": False, "QuantizedBlockDiagonalLinear": True}
+    assert all(getattr(m, "export_gemm", None) is None for m in model.modules())  # the model itself is untouched
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert (form(x) - model(x)).abs().max() < 1e-2 * model(x).abs().max()
+    asymmetric = mpd.quantize_(_packed("lenet300"), "int4-asym", dense_layers=True)
+    with pytest.raises(ConfigError, match="symmetric"):
+        mpd.export_executorch(asymmetric, torch.randn(2, 1, 28, 28), tmp_path / "a.pte", int8_activations=True)
+
+
+def test_export_command_int8_activations(tmp_path, capsys):
+    saved = mpd.save(mpd.quantize_(_packed("lenet300"), "int8"), tmp_path / "q.safetensors", input_shape=(1, 28, 28))
+    assert main(["export", str(saved), "-o", str(tmp_path / "q.pte"), "--int8-activations"]) == 0
+    assert "int8 activations" in capsys.readouterr().out
+    assert main(["export", str(saved), "-o", str(tmp_path / "q.onnx"), "--int8-activations"]) == 2
+    assert "ExecuTorch" in capsys.readouterr().err

@@ -23,6 +23,9 @@ from ..timing import interleaved_medians
 
 __all__ = ["packed_variants", "run_runtime_bench", "render_runtime_bench"]
 
+# ExecuTorch variants exported with export_executorch(..., int8_activations=True).
+_INT8_ACTIVATIONS = " + int8 activations"
+
 
 def packed_variants(name: str, c: int, formats: tuple[str, ...]) -> dict[str, nn.Module]:
     """Registry model ``name`` (random weights, seed 0) as ``dense fp32``, packed at ``c`` as
@@ -57,7 +60,9 @@ def _sessions(runtime: str, models: dict[str, nn.Module], example: torch.Tensor,
 
             from ..files.executorch import export_executorch
 
-            path = export_executorch(model, example, folder / f"{len(runners)}.pte")
+            path = export_executorch(
+                model, example, folder / f"{len(runners)}.pte", int8_activations=label.endswith(_INT8_ACTIVATIONS)
+            )
             method = Runtime.get().load_program(path).load_method("forward")
             runners[label] = lambda x, m=method: m.execute([x])[0]
     return runners
@@ -79,11 +84,20 @@ def run_runtime_bench(
     # fbgemm's int8 GEMMs exist in PyTorch only: the other runtimes get the exported float graph.
     dynamic = quantize_(copy.deepcopy(models[f"MPD c={compression} fp32"]), "int8-dynamic")
     models_pytorch = {**models, f"MPD c={compression} int8-dynamic": dynamic}
+    # XNNPACK's quantized kernels: symmetric formats, activations rounded to int8 on the fly.
+    models_executorch = {
+        **models,
+        **{
+            f"MPD c={compression} {fmt}{_INT8_ACTIVATIONS}": models[f"MPD c={compression} {fmt}"]
+            for fmt in formats
+            if "asym" not in fmt
+        },
+    }
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         for runtime in runtimes:
             say(f"{runtime}: exporting")
-            chosen = models_pytorch if runtime == "pytorch" else models
+            chosen = {"pytorch": models_pytorch, "executorch": models_executorch}.get(runtime, models)
             runners = _sessions(runtime, chosen, torch.randn(2, *shape), Path(folder))
             for batch in batches:
                 x = torch.randn(batch, *shape)

@@ -253,11 +253,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     shape = args.input_shape or recorded or _input_shape(model)
     inputs = example_inputs(model, args, tuple(shape) if shape else None)
     kind = args.format or ("executorch" if str(args.output).endswith(".pte") else "onnx")
+    if args.int8_activations and kind != "executorch":
+        raise ConfigError("--int8-activations is for ExecuTorch (.pte) exports")
     if kind == "executorch":
         from ..files.executorch import export_executorch
 
-        path = export_executorch(model, inputs, args.output, dynamic_dims=dims)
-        target = "ExecuTorch, XNNPACK"
+        path = export_executorch(model, inputs, args.output, dynamic_dims=dims, int8_activations=args.int8_activations)
+        target = "ExecuTorch, XNNPACK" + (", int8 activations" if args.int8_activations else "")
     else:
         from ..files.onnx import export_onnx
 
@@ -411,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--input-shape", nargs="+", type=positive_int, help="input shape without the batch dimension")
     ex.add_argument("--opset", type=opset, default=18)
+    ex.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="ExecuTorch: run quantized linear layers in XNNPACK's int8 kernels, activations rounded to int8 on the "
+        "fly (faster; close to, not exactly, the weight-only output)",
+    )
     ex.add_argument(
         "--example-inputs",
         metavar="FILE",

@@ -1,23 +1,31 @@
 """ExecuTorch export (PyTorch's mobile and edge runtime): ``torch.export`` → XNNPACK → ``.pte``.
 
 The packed forward exports as gathers, batched matrix products and element-wise ops, which the
-XNNPACK backend runs; a quantized model's dequantization exports with it (core ATen ops only).
-``pip install "mpdcompress[mobile]"`` installs ExecuTorch.
+XNNPACK backend runs; a quantized model's dequantization exports with it (core ATen ops only),
+so it computes exactly the weight-only result but dequantizes its blocks at every call. With
+``int8_activations``, symmetric quantized linear layers export instead as XNNPACK's own
+quantized kernels run them: per block, activations quantized to int8 per row on the fly, times
+the block's int8 or int4 integers (:class:`Int8ActivationBlocks`). ``pip install "mpdcompress[mobile]"`` installs
+ExecuTorch.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import ConfigError, ExportError, MissingDependencyError
+from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, unpack_int4
+from ..nn.quantized import QuantizedBlockDiagonalLinear, QuantizedLinear
 from .export_inputs import DynamicDims, Inputs, check_runs_on, dynamic_shapes, quiet_export, split_inputs
 
-__all__ = ["export_executorch", "run_executorch"]
+__all__ = ["export_executorch", "run_executorch", "Int8ActivationBlocks"]
 
 
 def _executorch():
@@ -29,6 +37,82 @@ def _executorch():
     return XnnpackPartitioner, to_edge_transform_and_lower
 
 
+class Int8ActivationBlocks:
+    """Integer blocks in the form ExecuTorch's XNNPACK backend runs quantized: per block, torchao's
+    per-row int8 quantization of the activations and the block's integers dequantized by torchao's
+    ``dequantize_affine`` into ``aten.linear``, the pattern XNNPACK's partitioner lowers to its
+    kernels for int8 activations times int8 or int4 weights. Built before tracing, so that each
+    block's integers, scales and zero points are constants of the program."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        from ..core.quantize import _primitives  # registers torchao's operators; says what to install
+
+        _primitives()
+        c, rows = weight.qweight.shape[:2]
+        self.shape = (c, rows, weight.inputs)
+        self.group = weight.group_size
+        self.padded = weight.scales.shape[-1] * self.group  # whole groups: the activations are padded with zeros
+        if weight.bits == 8:
+            q, zeros, self.range = weight.qweight, None, (-128, 127)
+        else:  # torchao's int4 is int8 in -8..7: nibbles and zero points shift by 8 alike
+            q = (unpack_int4(weight.qweight)[..., : weight.inputs] - SYMMETRIC_INT4_ZERO).to(torch.int8)
+            zeros = None if weight.zero_points is None else (weight.zero_points.to(torch.int16) - 8).to(torch.int8)
+            self.range = (-8, 7)
+        q = F.pad(q, (0, self.padded - weight.inputs))
+        zeros = torch.zeros_like(weight.scales, dtype=torch.int8) if zeros is None else zeros
+        self.blocks = [(q[k].clone(), weight.scales[k].float().clone(), zeros[k].clone()) for k in range(c)]
+
+    def _block(self, k: int, a: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.torchao
+        if self.padded != self.shape[2]:
+            a = F.pad(a, (0, self.padded - self.shape[2]))
+        per_row = [1, self.padded]
+        scale, zero = ops.choose_qparams_affine(a, "ASYMMETRIC", per_row, torch.int8, -128, 127, None, None, torch.int8)
+        a = ops.dequantize_affine(
+            ops.quantize_affine(a, per_row, scale, zero, torch.int8, -128, 127),
+            per_row,
+            scale,
+            zero,
+            torch.int8,
+            -128,
+            127,
+        )
+        q, scales, zeros = self.blocks[k]
+        w = ops.dequantize_affine(q, [1, self.group], scales, zeros, torch.int8, *self.range)
+        return F.linear(a, w)
+
+    def batch_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``a`` (c, batch, cols) → ``(batch, c * rows)``."""
+        y = torch.cat([self._block(k, a[k]) for k in range(self.shape[0])], dim=1)
+        return y if bias is None else y + bias
+
+    def feature_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``a`` (c, cols, batch) → ``(c * rows, batch)``."""
+        return self.batch_major(a.transpose(1, 2), bias).t()
+
+
+def _int8_activation_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose symmetric quantized linear layers (packed and dense) run as
+    :class:`Int8ActivationBlocks`. Convolutions and asymmetric int4 layers stay weight-only:
+    XNNPACK's quantized kernels take neither (with zero points it computed outputs 20 % off)."""
+    model = copy.deepcopy(model)
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (QuantizedBlockDiagonalLinear, QuantizedLinear)) and m.zero_points is None
+    ]
+    if not layers:
+        raise ConfigError(
+            "int8_activations: the model has no symmetric quantized linear layer (quantize_ it first; "
+            "asymmetric int4 and convolutions stay weight-only)"
+        )
+    for layer in layers:
+        layer.export_gemm = Int8ActivationBlocks(layer.quantized_weight())
+        for name in ("qweight", "scales", "zero_points"):  # unused now; a program would store them too
+            layer.register_buffer(name, None)
+    return model
+
+
 def export_executorch(
     model: nn.Module,
     example_inputs: Inputs,
@@ -37,6 +121,7 @@ def export_executorch(
     dynamic_batch: bool = True,
     dynamic_dims: DynamicDims | tuple[DynamicDims, ...] | dict[str, DynamicDims] | None = None,
     max_size: int = 256,
+    int8_activations: bool = False,
 ) -> Path:
     """Export ``model`` (packed, quantized or not) to an ExecuTorch program lowered to XNNPACK;
     returns the path of the ``.pte`` file.
@@ -45,10 +130,17 @@ def export_executorch(
     dimension 0 of every input is a dynamic batch), each dynamic dimension at most ``max_size``:
     ExecuTorch plans its memory for the largest shapes ahead of time, so the bound is what the
     program reserves. Check the file with :func:`run_executorch`.
+
+    A quantized model exports exactly (weight-only: its blocks dequantized at every call). With
+    ``int8_activations`` its symmetric quantized linear layers run in XNNPACK's quantized kernels
+    instead, activations rounded to int8 per row on the fly: faster, and close to but not exactly
+    the weight-only output (needs torchao); convolutions and asymmetric int4 stay weight-only.
     """
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 2:
         raise ConfigError(f"max_size must be an int of at least 2, got {max_size!r}")
     partitioner, lower = _executorch()
+    if int8_activations:
+        model = _int8_activation_form(model)
     args, kwargs = split_inputs(example_inputs)
     dims = dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch, max_size)
     try:

@@ -529,9 +529,9 @@ class PackedChain(ForgetsLaunchPlans, nn.Module):
         return h
 
     def _apply_tail(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.tail.weight
-        if self.tail_columns is not None and torch.is_grad_enabled() and weight.requires_grad:
-            return nn.functional.linear(h, weight * self.tail_columns, self.tail.bias)
+        # The weight is read only when it trains: a quantized tail dequantizes on each read.
+        if self.tail_columns is not None and torch.is_grad_enabled() and self.tail.weight.requires_grad:
+            return nn.functional.linear(h, self.tail.weight * self.tail_columns, self.tail.bias)
         return self.tail(h)
 
     # -- back to the masked form ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..core.layout import BlockLayout
 from ..core.masks import MPDMask, check_incoming_mask
 from ..errors import CompressionError
 from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, DynamicInt8Blocks, QuantizedWeight
+from ..kernels.torch_engine import BlockGemm
 from .packed import BlockDiagonalLinear, PackedBlocks
 from .packed_conv import BlockDiagonalConv
 
@@ -124,6 +125,8 @@ class QuantizedBlocks(PackedBlocks):
     scales: torch.Tensor
     zero_points: torch.Tensor | None
     activations: str = "float"
+    # What runs the block GEMMs instead, when set (an export form, see files.executorch).
+    export_gemm: BlockGemm | None = None
 
     def _init_blocks(self, mask: MPDMask, weight_blocks: QuantizedWeight, bias: torch.Tensor | None) -> None:
         if not isinstance(weight_blocks, QuantizedWeight):
@@ -163,7 +166,9 @@ class QuantizedBlocks(PackedBlocks):
         """The dequantized float blocks (computed on each read)."""
         return self.quantized_weight().dequantize()
 
-    def engine_blocks(self, kernel_indices: bool) -> torch.Tensor | DynamicInt8Blocks:
+    def engine_blocks(self, kernel_indices: bool) -> torch.Tensor | BlockGemm:
+        if self.export_gemm is not None:
+            return self.export_gemm
         if self.activations != "dynamic" or kernel_indices or self.qweight.device.type != "cpu" or _tracing():
             return self.weight_blocks
         return _dynamic_blocks(self, self.quantized_weight())
@@ -263,6 +268,7 @@ class QuantizedLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._dynamic: tuple[tuple, DynamicInt8Blocks] | None = None
+        self.export_gemm: BlockGemm | None = None  # as for QuantizedBlocks
 
     @classmethod
     def from_weight(
@@ -314,11 +320,13 @@ class QuantizedLinear(nn.Module):
         return linear
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.activations == "dynamic" and self.qweight.device.type == "cpu" and not _tracing():
-            rows = input.reshape(1, -1, self.in_features)
-            y = _dynamic_blocks(self, self.quantized_weight()).batch_major(rows, self.bias)
-            return y.reshape(*input.shape[:-1], self.out_features)
-        return F.linear(input, self.weight, self.bias)
+        gemm = self.export_gemm
+        if gemm is None and self.activations == "dynamic" and self.qweight.device.type == "cpu" and not _tracing():
+            gemm = _dynamic_blocks(self, self.quantized_weight())
+        if gemm is None:
+            return F.linear(input, self.weight, self.bias)
+        y = gemm.batch_major(input.reshape(1, -1, self.in_features), self.bias)
+        return y.reshape(*input.shape[:-1], self.out_features)
 
     def check_incoming(self, state_dict: dict, prefix: str) -> None:
         """Refuse integer tensors that are not a valid quantized weight of this layer."""
