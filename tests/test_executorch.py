@@ -99,3 +99,14 @@ def test_export_command_int8_activations(tmp_path, capsys):
     assert "int8 activations" in capsys.readouterr().out
     assert main(["export", str(saved), "-o", str(tmp_path / "q.onnx"), "--int8-activations"]) == 2
     assert "ExecuTorch" in capsys.readouterr().err
+
+
+def test_runtime_bench_checks_every_variant_against_pytorch_including_int8_activations():
+    from mpdcompress.bench.runtimes import render_runtime_bench, run_runtime_bench
+
+    results = run_runtime_bench("lenet300", 4, ("int8",), (3,), ("executorch",))
+    errors = {row["variant"]: row["relative_error_vs_pytorch"] for row in results["rows"]}
+    assert set(errors) == {"dense fp32", "MPD c=4 fp32", "MPD c=4 int8", "MPD c=4 int8 + int8 activations"}
+    assert all(error < 1e-5 for variant, error in errors.items() if not variant.endswith("activations"))
+    assert 0 < errors["MPD c=4 int8 + int8 activations"] < 1e-2
+    assert "| executorch | MPD c=4 int8 + int8 activations |" in render_runtime_bench(results, "cmd")
