@@ -2,6 +2,7 @@
 small training configs and hypothesis strategies."""
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,29 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
     err = float((actual - expected).detach().abs().max() / scale)
     assert err <= rel, f"relative max error {err:.3g} > {rel}"
     return err
+
+
+def resigned(path: Path, folder: Path, key=None, value=None, edit=None) -> Path:
+    """A copy of model file ``path`` in ``folder`` with tensor ``key`` replaced by ``value`` or the
+    manifest changed by ``edit(manifest)``, its digests redone: a forged file that passes the
+    integrity checks, so that what refuses it is the check under test."""
+    from safetensors import safe_open
+    from safetensors.torch import save as st_save
+
+    from mpdcompress.files.header import manifest_digest, tensor_digest
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        manifest = json.loads(f.metadata()["mpdcompress"])
+    if key is not None:
+        tensors[key] = value
+    if edit is not None:
+        edit(manifest)
+    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    out = folder / "edited.safetensors"
+    out.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
+    return out
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:

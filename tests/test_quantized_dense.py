@@ -3,20 +3,19 @@ chain's folded tail become QuantizedLinear layers that compute exactly their deq
 form, survive model files (with and without a template) and refuse damaged integers."""
 
 import copy
-import json
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 from torch import nn
 
 import mpdcompress as mpd
 from mpdcompress.cli.main import main
 from mpdcompress.core.quantize import QuantConfig, quantize_weight
 from mpdcompress.errors import CompressionError, UnsupportedArchitectureError
-from mpdcompress.files.header import manifest_digest, tensor_digest
 from mpdcompress.models import build_model, paper_filter
+
+from .helpers import resigned
 
 pytest.importorskip("torchao")
 
@@ -131,21 +130,6 @@ def test_quantizing_the_classifier_makes_the_file_smaller(dense_files, tmp_path)
     assert path.stat().st_size < blocks_only.stat().st_size - 2500
 
 
-def _resigned(path, tmp_path, key=None, value=None, edit=None):
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        manifest = json.loads(f.metadata()["mpdcompress"])
-    if key is not None:
-        tensors[key] = value
-    if edit is not None:
-        edit(manifest)
-    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    out = tmp_path / "edited.safetensors"
-    out.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
-    return out
-
-
 def _tail_args(manifest):
     return manifest["architecture"]["children"][1][1]["tail"]["args"]
 
@@ -166,7 +150,7 @@ def test_damaged_dense_integers_are_refused(dense_files, tmp_path, key, damage, 
         value = damage(f.get_tensor(key).clone())
     for template in (None, build_model("lenet300")):
         with pytest.raises(mpd.ModelFileError, match=message):
-            mpd.load(_resigned(path, tmp_path, key, value), model=template)
+            mpd.load(resigned(path, tmp_path, key, value), model=template)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +165,7 @@ def test_damaged_dense_integers_are_refused(dense_files, tmp_path, key, damage, 
 def test_inconsistent_dense_quantization_entries_are_refused(dense_files, tmp_path, edit, message):
     _, path = dense_files("int4-g64-asym")
     with pytest.raises(mpd.ModelFileError, match=message):
-        mpd.load(_resigned(path, tmp_path, edit=edit))
+        mpd.load(resigned(path, tmp_path, edit=edit))
 
 
 @pytest.mark.parametrize("config", ["int8", "int4-g64-asym"])

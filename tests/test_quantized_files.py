@@ -1,19 +1,17 @@
 """Quantized model files (format version 3): every entry point loads them back exactly, old
 readers' version stays for float files, and damaged integer blocks are refused before use."""
 
-import json
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 import mpdcompress as mpd
 from mpdcompress.cli.main import main
-from mpdcompress.files.header import manifest_digest, tensor_digest
 from mpdcompress.models import build_model, paper_filter
+
+from .helpers import resigned
 
 pytest.importorskip("torchao")
 
@@ -110,22 +108,6 @@ def test_quantize_command_packs_and_quantizes_a_masked_file(tmp_path, capsys):
         main(["quantize", str(masked), "-o", str(out), "--format", "int5"])
 
 
-def _resigned(path, tmp_path, key=None, value=None, edit=None):
-    """A copy of ``path`` with tensor ``key`` replaced or the manifest edited, digests redone."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        manifest = json.loads(f.metadata()["mpdcompress"])
-    if key is not None:
-        tensors[key] = value
-    if edit is not None:
-        edit(manifest)
-    manifest["sha256"] = {k: tensor_digest(t) for k, t in tensors.items()}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    out = tmp_path / "edited.safetensors"
-    out.write_bytes(st_save(tensors, metadata={"mpdcompress": json.dumps(manifest)}))
-    return out
-
-
 @pytest.mark.parametrize(
     "key,damage,message",
     [
@@ -142,7 +124,7 @@ def test_damaged_integer_blocks_are_refused(files, tmp_path, key, damage, messag
     with safe_open(str(path), framework="pt") as f:
         value = damage(f.get_tensor(key).clone())
     with pytest.raises(mpd.ModelFileError, match=message):
-        mpd.load(_resigned(path, tmp_path, key, value))
+        mpd.load(resigned(path, tmp_path, key, value))
 
 
 @pytest.mark.parametrize(
@@ -157,7 +139,7 @@ def test_damaged_integer_blocks_are_refused(files, tmp_path, key, damage, messag
 def test_inconsistent_quantization_entries_are_refused(files, tmp_path, edit, message):
     _, path = files("lenet300", "int4-g64-asym")
     with pytest.raises(mpd.ModelFileError, match=message):
-        mpd.load(_resigned(path, tmp_path, edit=edit))
+        mpd.load(resigned(path, tmp_path, edit=edit))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
