@@ -43,6 +43,31 @@ def resigned(path: Path, folder: Path, key=None, value=None, edit=None) -> Path:
     return out
 
 
+def assert_onnx_export_command_matches(path: Path, onnx_path: Path, model: torch.nn.Module) -> torch.Tensor:
+    """``mpdcompress export`` of model file ``path`` to ``onnx_path`` runs in ONNX Runtime and
+    computes what ``model`` computes (to 1e-5 of its scale); returns the input used."""
+    import pytest
+
+    from mpdcompress.cli.main import main
+
+    ort = pytest.importorskip("onnxruntime")
+    assert main(["export", str(path), "-o", str(onnx_path)]) == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *model_input_shape(path))
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    return x
+
+
+def model_input_shape(path: Path) -> tuple[int, ...]:
+    """The input shape a model file records."""
+    from mpdcompress.files.io import read_manifest
+
+    return tuple(read_manifest(path)["input_shape"])
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     raw = header + array.astype(np.uint8).tobytes()

@@ -11,7 +11,7 @@ import mpdcompress as mpd
 from mpdcompress.cli.main import main
 from mpdcompress.models import build_model, paper_filter
 
-from .helpers import resigned
+from .helpers import assert_onnx_export_command_matches, resigned
 
 pytest.importorskip("torchao")
 
@@ -77,15 +77,8 @@ def test_cli_inspect_and_export_read_quantized_files(files, tmp_path, capsys, co
     model, path = files("lenet300", config)
     assert main(["inspect", str(path)]) == 0
     assert config in capsys.readouterr().out
-    ort = pytest.importorskip("onnxruntime")
     onnx_path = tmp_path / "m.onnx"
-    assert main(["export", str(path), "-o", str(onnx_path)]) == 0
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 1, 28, 28)
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    with torch.no_grad():
-        expected = model.eval()(x)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    x = assert_onnx_export_command_matches(path, onnx_path, model)
     float_onnx = tmp_path / "float.onnx"
     mpd.export_onnx(mpd.dequantize(model), x, float_onnx)
     assert onnx_path.stat().st_size < 0.7 * float_onnx.stat().st_size  # the graph holds the integers
