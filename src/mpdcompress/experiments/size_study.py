@@ -194,7 +194,7 @@ def render_size_study(results: dict[str, Any], command: str) -> str:
         + (
             f" (rows marked QAT: the packed model first distilled from its own fp32 form for {p['qat_steps']:,} "
             f"steps of {p['qat_batch']} training images, AdamW at lr {p['qat_lr']:g}, with its blocks rounded as "
-            "stored: `fake_quantize_`)"
+            "stored: `fake_quantize_`; its classifier rounded after)"
             if p.get("qat_steps")
             else ""
         )
