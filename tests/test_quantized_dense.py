@@ -201,6 +201,9 @@ def test_cli_quantize_dense_layers_and_export_to_onnx(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     assert main(["quantize", str(path), "-o", str(out), "--format", "int4-g128", "--dense-layers"]) == 0
     capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    # the folded classifier reads the 7 blocks' padded rows: 105 inputs
+    assert "dense layer 1.tail (10x105) stored int4-g128" in capsys.readouterr().out
     model = mpd.load(out)
     assert isinstance(model[1].tail, mpd.QuantizedLinear) and model[1].tail.group_size == 128
     assert_onnx_export_command_matches(out, tmp_path / "m.onnx", model)

@@ -237,6 +237,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     dense_w = sum(r["dense_weights"] for r in s["layers"])
     kept_w = sum(r["kept_weights"] for r in s["layers"])
     print(f"compressed layers: {dense_w:,} -> {kept_w:,} weights ({dense_w / kept_w:.2f}x fewer)")
+    for r in s["quantized_dense_layers"]:
+        print(f"dense layer {r['name']} ({'x'.join(map(str, r['shape']))}) stored {r['format']}")
     print(
         f"file: {s['file_bytes']:,} bytes; the same layers dense in fp32: {s['dense_compressed_layers_bytes']:,} bytes"
     )
