@@ -1,6 +1,8 @@
 """ExecuTorch export: packed models, float and quantized, CNNs included, run in ExecuTorch's own
 runtime and compute what PyTorch computes, at the batch they were exported with and another."""
 
+import copy
+
 import pytest
 import torch
 
@@ -77,7 +79,8 @@ def test_int8_activations_form_matches_in_pytorch_and_leaves_what_xnnpack_cannot
     from mpdcompress.files.executorch import Int8ActivationBlocks, _int8_activation_form
 
     model = mpd.quantize_(_packed("deep-mnist", convs=True), "int4-g32", dense_layers=True)
-    form = _int8_activation_form(model)
+    form = copy.deepcopy(model)
+    _int8_activation_form(form)
     kinds = {
         type(m).__name__: isinstance(m.export_gemm, Int8ActivationBlocks)
         for m in form.modules()

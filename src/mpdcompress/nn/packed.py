@@ -8,6 +8,7 @@ gather. Both are ordinary trainable modules (parameters are the blocks and the b
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +107,8 @@ class PackedBlocks(ForgetsLaunchPlans):
     ``num_blocks``) and padded blocks (``weight_blocks``) whose padding stays zero."""
 
     weight_blocks: nn.Parameter
+    # What runs the block GEMMs instead, when set: an export form (see files.executorch).
+    export_gemm: Any = None
     bias: nn.Parameter | None
     row_order: torch.Tensor
     col_order: torch.Tensor
@@ -168,8 +171,9 @@ class PackedBlocks(ForgetsLaunchPlans):
 
     def engine_blocks(self, kernel_indices: bool) -> torch.Tensor:
         """What the engine multiplies with (``kernel_indices``: for the Triton engine): the blocks,
-        or for layers with their own CPU kernels an object the PyTorch engine calls instead."""
-        return self.effective_blocks()
+        or for layers with their own CPU kernels (or an export form: ``export_gemm``) an object the
+        PyTorch engine calls instead."""
+        return self.effective_blocks() if self.export_gemm is None else self.export_gemm
 
     def check_incoming(self, state_dict: dict, prefix: str) -> None:
         """Refuse what a ``load_state_dict`` would put here that is not a valid packed layer: a

@@ -125,8 +125,6 @@ class QuantizedBlocks(PackedBlocks):
     scales: torch.Tensor
     zero_points: torch.Tensor | None
     activations: str = "float"
-    # What runs the block GEMMs instead, when set (an export form, see files.executorch).
-    export_gemm: BlockGemm | None = None
 
     def _init_blocks(self, mask: MPDMask, weight_blocks: QuantizedWeight, bias: torch.Tensor | None) -> None:
         if not isinstance(weight_blocks, QuantizedWeight):
