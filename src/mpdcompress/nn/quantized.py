@@ -266,7 +266,7 @@ class QuantizedLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._dynamic: tuple[tuple, DynamicInt8Blocks] | None = None
-        self.export_gemm: BlockGemm | None = None  # as for QuantizedBlocks
+        self.export_gemm: BlockGemm | None = None  # an export form runs the GEMM instead, as for packed layers
 
     @classmethod
     def from_weight(
