@@ -12,7 +12,7 @@ from torch import nn
 import mpdcompress as mpd
 from mpdcompress.cli.main import main
 from mpdcompress.core.quantize import QuantConfig, quantize_weight
-from mpdcompress.errors import CompressionError, UnsupportedArchitectureError
+from mpdcompress.errors import CompressionError
 from mpdcompress.models import build_model, paper_filter
 
 from .helpers import assert_onnx_export_command_matches, resigned
@@ -182,18 +182,36 @@ def test_load_state_dict_refuses_invalid_integers_before_copying(config):
 
 
 class _Custom(nn.Module):
+    """A model whose architecture a file cannot describe: loading needs a template."""
+
     def __init__(self):
         super().__init__()
-        self.body = _packed()
+        self.body = build_model("lenet300")
 
     def forward(self, x):
         return self.body(x)
 
 
-def test_a_custom_model_with_quantized_dense_layers_is_refused_by_save(tmp_path):
-    model = mpd.quantize_(_Custom(), "int8", dense_layers=True)
-    with pytest.raises(UnsupportedArchitectureError, match="quantize the packed layers only"):
-        mpd.save(model, tmp_path / "m.safetensors")
+def test_a_custom_model_with_quantized_dense_layers_loads_into_its_template(tmp_path):
+    torch.manual_seed(0)
+    model = _Custom().eval()
+    mpd.mpdify_(model, 7, filter_fn=lambda m, name: m.out_features > 10, seed=2)
+    model = mpd.quantize_(mpd.pack(model), "int4-g32", dense_layers=True)
+    path = mpd.save(model, tmp_path / "m.safetensors")
+    manifest = mpd.read_manifest(path)
+    assert manifest["architecture"] is None and list(manifest["quantized_linears"]) == ["body.1.tail"]
+    loaded = mpd.load(path, model=_Custom())
+    assert isinstance(loaded.body[1].tail, mpd.QuantizedLinear)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(mpd.ModelFileError, match="not an nn.Linear"):
+        mpd.load(
+            resigned(path, tmp_path, edit=lambda m: m["quantized_linears"].update({"body.9": {}})), model=_Custom()
+        )
+    bad = {"in_features": 105, "out_features": 10, "bias": True, "bits": 3}
+    with pytest.raises(mpd.ModelFileError, match="bits must be 4 or 8"):
+        mpd.load(resigned(path, tmp_path, edit=lambda m: m["quantized_linears"].update({"body.1.tail": bad})))
 
 
 def test_cli_quantize_dense_layers_and_export_to_onnx(tmp_path, capsys):

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..core.layout import BlockLayout
 from ..core.quantize import QuantConfig
-from ..files.architecture import layer_entries
 from ..files.io import read_manifest
 from ..models import build_model, fc_weight_count, fc_weights_kept, model_spec, paper_filter
 from ..nn import MaskedWeight
@@ -51,21 +50,22 @@ def file_summary(path: str | os.PathLike) -> dict[str, Any]:
         "writer": manifest.get("writer"),
         "has_architecture": manifest.get("architecture") is not None,
         "layers": rows,
-        "quantized_dense_layers": _quantized_dense_rows(manifest.get("architecture")),
+        "quantized_dense_layers": _quantized_dense_rows(manifest.get("quantized_linears", {})),
         "file_bytes": Path(path).stat().st_size,
         "dense_compressed_layers_bytes": dense_bytes,
     }
 
 
-def _quantized_dense_rows(architecture: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _quantized_dense_rows(layers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The dense layers the file stores quantized (``quantize_(..., dense_layers=True)``)."""
-    rows = []
-    for name, entry in layer_entries(architecture) if architecture else ():
-        if entry["type"] == "QuantizedLinear":
-            a = entry["args"]
-            config = QuantConfig(a["bits"], a["group_size"], a["symmetric"], a["activations"])
-            rows.append({"name": name, "shape": (a["out_features"], a["in_features"]), "format": config.describe()})
-    return rows
+    return [
+        {
+            "name": name,
+            "shape": (a["out_features"], a["in_features"]),
+            "format": QuantConfig(a["bits"], a["group_size"], a["symmetric"], a["activations"]).describe(),
+        }
+        for name, a in layers.items()
+    ]
 
 
 def _conv_weights(model: nn.Module) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -38,7 +38,6 @@ __all__ = [
     "tuple_args",
     "construct_layer",
     "compressed_layer_sizes",
-    "layer_entries",
 ]
 
 _MASKED_CONVS = {"MPDConv1d": MPDConv1d, "MPDConv2d": MPDConv2d}
@@ -213,18 +212,6 @@ def fold(
         result = node(spec, results)
     done[_place_name] = result
     return result
-
-
-def layer_entries(spec: Any, _place_name: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every layer entry of an architecture (shared places once) with its place: the module's
-    name in the rebuilt model."""
-    children = _child_specs(spec, ModelFileError)
-    if children is None:
-        yield _place_name, spec
-        return
-    for key, sub in children:
-        if isinstance(sub, dict) and sub.get("type") != "Shared":
-            yield from layer_entries(sub, _place(_place_name, key))
 
 
 def tuple_args(args: dict[str, Any]) -> dict[str, Any]:

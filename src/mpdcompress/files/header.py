@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError, ModelFileNotFoundError
+from .layer_arguments import check_layer_args
 from .layer_kinds import (
     LAYER_KINDS,
     PACKED_KINDS,
@@ -156,6 +157,16 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         and all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in manifest["ties"].items())
     ):
         raise _fail(path, f"manifest field 'ties' is malformed: {json.dumps(manifest['ties'])[:120]}")
+    if "quantized_linears" in manifest:  # absent from files without quantized dense layers
+        entries = manifest["quantized_linears"]
+        if not (isinstance(entries, dict) and all(isinstance(k, str) for k in entries)):
+            raise _fail(path, "manifest field 'quantized_linears' is malformed")
+        if manifest.get("format_version", 0) < QUANTIZED_VERSION:
+            raise _fail(path, f"quantized dense layers need format version {QUANTIZED_VERSION}")
+        for name, args in entries.items():
+            problem = check_layer_args("QuantizedLinear", args)
+            if problem is not None:
+                raise _fail(path, f"quantized dense layer {name!r}: {problem}")
     for key, ok in checks.items():
         if key not in manifest:
             raise _fail(path, f"manifest lacks '{key}'")

@@ -38,7 +38,7 @@ from ..nn.loading import guard_state_dict_loading
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.packed_conv import BlockDiagonalConv
 from ..nn.quantized import QuantizedLinear, zero_quantized_weight
-from .architecture import UnsupportedArchitectureError, build, construct_layer, describe, layer_entries
+from .architecture import UnsupportedArchitectureError, build, construct_layer, describe
 from .header import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -124,13 +124,8 @@ def save(
         architecture = describe(model)
     except UnsupportedArchitectureError:
         architecture = None
-    quantized_dense = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if quantized_dense and architecture is None:
-        raise UnsupportedArchitectureError(
-            f"cannot save quantized dense layers ({quantized_dense[:3]}) of a model whose architecture a file "
-            "cannot describe (it has custom modules): a template could not rebuild them; quantize the packed "
-            "layers only (quantize_ without dense_layers)"
-        )
+    # Where a template gets its dense layers quantized, with or without an architecture.
+    quantized_dense = {name: describe(m)["args"] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     tensors: dict[str, torch.Tensor] = {}
     storages: dict[tuple[int, int], str] = {}
     ties: dict[str, str] = {}  # state_dict key -> the key whose tensor it is
@@ -173,6 +168,7 @@ def save(
         "config": config.to_json() if isinstance(config := getattr(model, "mpd_config", None), MPDConfig) else None,
         "user": {str(k): str(v) for k, v in (metadata or {}).items()},
         "ties": ties,
+        **({"quantized_linears": quantized_dense} if quantized_dense else {}),
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
@@ -209,21 +205,23 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
         for name, layer in manifest["layers"].items():
             if "quantization" in layer:
                 _quantized_skeleton(model, name, layer["quantization"])
-        for name, entry in layer_entries(manifest.get("architecture") or {"type": "Sequential"}):
-            if entry["type"] == "QuantizedLinear":
-                _quantized_dense_skeleton(model, name, entry)
+        for name, args in manifest.get("quantized_linears", {}).items():
+            _quantized_dense_skeleton(model, name, args)
     except MPDCompressError as exc:
         raise ModelFileError(f"{path}: the file's layers do not fit this model: {exc}") from None
     return model
 
 
-def _quantized_dense_skeleton(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+def _quantized_dense_skeleton(model: nn.Module, name: str, args: dict[str, Any]) -> None:
     """Put the file's zero QuantizedLinear where ``model`` has the ``nn.Linear`` ``name``."""
     owner, _, key = name.rpartition(".")
-    parent = model.get_submodule(owner)
+    try:
+        parent = model.get_submodule(owner)
+    except AttributeError:
+        raise CompressionError(f"{name} is not an nn.Linear in this model") from None
     if type(parent._modules.get(key)) is not nn.Linear:
         raise CompressionError(f"{name} is not an nn.Linear in this model")
-    parent._modules[key] = construct_layer("QuantizedLinear", entry.get("args"))
+    parent._modules[key] = construct_layer("QuantizedLinear", args)
 
 
 def _quantized_skeleton(model: nn.Module, name: str, quantization: dict[str, Any]) -> None:
