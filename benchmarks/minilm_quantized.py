@@ -25,7 +25,8 @@ from mpdcompress.posthoc.calibrate import compress_calibrated
 from mpdcompress.posthoc.gptq import quantize_calibrated_
 from mpdcompress.posthoc.sentence import embed, length_batches, load_sentence_encoder, neighbour_agreement
 
-FORMATS = ("fp32", "int8", "int4", "int4-gptq", "int4-g128")
+# "+dense": the attention projections and other dense layers quantized alike (dense_layers=True).
+FORMATS = ("fp32", "int8", "int4", "int4-gptq", "int4-g128", "int8+dense", "int4+dense")
 
 
 def main() -> None:
@@ -56,6 +57,8 @@ def main() -> None:
             model = packed
         elif fmt.endswith("-gptq"):  # error feedback over the same calibration sentences
             model = quantize_calibrated_(copy.deepcopy(packed), fmt.removesuffix("-gptq"), calibration)
+        elif fmt.endswith("+dense"):
+            model = quantize_(copy.deepcopy(packed), fmt.removesuffix("+dense"), dense_layers=True)
         else:
             model = quantize_(copy.deepcopy(packed), fmt)
         with tempfile.TemporaryDirectory() as folder:
@@ -73,7 +76,8 @@ def main() -> None:
         f"Command: `{command}`. Calibrated on {args.calibration} WordNet glosses "
         f"({args.block_steps} block-tuning steps per layer), no distillation; each format quantizes the "
         f"same packed student (int4-gptq: with GPTQ error feedback over the calibration glosses). Cosine / recall@10 to the dense teacher on {args.eval_sentences} sentences "
-        "per source. File: the encoder as `mpdcompress.save` writes it (embeddings and attention stay fp32).",
+        "per source. File: the encoder as `mpdcompress.save` writes it (embeddings stay fp32; attention "
+        "too, except in the +dense rows, which quantize every nn.Linear alike: `quantize_(..., dense_layers=True)`).",
         "",
         "| format | file bytes | " + " | ".join(f"{name}: cosine / recall@10" for name in sources) + " |",
         "|---|---|" + "---|" * len(sources),
