@@ -1,12 +1,12 @@
 """ExecuTorch export (PyTorch's mobile and edge runtime): ``torch.export`` → XNNPACK → ``.pte``.
 
-The packed forward exports as gathers, one linear per block (XNNPACK runs those far faster than a
-batched matrix product) and element-wise ops, which the XNNPACK backend runs; a quantized model
-exports its batched products and its dequantization (core ATen ops only),
-so it computes exactly the weight-only result but dequantizes its blocks at every call. With
-``int8_activations``, symmetric quantized linear layers export instead as XNNPACK's own
-quantized kernels run them: per block, activations quantized to int8 per row on the fly, times
-the block's int8 or int4 integers (:class:`Int8ActivationBlocks`). ``pip install "mpdcompress[mobile]"`` installs
+The packed forward exports as gathers, one linear per block (XNNPACK runs those far faster than
+a batched matrix product) and element-wise ops, which the XNNPACK backend runs. A quantized model
+exports its batched products and its dequantization (core ATen ops only), so it computes exactly
+the weight-only result but dequantizes its blocks at every call. With ``int8_activations``,
+symmetric quantized linear layers export instead as XNNPACK's own quantized kernels run them:
+per block, activations quantized to int8 per row on the fly, times the block's int8 or int4
+integers (:class:`Int8ActivationBlocks`). ``pip install "mpdcompress[mobile]"`` installs
 ExecuTorch.
 """
 
