@@ -251,12 +251,12 @@ def float_packed_layers(model: nn.Module, filter_fn: LayerFilter | None, caller:
         and not isinstance(m, QuantizedBlocks)
         and (filter_fn is None or filter_fn(m, name))
     }
-    _refuse_meta(selected.values(), caller, "weight_blocks")
+    _refuse_meta([m.weight_blocks for m in selected.values()], caller)
     return selected
 
 
-def _refuse_meta(layers, caller: str, weight: str) -> None:
-    if any(getattr(m, weight).device.type == "meta" for m in layers):
+def _refuse_meta(weights: list[torch.Tensor], caller: str) -> None:
+    if any(w.device.type == "meta" for w in weights):
         raise CompressionError(f"{caller} cannot take a model on the meta device: its weights have no values yet")
 
 
@@ -268,7 +268,7 @@ def dense_linear_layers(model: nn.Module, filter_fn: LayerFilter | None, caller:
         for name, m in model.named_modules()
         if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))
     }
-    _refuse_meta(selected.values(), caller, "weight")
+    _refuse_meta([m.weight for m in selected.values()], caller)
     return selected
 
 

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,31 +213,41 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, path: Path) -> 
     return model
 
 
-def _quantized_dense_skeleton(model: nn.Module, name: str, args: dict[str, Any]) -> None:
-    """Put the file's zero QuantizedLinear where ``model`` has the ``nn.Linear`` ``name``."""
+def _replace_layer(model: nn.Module, name: str, fits: Callable[[Any], bool], what: str, make) -> None:
+    """Put ``make(layer)`` where ``model`` has ``layer`` at ``name``, which must be ``what``
+    (``fits(layer)``): the zero quantized layer a file's tensors are loaded into next."""
     owner, _, key = name.rpartition(".")
     try:
         parent = model.get_submodule(owner)
     except AttributeError:
-        raise CompressionError(f"{name} is not an nn.Linear in this model") from None
-    if type(parent._modules.get(key)) is not nn.Linear:
-        raise CompressionError(f"{name} is not an nn.Linear in this model")
-    parent._modules[key] = construct_layer("QuantizedLinear", args)
+        parent = None
+    layer = None if parent is None else parent._modules.get(key)
+    if not fits(layer):
+        raise CompressionError(f"{name} is not {what} in this model")
+    parent._modules[key] = make(layer)
+
+
+def _quantized_dense_skeleton(model: nn.Module, name: str, args: dict[str, Any]) -> None:
+    """Put the file's zero QuantizedLinear where ``model`` has the ``nn.Linear`` ``name``."""
+    _replace_layer(
+        model, name, lambda m: type(m) is nn.Linear, "an nn.Linear", lambda _: construct_layer("QuantizedLinear", args)
+    )
 
 
 def _quantized_skeleton(model: nn.Module, name: str, quantization: dict[str, Any]) -> None:
     """Put a zero quantized layer of ``quantization`` where ``model`` has the float packed layer
-    ``name`` (the file's tensors are loaded into it next)."""
-    owner, _, key = name.rpartition(".")
-    parent = model.get_submodule(owner)
-    layer = parent._modules.get(key)
-    if not isinstance(layer, (BlockDiagonalLinear, BlockDiagonalConv)):
-        raise CompressionError(f"{name} is not a packed layer in this model")
-    layout = layer.layout
-    blocks = torch.zeros_like(layer.weight_blocks, device="cpu")
-    weight = zero_quantized_weight(blocks, layout.compression, layout.max_rows, quantization)
-    bias = None if layer.bias is None else torch.zeros_like(layer.bias, device="cpu")
-    parent._modules[key] = quantized_like(layer, weight, quantization["activations"], bias)
+    ``name``."""
+
+    def zero(layer: nn.Module) -> nn.Module:
+        layout = layer.layout
+        blocks = torch.zeros_like(layer.weight_blocks, device="cpu")
+        weight = zero_quantized_weight(blocks, layout.compression, layout.max_rows, quantization)
+        bias = None if layer.bias is None else torch.zeros_like(layer.bias, device="cpu")
+        return quantized_like(layer, weight, quantization["activations"], bias)
+
+    _replace_layer(
+        model, name, lambda m: isinstance(m, (BlockDiagonalLinear, BlockDiagonalConv)), "a packed layer", zero
+    )
 
 
 def _check_digests(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:

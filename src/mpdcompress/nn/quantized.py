@@ -259,7 +259,7 @@ class QuantizedLinear(nn.Module):
         if config.group_size != group_size:
             raise CompressionError(f"a QuantizedLinear of {bits} bits needs its group_size given, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric, self.activations = bits, group_size, symmetric, activations
+        self.bits, self.group_size, self.activations = bits, group_size, activations
         quantization = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
         self._set_weight(
             zero_quantized_weight(torch.zeros(1, out_features, in_features), 1, out_features, quantization)
@@ -293,6 +293,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zero_points", weight.zero_points)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
 
     def quantized_weight(self) -> QuantizedWeight:
         """The integer weight as one object."""
