@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mpdcompress"
-# Top-level modules every layer may use: errors, crash-safe writes, the version.
-SHARED = {"errors", "atomic", "_version", "_moved"}
+# Top-level modules every layer may use: errors, crash-safe writes, progress bars, the version.
+SHARED = {"errors", "atomic", "progress", "_version", "_moved"}
 # What each layer may import from mpdcompress besides itself and SHARED.
 ALLOWED = {
     "kernels": {"core", "nn"},
@@ -62,6 +62,7 @@ def test_the_top_level_holds_a_handful_of_modules_and_the_layer_folders():
         "_moved",
         "errors",
         "atomic",
+        "progress",
         "models",
         "paper",
         "timing",

@@ -29,6 +29,7 @@ from .nn import (
     QuantizedBlockDiagonalLinear,
     QuantizedLinear,
 )
+from .progress import set_progress_bars
 
 __all__ = [
     "__version__",
@@ -73,4 +74,5 @@ __all__ = [
     "set_engine",
     "tune",
     "EngineUnavailableError",
+    "set_progress_bars",
 ]

@@ -65,11 +65,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         bars: dict[str, tqdm] = {}
 
         def calibrated(event: dict) -> None:
-            unit = "layer" if "layer" in event else "block"
-            if unit not in bars:
-                bars[unit] = tqdm(desc="refitting" if unit == "layer" else "tuning", unit=unit, disable=args.quiet)
-            bars[unit].total = event[f"{unit}s"]
-            bars[unit].update(1)
+            kind = next(k for k in ("mask", "layer", "block") if k in event)
+            if kind not in bars:
+                description = {"mask": "choosing masks", "layer": "refitting", "block": "tuning"}[kind]
+                bars[kind] = tqdm(desc=description, unit="block" if kind == "block" else "layer", disable=args.quiet)
+            bars[kind].total = event[f"{kind}s"]
+            bars[kind].update(1)
 
         student = compress_calibrated(
             teacher,
@@ -87,7 +88,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if args.block_steps:
             how += f" and tuned {args.block_steps} steps per block"
     else:
-        student = mpdify_(copy.deepcopy(teacher), compression, filter_fn=filter_fn, masks=args.masks, seed=args.seed)
+        student = mpdify_(
+            copy.deepcopy(teacher),
+            compression,
+            filter_fn=filter_fn,
+            masks=args.masks,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
         how = f"{args.masks} masks"
     print(f"compressed {', '.join(roles)} layers at {compression}x ({how}): " + agreement())
     if args.steps:

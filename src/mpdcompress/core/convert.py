@@ -19,6 +19,7 @@ from ..nn.loading import guard_state_dict_loading
 from ..nn.masked import MASKED_CONVS, MaskedWeight, MPDLinear
 from ..nn.packed import BlockDiagonalLinear, PackedChain, is_elementwise
 from ..nn.packed_conv import BlockDiagonalConv
+from ..progress import Progress, reporting
 from .config import MPDConfig
 from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
@@ -49,6 +50,7 @@ def mpdify_(
     *,
     filter_fn: LayerFilter | None = None,
     input_moments: Mapping[str, torch.Tensor] | None = None,
+    progress: Progress = None,
     **options: Any,
 ) -> nn.Module:
     """Compress ``model`` in place: selected ``nn.Linear`` layers (and ``transformers``' ``Conv1D``,
@@ -74,7 +76,9 @@ def mpdify_(
     A model built on the meta device gets its masks back when ``to_empty`` materializes it.
     ``input_moments`` (from :func:`~mpdcompress.posthoc.calibrate.input_moments`) makes weight-chosen
     masks keep the most of ``W² E[x²]`` instead of ``W²``; see also
-    :func:`~mpdcompress.posthoc.calibrate.compress_calibrated`. Returns ``model`` (or the new layer when ``model`` itself is an
+    :func:`~mpdcompress.posthoc.calibrate.compress_calibrated`. The search for weight-chosen masks
+    reports ``{"mask", "index", "masks"}`` to ``progress`` (:mod:`mpdcompress.progress`: by
+    default a bar when standard error is a terminal). Returns ``model`` (or the new layer when ``model`` itself is an
     ``nn.Linear``); the config is kept as ``mpd_config`` on it and recorded by :func:`save`.
 
     With ``convs=True``, ``nn.Conv1d`` / ``nn.Conv2d`` layers become :class:`MPDConv1d` /
@@ -98,7 +102,9 @@ def mpdify_(
         raise CompressionError("input_moments weigh the mass of weight-chosen masks: use masks='weights'")
     # Every mask is made (and every factor validated) before any layer changes: a refused call
     # leaves the model as it was.
-    planned = _planned_masks(model, config, candidates, factors, dict(input_moments or {}))
+    searched = config.masks.startswith("weights")
+    with reporting(progress if searched else False, "choosing masks", "layer", done="index", total="masks") as report:
+        planned = _planned_masks(model, config, candidates, factors, dict(input_moments or {}), report)
     replacements: dict[int, MaskedWeight] = {}
     for key, (layer, mask) in planned.items():
         if type(layer) in MASKED_CONVS:
@@ -169,9 +175,10 @@ def _planned_masks(
     candidates: dict[str, nn.Module],
     factors: dict[str, int],
     moments: dict[str, torch.Tensor],
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[int, tuple[nn.Module, MPDMask]]:
     """Each selected layer (a Conv1D already turned into its nn.Linear) with its mask, by the id
-    of the module it replaces."""
+    of the module it replaces; ``report`` gets ``{"mask", "index", "masks"}`` after each."""
     joint = {}
     if config.masks == "weights-joint":  # convolutions get their weight-chosen masks one by one
         linears = {name: m for name, m in candidates.items() if type(m) not in MASKED_CONVS}
@@ -198,6 +205,8 @@ def _planned_masks(
         else:
             mask = make_mask(d_out, d_in, c, seed=layer_seed(config.seed, name), permute=config.permute, name=label)
         planned[id(original)] = layer, mask
+        if report is not None:
+            report({"mask": name, "index": len(planned), "masks": len(factors)})
     return planned
 
 

@@ -37,6 +37,7 @@ from ..core.config import MPDConfig
 from ..core.convert import LayerFilter, compressed_layers, conv_skip_reason, is_transposed_linear, mpdify_
 from ..errors import CompressionError, ConfigError
 from ..nn import MaskedWeight
+from ..progress import Progress, reporting
 from .reconstruct import default_blocks, reconstruct_
 from .taps import evaluating, paired_calls, reiterable, run
 
@@ -183,12 +184,13 @@ def refit_(
     *,
     damping: float = 0.01,
     layers: Collection[str] | None = None,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = None,
 ) -> nn.Module:
     """Refit every compressed layer of ``student`` (masked form, from :func:`mpdify_`), or those
     ``layers`` names, to the same-named dense layer of ``teacher`` on ``batches`` (see the
     module's description); one pass over the batches per layer, in the order the forward reaches
-    them. ``progress`` receives ``{"layer", "index", "layers"}`` after each layer. Returns
+    them. ``progress`` receives ``{"layer", "index", "layers"}`` after each layer (see
+    :mod:`mpdcompress.progress`; by default a bar when standard error is a terminal). Returns
     ``student``."""
     if not damping > 0:
         raise ConfigError(f"damping must be positive, got {damping!r}")
@@ -210,7 +212,10 @@ def refit_(
         if _dense_weight(dense[name]).shape != _dense_weight(fitted[name]).shape:
             raise CompressionError(f"layer {name!r}: the teacher's weight is not the shape of the student's")
     batches = reiterable(batches)
-    with evaluating(teacher, student):
+    with (
+        evaluating(teacher, student),
+        reporting(progress, "refitting", "layer", done="index", total="layers") as report,
+    ):
         order, calls = paired_calls(student, teacher, batches, fitted, dense, "layers")
         for index, name in enumerate(order):
             moments = _Moments(dense[name])
@@ -221,8 +226,8 @@ def refit_(
                     run(teacher, [batch], {dense[name]: moments.teacher}, stop_after=times)
                     run(student, [batch], {fitted[name]: moments.student}, stop_after=times)
             _fit(fitted[name], dense[name], moments, damping)
-            if progress is not None:
-                progress({"layer": name, "index": index + 1, "layers": len(order)})
+            if report is not None:
+                report({"layer": name, "index": index + 1, "layers": len(order)})
     return student
 
 
@@ -236,7 +241,7 @@ def compress_calibrated(
     damping: float = 0.01,
     block_steps: int = 0,
     block_lr: float = 1e-3,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = None,
     **options: Any,
 ) -> nn.Module:
     """A compressed copy of the trained ``model`` (left untouched, the teacher for a later
@@ -245,14 +250,15 @@ def compress_calibrated(
     ``"random"`` keeps random masks), then with ``refit`` their kept weights are refitted
     (:func:`refit_`), and with ``block_steps`` tuned block by block to the model's blocks
     (:func:`~mpdcompress.posthoc.reconstruct.reconstruct_`, that many steps per block at ``block_lr``).
-    ``progress`` receives both calls' events. ``config``, ``filter_fn`` and ``options`` are
+    ``progress`` is handed to every step (the mask search, the refit, the tuning): a function
+    receives their events, a bar (:mod:`mpdcompress.progress`) shows each. ``config``, ``filter_fn`` and ``options`` are
     :func:`mpdify_`'s."""
     defaults = {} if isinstance(config, MPDConfig) else {"masks": "weights"}
     config = MPDConfig.of(config, **{**defaults, **options})
     if config.mode != "masked":
         raise ConfigError("compress_calibrated fits the masked form: leave mode='masked', then pack the result")
     moments = input_moments(model, batches, filter_fn=filter_fn, config=config) if config.masks != "random" else None
-    student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments)
+    student = mpdify_(copy.deepcopy(model), config, filter_fn=filter_fn, input_moments=moments, progress=progress)
     if refit:
         refit_(student, model, batches, damping=damping, progress=progress)
     if block_steps:

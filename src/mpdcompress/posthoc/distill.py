@@ -31,6 +31,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import CheckpointError, ConfigError
+from ..progress import Progress, reporting
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_outputs", "batch_to"]
 
@@ -195,7 +196,7 @@ def distill(
     optimizer: torch.optim.Optimizer | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = None,
 ) -> DistillResult:
     """Fine-tune ``student`` (in place) to reproduce ``teacher`` on ``batches``.
 
@@ -208,7 +209,8 @@ def distill(
     With ``checkpoint`` (a file path), the state is written atomically every
     ``config.checkpoint_every`` steps and at the end; ``resume=True`` continues from it and
     refuses one made with a different configuration. ``progress`` receives ``{"step", "steps",
-    "loss", "lr"}`` after every step. The teacher runs in eval mode without gradients; the
+    "loss", "lr"}`` after every step (see :mod:`mpdcompress.progress`; by default a bar when
+    standard error is a terminal). The teacher runs in eval mode without gradients; the
     student trains in train mode and is left in eval mode.
     """
     if student is teacher:
@@ -253,27 +255,28 @@ def distill(
     student.train(config.dropout)
     began = time.perf_counter() - result.seconds
     source = _batches(batches, start)
-    for step in range(start, config.steps):
-        batch = batch_to(next(source), device)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * schedule(step)
-        with torch.no_grad():
-            target = model_outputs(teacher, batch)
-        loss = loss_fn(model_outputs(student, batch), target)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"distillation diverged at step {step} (loss {float(loss)}); lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        loss_value = float(loss.detach())
-        result.history.append({"step": step + 1, "loss": loss_value})
-        result.seconds = time.perf_counter() - began
-        if progress is not None:
-            progress({"step": step + 1, "steps": config.steps, "loss": loss_value, "lr": opt.param_groups[0]["lr"]})
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save(step + 1)
+    with reporting(progress, "distilling", "step", done="step", total="steps") as report:
+        for step in range(start, config.steps):
+            batch = batch_to(next(source), device)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * schedule(step)
+            with torch.no_grad():
+                target = model_outputs(teacher, batch)
+            loss = loss_fn(model_outputs(student, batch), target)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"distillation diverged at step {step} (loss {float(loss)}); lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            loss_value = float(loss.detach())
+            result.history.append({"step": step + 1, "loss": loss_value})
+            result.seconds = time.perf_counter() - began
+            if report is not None:
+                report({"step": step + 1, "steps": config.steps, "loss": loss_value, "lr": opt.param_groups[0]["lr"]})
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save(step + 1)
     result.steps = config.steps
     student.eval()
     return result
