@@ -6,6 +6,7 @@ weights and FLOPs), :func:`quantize_` its blocks to int8 / int4 (trained for it 
 """
 
 from ._version import __version__
+from .core.batchnorm import fold_batchnorm_
 from .core.config import MPDConfig
 from .core.convert import apply_masks_, compressed_layers, mpdify, mpdify_, pack, unpack
 from .core.layout import BlockLayout, validate_compression
@@ -52,6 +53,7 @@ __all__ = [
     "mpdify",
     "pack",
     "unpack",
+    "fold_batchnorm_",
     "QuantConfig",
     "quantize_",
     "dequantize",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.batchnorm import fold_batchnorm_
 from ..core.convert import mpdify_, pack
 from ..errors import ConfigError
 from ..models import MODELS, build_model, paper_filter, scale_widths
@@ -52,6 +53,9 @@ class CnnProfile:
     # Memory formats every variant runs in; ratios are to the channels-first dense model, timed
     # round-robin with all of them (on this CPU, pooling runs far faster channels-last).
     layouts: tuple[str, ...] = LAYOUTS
+    # Every variant times with its BatchNorms folded into the convolutions before them
+    # (fold_batchnorm_), as a model is deployed; False times them as they train.
+    fold_batchnorm: bool = True
 
 
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -140,6 +144,8 @@ def run_cnn_bench(
             sizes = {k: parameter_count(m) for k, m in models.items()}
             macs = {"dense": dense_macs, "thin_dense": multiply_adds(models["thin_dense"], shape)}
             macs.update({k: multiply_adds(m, shape) for k, m in masked.items()})
+            if profile.fold_batchnorm:
+                models = {k: fold_batchnorm_(m) for k, m in models.items()}
             placed = {layout: _in_layout(models, layout) for layout in profile.layouts}
             for batch in profile.batches:
                 x = torch.randn(batch, *shape)
@@ -194,6 +200,10 @@ def render_cnn_report(result: dict[str, Any]) -> str:
         "layout's rows include what the layout alone gains (their *dense* column). Against the dense model",
         "in the same layout: divide by that column. *limit*: dense multiply-adds /",
         "the variant's (the uncompressed first convolution caps it). Parameters as a fraction of dense.",
+        "BatchNorms folded into the convolutions before them in every variant (`fold_batchnorm_`), as a model is "
+        "deployed."
+        if result["profile"].get("fold_batchnorm", False)
+        else "BatchNorms run as they train (`--keep-batchnorm`).",
         "",
         "| model | c | batch | layout | dense × | MPD conv+FC × (limit) | MPD FC only × (limit) | thin dense × (limit) "
         "| params conv+FC | params thin |",

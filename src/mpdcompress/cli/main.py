@@ -133,7 +133,9 @@ def _bench_cnn(args: argparse.Namespace, command: str, progress) -> list:
     from ..bench.cnn import CnnProfile, render_cnn_report, run_cnn_bench
 
     changes = {"models": args.models, "factors": args.factors, "batches": args.batches, "layouts": args.layouts}
-    profile = dataclasses.replace(CnnProfile(), **{k: tuple(v) for k, v in changes.items() if v})
+    profile = dataclasses.replace(
+        CnnProfile(), fold_batchnorm=not args.keep_batchnorm, **{k: tuple(v) for k, v in changes.items() if v}
+    )
     unknown = sorted(set(profile.models) - set(MODELS))
     if unknown:
         raise UnknownNameError(f"unknown models {unknown}; registered: {', '.join(MODELS)}")
@@ -348,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=("channels_first", "channels_last"),
         help="cnn profile: memory formats each model runs in (default: both)",
+    )
+    bench.add_argument(
+        "--keep-batchnorm",
+        action="store_true",
+        help="cnn profile: time BatchNorms as they train instead of folded into the convolutions (fold_batchnorm_)",
     )
     bench.add_argument(
         "--compile",

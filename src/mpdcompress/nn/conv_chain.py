@@ -20,7 +20,7 @@ from ..errors import CompressionError
 from .packed import is_elementwise, padded_sources
 from .packed_conv import BlockDiagonalConv, gather_channels
 
-__all__ = ["PackedConvChain", "is_channelwise", "reordered", "conv_like", "DENSE_CONVS"]
+__all__ = ["PackedConvChain", "is_channelwise", "reordered", "conv_like", "valid_input_positions", "DENSE_CONVS"]
 
 DENSE_CONVS = (nn.Conv1d, nn.Conv2d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -161,7 +161,7 @@ class PackedConvChain(nn.Module):
         order ``first`` reads; padding channels are zero."""
         rows = first.in_gather.to(dense.weight.device)
         valid = torch.zeros_like(rows, dtype=torch.bool)
-        valid[_valid_input_positions(first)] = True
+        valid[valid_input_positions(first)] = True
         folded = conv_like(dense, dense.in_channels, rows.numel())
         shape = (-1, *[1] * (dense.weight.dim() - 1))
         folded.weight.copy_(dense.weight[rows] * valid.view(shape))
@@ -260,7 +260,7 @@ class PackedConvChain(nn.Module):
         return out
 
 
-def _valid_input_positions(layer: BlockDiagonalConv) -> torch.Tensor:
+def valid_input_positions(layer: BlockDiagonalConv) -> torch.Tensor:
     """The padded input positions of ``layer`` that hold a real channel."""
     layout = layer.layout
     return layout.padded_col_positions().to(layer.in_gather.device)
@@ -269,7 +269,7 @@ def _valid_input_positions(layer: BlockDiagonalConv) -> torch.Tensor:
 def _original_positions(layer: BlockDiagonalConv) -> torch.Tensor:
     """For each original input channel of ``layer``, its padded input position."""
     positions = torch.empty(layer.in_channels, dtype=torch.int64, device=layer.in_gather.device)
-    valid = _valid_input_positions(layer)
+    valid = valid_input_positions(layer)
     positions[layer.in_gather[valid]] = valid
     return positions
 
