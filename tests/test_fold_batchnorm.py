@@ -133,3 +133,35 @@ def test_quantized_packed_convs_keep_their_batchnorm():
         mpd.fold_batchnorm_(packed)
         assert _norms(packed) == 2
         assert torch.equal(packed(x), expected)
+
+
+def test_the_pack_command_folds_batchnorm_when_asked(tmp_path, capsys):
+    from mpdcompress.cli.main import main
+
+    torch.manual_seed(4)
+    model = _trained_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3), nn.BatchNorm2d(12)
+        )
+    )
+    masked = mpd.mpdify_(model, 2, convs=True, seed=0)
+    mpd.save(masked, tmp_path / "masked.safetensors", input_shape=(3, 8, 8))
+    assert main(["pack", str(tmp_path / "masked.safetensors"), "-o", str(tmp_path / "packed.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "pack",
+                str(tmp_path / "masked.safetensors"),
+                "-o",
+                str(tmp_path / "folded.safetensors"),
+                "--fold-batchnorm",
+            ]
+        )
+        == 0
+    )
+    assert "folded 2 of 2 BatchNorm layers" in capsys.readouterr().out
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        folded = mpd.load(tmp_path / "folded.safetensors").eval()
+        assert _norms(folded) == 0 and _norms(mpd.load(tmp_path / "packed.safetensors")) == 2
+        assert_close_to_scale(folded(x), masked.eval()(x), 1e-5)

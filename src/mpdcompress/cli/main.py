@@ -166,6 +166,9 @@ def _bench_gpu(args: argparse.Namespace, command: str) -> list:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    import os
+
+    from ..core.batchnorm import fold_batchnorm_
     from ..core.convert import pack
     from ..files.io import read_manifest, save
     from .models import load_model_file
@@ -173,13 +176,21 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.checkpoint)
     if manifest["form"] == "packed":
         raise ConfigError(f"{args.checkpoint} is already packed")
-    model = load_model_file(args.checkpoint, args)
-    out = save(pack(model), args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
-    import os
-
+    model = pack(load_model_file(args.checkpoint, args))
+    if args.fold_batchnorm:
+        before = _batchnorms(model)
+        fold_batchnorm_(model.eval())
+        print(f"folded {before - _batchnorms(model)} of {before} BatchNorm layers into their convolutions")
+    out = save(model, args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
     before, after = os.path.getsize(args.checkpoint), os.path.getsize(out)
     print(f"wrote {out}: {after:,} bytes ({after / before:.3f} of the masked file's {before:,})")
     return 0
+
+
+def _batchnorms(model) -> int:
+    from torch import nn
+
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -384,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pack", help="pack a masked model file into block-diagonal form")
     pk.add_argument("checkpoint", help="masked model file written by mpdcompress (save or train)")
     pk.add_argument("-o", "--output", required=True)
+    pk.add_argument(
+        "--fold-batchnorm",
+        action="store_true",
+        help="for inference: fold each BatchNorm into the convolution before it (the file no longer trains as before)",
+    )
     add_model_class_arguments(pk)
     pk.set_defaults(func=_cmd_pack)
 
