@@ -137,6 +137,7 @@ def test_the_size_study_adds_quantization_aware_rows_for_4_bit_formats(data_dir,
     mpd_rows = {r["format"]: r for r in results["rows"] if r["model"] == "mpd c=4"}
     assert list(mpd_rows) == ["fp32", "int8", "int4-g64", "int4-g64 QAT"]  # no QAT row for int8
     assert mpd_rows["int4-g64 QAT"]["bytes"] == mpd_rows["int4-g64"]["bytes"]  # the same format, other values
+    assert all(r["seed_bytes"] < r["bytes"] for r in mpd_rows.values())  # the random masks' orders left out
     assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
     report = render_size_study(results, "cmd")
     assert "| mpd c=4 | int4-g64 QAT |" in report and "distilled from its own fp32 form for 3 steps" in report

@@ -9,7 +9,7 @@ from ..errors import ConfigError, MPDCompressError, UnknownNameError
 from ..models import MODELS, model_spec
 from .arguments import device_name, nonnegative_int, opset, positive_int, quantization, seed
 from .distill import add_distill_parser
-from .models import add_model_class_arguments
+from .models import add_mask_storage_argument, add_model_class_arguments
 from .train import add_train_parser
 
 # Where `mpdcompress bench` writes unless --out says otherwise (the CNN profile: results/bench_cnn).
@@ -181,7 +181,13 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         before = _batchnorms(model)
         fold_batchnorm_(model.eval())
         print(f"folded {before - _batchnorms(model)} of {before} BatchNorm layers into their convolutions")
-    out = save(model, args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
+    out = save(
+        model,
+        args.output,
+        input_shape=manifest.get("input_shape"),
+        metadata=manifest.get("user"),
+        mask_storage=args.mask_storage,
+    )
     before, after = os.path.getsize(args.checkpoint), os.path.getsize(out)
     print(f"wrote {out}: {after:,} bytes ({after / before:.3f} of the masked file's {before:,})")
     return 0
@@ -206,7 +212,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if manifest["form"] == "masked":
         model = pack(model)
     quantize_(model, args.format, dense_layers=args.dense_layers)
-    out = save(model, args.output, input_shape=manifest.get("input_shape"), metadata=manifest.get("user"))
+    out = save(
+        model,
+        args.output,
+        input_shape=manifest.get("input_shape"),
+        metadata=manifest.get("user"),
+        mask_storage=args.mask_storage,
+    )
     before, after = os.path.getsize(args.file), os.path.getsize(out)
     packed = " (packed first)" if manifest["form"] == "masked" else ""
     print(
@@ -400,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="for inference: fold each BatchNorm into the convolution before it (the file no longer trains as before)",
     )
+    add_mask_storage_argument(pk)
     add_model_class_arguments(pk)
     pk.set_defaults(func=_cmd_pack)
 
@@ -419,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the nn.Linear layers the packed model keeps dense (the classifier, a folded head or tail), "
         "in the same format",
     )
+    add_mask_storage_argument(qz)
     add_model_class_arguments(qz)
     qz.set_defaults(func=_cmd_quantize)
 

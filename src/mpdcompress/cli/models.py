@@ -17,7 +17,13 @@ from ..errors import ConfigError, first_line
 # Values of the random example the export traces with: 2**28 floats are 1 GiB.
 _MAX_EXAMPLE_VALUES = 2**28
 
-__all__ = ["add_model_class_arguments", "load_model_file", "example_inputs", "parse_dynamic_dims"]
+__all__ = [
+    "add_model_class_arguments",
+    "add_mask_storage_argument",
+    "load_model_file",
+    "example_inputs",
+    "parse_dynamic_dims",
+]
 
 
 def add_model_class_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +36,17 @@ def add_model_class_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for --model-class, as a JSON object"
+    )
+
+
+def add_mask_storage_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--mask-storage`` (how the written file stores its random masks)."""
+    parser.add_argument(
+        "--mask-storage",
+        choices=("orders", "seed"),  # files.seeded_masks.MASK_STORAGE; the parser does not import torch
+        default="orders",
+        help="seed: leave out the row and column orders of random masks and draw them again from the recorded "
+        "seed on load (smallest files; loads where torch draws the same permutations, checked by digest)",
     )
 
 

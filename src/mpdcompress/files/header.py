@@ -42,6 +42,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "QUANTIZED_VERSION",
+    "SEEDED_VERSION",
     "READ_VERSIONS",
     "read_header",
     "parse_manifest",
@@ -49,15 +50,18 @@ __all__ = [
     "tensor_digest",
     "check_declared_size",
     "header_shapes",
+    "file_shapes",
 ]
 
 FORMAT_NAME = "mpdcompress"
 # 2: the manifest carries its own digest and tensor digests cover dtype and shape.
 # 3: quantized layers. Files without them are still written as version 2, so that mpdcompress
 # 0.2 reads them.
-FORMAT_VERSION = 3
+# 4: masks stored as their seed (``seeded_orders``); written only when asked for.
+FORMAT_VERSION = 4
 QUANTIZED_VERSION = 3
-READ_VERSIONS = (2, 3)
+SEEDED_VERSION = 4
+READ_VERSIONS = (2, 3, 4)
 _MAX_DIM = 2**40  # no tensor dimension in a real model comes near this
 
 
@@ -139,6 +143,40 @@ def _is_int(value: Any, low: int = 1) -> bool:
     return type(value) is int and low <= value < _MAX_DIM
 
 
+def _check_optional_fields(manifest: dict[str, Any], path: Path) -> None:
+    """The fields only some files have: ties, masks stored as seeds, quantized dense layers."""
+    if "ties" in manifest and not (  # absent from files written before ties were recorded
+        isinstance(manifest["ties"], dict)
+        and all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in manifest["ties"].items())
+    ):
+        raise _fail(path, f"manifest field 'ties' is malformed: {json.dumps(manifest['ties'])[:120]}")
+    if "seeded_orders" in manifest:  # absent from files that store every mask's orders
+        seeded = manifest["seeded_orders"]
+        if not (
+            isinstance(seeded, dict)
+            and seeded
+            and all(isinstance(k, str) and isinstance(d, str) and len(d) == 64 for k, d in seeded.items())
+        ):
+            raise _fail(path, "manifest field 'seeded_orders' is malformed")
+        if manifest.get("format_version", 0) < SEEDED_VERSION:
+            raise _fail(path, f"masks stored as seeds need format version {SEEDED_VERSION}")
+        if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("layers"), dict):
+            raise _fail(path, "masks stored as seeds need the compression config that drew them")
+        unknown = sorted(set(seeded) - set(manifest["layers"]))
+        if unknown:
+            raise _fail(path, f"seeded_orders names layers the manifest does not list: {unknown[:3]}")
+    if "quantized_linears" in manifest:  # absent from files without quantized dense layers
+        entries = manifest["quantized_linears"]
+        if not (isinstance(entries, dict) and all(isinstance(k, str) for k in entries)):
+            raise _fail(path, "manifest field 'quantized_linears' is malformed")
+        if manifest.get("format_version", 0) < QUANTIZED_VERSION:
+            raise _fail(path, f"quantized dense layers need format version {QUANTIZED_VERSION}")
+        for name, args in entries.items():
+            problem = check_layer_args("QuantizedLinear", args)
+            if problem is not None:
+                raise _fail(path, f"quantized dense layer {name!r}: {problem}")
+
+
 def _check_fields(manifest: dict[str, Any], path: Path) -> None:
     checks = {
         "form": lambda v: v in ("packed", "masked"),
@@ -152,21 +190,7 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         "config": lambda v: v is None or isinstance(v, dict),
         "user": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(s, str) for k, s in v.items()),
     }
-    if "ties" in manifest and not (  # absent from files written before ties were recorded
-        isinstance(manifest["ties"], dict)
-        and all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in manifest["ties"].items())
-    ):
-        raise _fail(path, f"manifest field 'ties' is malformed: {json.dumps(manifest['ties'])[:120]}")
-    if "quantized_linears" in manifest:  # absent from files without quantized dense layers
-        entries = manifest["quantized_linears"]
-        if not (isinstance(entries, dict) and all(isinstance(k, str) for k in entries)):
-            raise _fail(path, "manifest field 'quantized_linears' is malformed")
-        if manifest.get("format_version", 0) < QUANTIZED_VERSION:
-            raise _fail(path, f"quantized dense layers need format version {QUANTIZED_VERSION}")
-        for name, args in entries.items():
-            problem = check_layer_args("QuantizedLinear", args)
-            if problem is not None:
-                raise _fail(path, f"quantized dense layer {name!r}: {problem}")
+    _check_optional_fields(manifest, path)
     for key, ok in checks.items():
         if key not in manifest:
             raise _fail(path, f"manifest lacks '{key}'")
@@ -228,8 +252,22 @@ def parse_manifest(header: dict[str, Any], path: Path) -> dict[str, Any]:
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise _fail(path, "the manifest fails its SHA-256 check (the header was edited or damaged)")
     _check_fields(manifest, path)
-    _check_layers_against_tensors(manifest, header_shapes(header), path)
+    _check_layers_against_tensors(manifest, file_shapes(manifest, header, path), path)
     return manifest
+
+
+def file_shapes(manifest: dict[str, Any], header: dict[str, Any], path: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of every tensor the file gives: those it holds, and the mask orders it leaves
+    to their seed (``seeded_orders``), which it must not hold as well."""
+    shapes = header_shapes(header)
+    for name in manifest.get("seeded_orders", {}):
+        layer = manifest["layers"][name]
+        for suffix, size in (("row_order", layer["d_out"]), ("col_order", layer["d_in"])):
+            key = f"{name}.{suffix}"
+            if key in shapes:
+                raise _fail(path, f"{key!r} is stored and also left to its seed")
+            shapes[key] = (size,)
+    return shapes
 
 
 def _module_values(module: nn.Module) -> int:
@@ -292,12 +330,12 @@ def check_declared_size(manifest: dict[str, Any], header: dict[str, Any], path: 
     describes a larger model than its data is refused before anything is allocated."""
     if manifest.get("architecture") is None:
         return
-    _check_extent(manifest["architecture"], len(header_shapes(header)), path)
+    shapes = file_shapes(manifest, header, path)
+    _check_extent(manifest["architecture"], len(shapes), path)
     try:
         declared = declared_values(manifest["architecture"], path)
     except RecursionError:
         raise _fail(path, "the architecture is nested too deeply") from None
-    shapes = header_shapes(header)
     # A tied tensor is stored once but counted at each place the architecture holds it.
     held = sum(math.prod(shape) for shape in shapes.values())
     held += sum(math.prod(shapes.get(key, ())) for key in manifest.get("ties", {}).values())

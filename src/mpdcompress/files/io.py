@@ -44,6 +44,7 @@ from .header import (
     FORMAT_NAME,
     FORMAT_VERSION,
     QUANTIZED_VERSION,
+    SEEDED_VERSION,
     check_declared_size,
     manifest_digest,
     parse_manifest,
@@ -52,6 +53,7 @@ from .header import (
 )
 from .layer_kinds import PACKED_KINDS, quantization_entry
 from .load_checks import check_layer_tensors, check_quantized_dense, check_runs, check_template
+from .seeded_masks import MASK_STORAGE, drawn_orders, seeded_layers
 
 __all__ = ["save", "load", "read_manifest", "ModelFileError", "NonFiniteWeightsWarning", "FORMAT_VERSION"]
 
@@ -97,11 +99,15 @@ def save(
     *,
     input_shape: tuple[int, ...] | None = None,
     metadata: dict[str, str] | None = None,
+    mask_storage: Literal["orders", "seed"] = "orders",
 ) -> Path:
     """Write ``model`` (packed or masked) to ``path`` atomically; returns the path.
 
     ``input_shape`` (without the batch dimension) is recorded for tools such as ONNX export;
-    ``metadata`` is free-form user text kept in the manifest.
+    ``metadata`` is free-form user text kept in the manifest. ``mask_storage="seed"`` leaves out
+    the row and column orders of every layer whose random mask the recorded config draws again
+    (format version 4; the smallest files, for loading with the writer's torch: see
+    :mod:`.seeded_masks`).
 
     The previous file at ``path`` survives any crash during the write: the data goes to a
     temporary file in the same folder, is flushed to disk, then renamed over ``path``.
@@ -115,9 +121,18 @@ def save(
         isinstance(input_shape, (tuple, list)) and all(type(d) is int and d >= 1 for d in input_shape)
     ):
         raise ConfigError(f"input_shape must be a tuple of positive ints (no batch dimension), got {input_shape!r}")
+    if mask_storage not in MASK_STORAGE:
+        raise ConfigError(f"mask_storage must be one of {', '.join(MASK_STORAGE)}, got {mask_storage!r}")
     layers = _compressed_manifest(model)
     if not layers:
         raise CompressionError("model has no compressed layer; call mpdify_() (and pack()) first")
+    config = getattr(model, "mpd_config", None)
+    config = config if isinstance(config, MPDConfig) else None
+    seeded = {}
+    if mask_storage == "seed":
+        modules = {key: layer for key, (layer, _) in packed_layer_sources(model).items()}
+        seeded = seeded_layers(layers, modules, config)
+    left_out = {f"{name}.{suffix}" for name in seeded for suffix in _INDEX_SUFFIXES}
     packed = {v["kind"] in PACKED_KINDS for v in layers.values()}
     if len(packed) > 1:
         raise CompressionError("model mixes packed and masked layers; pack() all of them or none")
@@ -132,8 +147,8 @@ def save(
     ties: dict[str, str] = {}  # state_dict key -> the key whose tensor it is
     originals: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key.endswith(".num_blocks"):
-            continue  # the manifest carries the factor
+        if key.endswith(".num_blocks") or key in left_out:
+            continue  # the manifest carries the factor; seeded orders are drawn again on load
         if (value.is_floating_point() and value.dtype not in _FLOAT_DTYPES) or value.is_complex():
             raise UnsupportedArchitectureError(
                 f"cannot save {key!r} of dtype {value.dtype}: model files hold float16, bfloat16, float32 and float64"
@@ -155,21 +170,21 @@ def save(
         if key.endswith(_INDEX_SUFFIXES):
             value = value.to(_index_dtype(value.numel()))
         tensors[key] = value.detach().cpu().contiguous()
+    quantized = quantized_dense or any("quantization" in v for v in layers.values())
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": (
-            QUANTIZED_VERSION if quantized_dense or any("quantization" in v for v in layers.values()) else 2
-        ),
+        "format_version": SEEDED_VERSION if seeded else QUANTIZED_VERSION if quantized else 2,
         "writer": f"mpdcompress {__version__}",
         "form": "packed" if packed == {True} else "masked",
         "layers": layers,
         "architecture": architecture,
         "sha256": {key: tensor_digest(t) for key, t in tensors.items()},
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
-        "config": config.to_json() if isinstance(config := getattr(model, "mpd_config", None), MPDConfig) else None,
+        "config": None if config is None else config.to_json(),
         "user": {str(k): str(v) for k, v in (metadata or {}).items()},
         "ties": ties,
         **({"quantized_linears": quantized_dense} if quantized_dense else {}),
+        **({"seeded_orders": seeded} if seeded else {}),
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     payload = st_save(tensors, metadata={FORMAT_NAME: json.dumps(manifest)})
@@ -338,6 +353,7 @@ def load(
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{path}: cannot read tensors: {exc}") from None
     _check_digests(tensors, manifest, path)
+    tensors.update(drawn_orders(manifest, path))
     skeleton = _skeleton(manifest, model, path)
     if _compressed_manifest(skeleton) != manifest["layers"]:
         raise ModelFileError(f"{path}: the compressed layers in the file do not match the model's")
