@@ -52,7 +52,9 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("campaign")
-    return {name: (save(model, tmp / f"{name}.safetensors"), model) for name, model in _models().items()}
+    made = {name: (save(model, tmp / f"{name}.safetensors"), model) for name, model in _models().items()}
+    packed = made["packed"][1]  # the same model with its masks stored as their seed
+    return {**made, "seeded": (save(packed, tmp / "seeded.safetensors", mask_storage="seed"), packed)}
 
 
 def _load_or_refuse(blob: bytes, path, original) -> str:
@@ -74,7 +76,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@pytest.mark.parametrize("name", ["packed", "masked"])
+@pytest.mark.parametrize("name", ["packed", "masked", "seeded"])
 def test_single_byte_edits_of_the_header(files, name, tmp_path):
     path, original = files[name]
     blob = path.read_bytes()
