@@ -504,7 +504,7 @@ class PackedChain(ForgetsLaunchPlans, nn.Module):
             gathers,
             [layer.engine_blocks(kernel_indices) for layer in self.layers],
             [layer.bias for layer in self.layers],
-            list(self.activations),
+            self.activations,  # the module list itself: an activation swapped in is seen by cached weights
         )
         if kernel_indices:
             in_index = [layer.kernel_in_index for layer in self.layers]
