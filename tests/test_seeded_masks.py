@@ -117,4 +117,5 @@ def test_the_quantize_and_pack_commands_write_seeded_files(tmp_path, capsys):
         assert main([command[0], str(masked), "-o", str(out), *command[1:], "--mask-storage", "seed"]) == 0
         assert "seeded_orders" in mpd.read_manifest(out)
         assert main(["inspect", str(out)]) == 0
+        assert "masks of 3 of 3 layers stored as seed 7 (drawn again on load" in capsys.readouterr().out
     assert "error" not in capsys.readouterr().err

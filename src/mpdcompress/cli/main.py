@@ -264,6 +264,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"compressed layers: {dense_w:,} -> {kept_w:,} weights ({dense_w / kept_w:.2f}x fewer)")
     for r in s["quantized_dense_layers"]:
         print(f"dense layer {r['name']} ({'x'.join(map(str, r['shape']))}) stored {r['format']}")
+    if s["seeded_layers"]:
+        print(
+            f"masks of {len(s['seeded_layers'])} of {len(s['layers'])} layers stored as seed {s['mask_seed']} "
+            "(drawn again on load, checked by digest)"
+        )
     print(
         f"file: {s['file_bytes']:,} bytes; the same layers dense in fp32: {s['dense_compressed_layers_bytes']:,} bytes"
     )

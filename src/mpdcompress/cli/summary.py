@@ -51,6 +51,8 @@ def file_summary(path: str | os.PathLike) -> dict[str, Any]:
         "has_architecture": manifest.get("architecture") is not None,
         "layers": rows,
         "quantized_dense_layers": _quantized_dense_rows(manifest.get("quantized_linears", {})),
+        "seeded_layers": sorted(manifest.get("seeded_orders", {})),
+        "mask_seed": (manifest.get("config") or {}).get("seed"),
         "file_bytes": Path(path).stat().st_size,
         "dense_compressed_layers_bytes": dense_bytes,
     }
