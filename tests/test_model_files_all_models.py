@@ -124,3 +124,33 @@ def test_export_command_writes_an_onnx_model_that_computes_the_same(saved, name,
     with torch.no_grad():
         expected = model(x).numpy()
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name,form,convs", CASES)
+def test_masks_stored_as_seeds_load_the_same(saved, name, form, convs, tmp_path):
+    model, _, x = saved(name, form, convs)
+    path = mpd.save(model, tmp_path / "seeded.safetensors", input_shape=MODELS[name].input_shape, mask_storage="seed")
+    manifest = mpd.read_manifest(path)
+    assert set(manifest["seeded_orders"]) == set(manifest["layers"])  # every mask is the seed's draw
+    _same_output(model, mpd.load(path), x)
+
+
+BATCHNORM_CASES = [
+    case
+    for case in CASES
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in build_model(case.values[0]).modules())
+]
+
+
+@pytest.mark.parametrize("name,form,convs", BATCHNORM_CASES)
+def test_folded_batchnorm_keeps_the_output_and_the_file(saved, name, form, convs, tmp_path):
+    import copy
+
+    from .helpers import assert_close_to_scale
+
+    model, _, x = saved(name, form, convs)
+    folded = mpd.fold_batchnorm_(copy.deepcopy(model))
+    with torch.no_grad():
+        assert_close_to_scale(folded(x), model(x), 1e-5)
+    path = mpd.save(folded, tmp_path / "folded.safetensors", input_shape=MODELS[name].input_shape)
+    _same_output(folded, mpd.load(path), x)
