@@ -109,3 +109,19 @@ def test_bad_settings_are_refused_by_name(monkeypatch):
     monkeypatch.setenv("MPDCOMPRESS_PROGRESS", "yes")
     with pytest.raises(ConfigError, match="MPDCOMPRESS_PROGRESS must be 0 or 1"):
         progress_bars_enabled()
+
+
+def test_training_shows_one_bar_over_every_epoch_on_a_terminal(data_dir, monkeypatch):
+    from mpdcompress.train.loop import train
+
+    from .helpers import small_config
+
+    stderr = terminal(monkeypatch)
+    events = []
+    train(small_config(epochs=2), progress=events.append)  # a function: events, no bar
+    assert stderr.getvalue() == ""
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["run_step"] for e in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["run_step"] == steps[-1]["run_steps"]
+    train(small_config(epochs=1))
+    assert "training" in stderr.getvalue()

@@ -63,7 +63,8 @@ def reporting(
 ) -> Iterator[Callable[[dict[str, Any]], None] | None]:
     """The function a long call hands its events to (None when nobody listens): ``progress``
     itself when it is a function, else a bar that reads how far it is from each event's ``done``
-    key and how far it goes from its ``total`` key (a ``loss``, if the event has one, is shown)."""
+    key and how far it goes from its ``total`` key (a ``loss``, if the event has one, is shown;
+    events without ``done`` are not drawn)."""
     if callable(progress):
         yield progress
         return
@@ -77,8 +78,10 @@ def reporting(
     bar = tqdm(desc=description, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def advance(event: dict[str, Any]) -> None:
+        if done not in event:  # another kind of event (a trainer's end of epoch)
+            return
         bar.total = event[total]
-        if "loss" in event:
+        if event.get("loss") is not None:
             bar.set_postfix(loss=f"{event['loss']:.4g}", refresh=False)
         bar.update(event[done] - bar.n)
 

@@ -29,6 +29,7 @@ from ..core.qat import fake_quantize_
 from ..data.sources import Split
 from ..errors import ConfigError, TrainingDiverged
 from ..models import build_model, fc_weights_kept, paper_filter, scale_widths
+from ..progress import Progress, reporting
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .distributed import (
@@ -168,7 +169,7 @@ def train(
     *,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = None,
     train_split: Split | None = None,
     test_split: Split | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -179,13 +180,31 @@ def train(
     Run it in every process of a job whose process group is initialized (see
     :func:`~mpdcompress.train.distributed.init_from_env`) to train with DDP.
 
-    ``progress`` (rank 0 only) receives ``{"event": "step", ...}`` and ``{"event": "epoch", ...}``
-    dicts. With ``checkpoint_dir``, a checkpoint is written after every epoch (and every
+    ``progress`` (rank 0 only) receives ``{"event": "step", ...}`` (``run_step`` of ``run_steps``
+    counts the whole run) and ``{"event": "epoch", ...}`` dicts; see :mod:`mpdcompress.progress`
+    (by default a bar when standard error is a terminal). With ``checkpoint_dir``, a checkpoint is written after every epoch (and every
     ``config.checkpoint_every`` steps); ``resume=True`` continues from it and refuses one made
     with a different configuration. When ``should_stop()`` turns true on any rank, all ranks save
     a checkpoint at the same step and :class:`TrainingInterrupted` is raised. ``max_steps`` ends
     the run after that many optimizer steps without evaluating (for timing).
     """
+    ctx = DistContext.current()
+    with reporting(
+        progress if ctx.is_main else False, "training", "step", done="run_step", total="run_steps"
+    ) as report:
+        return _train(config, checkpoint_dir, resume, report, train_split, test_split, should_stop, max_steps)
+
+
+def _train(
+    config: TrainConfig,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+    progress: Callable[[dict[str, Any]], None] | None,
+    train_split: Split | None,
+    test_split: Split | None,
+    should_stop: Callable[[], bool] | None,
+    max_steps: int | None,
+) -> TrainResult:
     config = config.resolved()
     ctx = DistContext.current()
     device = ctx.device(config.device)
@@ -281,6 +300,8 @@ def train(
                             "epoch": epoch,
                             "step": step,
                             "steps_per_epoch": plan.steps_per_epoch,
+                            "run_step": epoch * plan.steps_per_epoch + step,
+                            "run_steps": config.epochs * plan.steps_per_epoch,
                             "loss": loss.item() if report else None,
                         }
                     )
