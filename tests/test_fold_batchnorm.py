@@ -89,6 +89,15 @@ def test_uneven_packed_layers_keep_zero_padding_and_load():
         layer.load_state_dict(layer.state_dict())
 
 
+def _assert_left_alone(model: nn.Module, x: torch.Tensor, norms: int) -> None:
+    """Folding leaves ``norms`` BatchNorms in ``model`` and its output bit for bit."""
+    with torch.no_grad():
+        expected = model(x)
+        mpd.fold_batchnorm_(model)
+        assert _norms(model) == norms
+        assert torch.equal(model(x), expected)
+
+
 def test_what_cannot_fold_is_left_and_training_mode_is_refused():
     torch.manual_seed(2)
     model = _trained_statistics(
@@ -103,12 +112,7 @@ def test_what_cannot_fold_is_left_and_training_mode_is_refused():
             nn.BatchNorm1d(6),  # a linear layer's features are not always BatchNorm1d's channels
         )
     )
-    x = torch.randn(3, 4, 4, 4)
-    with torch.no_grad():
-        expected = model(x)
-        mpd.fold_batchnorm_(model)
-        assert _norms(model) == 3
-        assert torch.equal(model(x), expected)
+    _assert_left_alone(model, torch.randn(3, 4, 4, 4), norms=3)
     with pytest.raises(CompressionError, match=r"the BatchNorm '1' is in training mode: call model.eval\(\) first"):
         mpd.fold_batchnorm_(model.train())
 
@@ -127,12 +131,7 @@ def test_quantized_packed_convs_keep_their_batchnorm():
     )
     mpd.mpdify_(model, 2, convs=True, seed=0)
     packed = mpd.quantize_(mpd.pack(model, fold_dense=False).eval(), "int8")
-    x = torch.randn(2, 8, 6, 6)
-    with torch.no_grad():
-        expected = packed(x)
-        mpd.fold_batchnorm_(packed)
-        assert _norms(packed) == 2
-        assert torch.equal(packed(x), expected)
+    _assert_left_alone(packed, torch.randn(2, 8, 6, 6), norms=2)
 
 
 def test_the_pack_command_folds_batchnorm_when_asked(tmp_path, capsys):

@@ -170,7 +170,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
     from ..core.batchnorm import fold_batchnorm_
     from ..core.convert import pack
-    from ..files.io import read_manifest, save
+    from ..files.io import read_manifest
     from .models import load_model_file
 
     manifest = read_manifest(args.checkpoint)
@@ -181,16 +181,24 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         before = _batchnorms(model)
         fold_batchnorm_(model.eval())
         print(f"folded {before - _batchnorms(model)} of {before} BatchNorm layers into their convolutions")
-    out = save(
+    out = _save_derived(model, args, manifest)
+    before, after = os.path.getsize(args.checkpoint), os.path.getsize(out)
+    print(f"wrote {out}: {after:,} bytes ({after / before:.3f} of the masked file's {before:,})")
+    return 0
+
+
+def _save_derived(model, args: argparse.Namespace, manifest: dict):
+    """Write ``model``, made from the file ``manifest`` describes, to ``args.output`` with that
+    file's input shape and user metadata, masks stored as ``--mask-storage`` says."""
+    from ..files.io import save
+
+    return save(
         model,
         args.output,
         input_shape=manifest.get("input_shape"),
         metadata=manifest.get("user"),
         mask_storage=args.mask_storage,
     )
-    before, after = os.path.getsize(args.checkpoint), os.path.getsize(out)
-    print(f"wrote {out}: {after:,} bytes ({after / before:.3f} of the masked file's {before:,})")
-    return 0
 
 
 def _batchnorms(model) -> int:
@@ -204,7 +212,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from ..core.convert import pack
     from ..core.quantize import quantize_
-    from ..files.io import read_manifest, save
+    from ..files.io import read_manifest
     from .models import load_model_file
 
     manifest = read_manifest(args.file)
@@ -212,13 +220,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if manifest["form"] == "masked":
         model = pack(model)
     quantize_(model, args.format, dense_layers=args.dense_layers)
-    out = save(
-        model,
-        args.output,
-        input_shape=manifest.get("input_shape"),
-        metadata=manifest.get("user"),
-        mask_storage=args.mask_storage,
-    )
+    out = _save_derived(model, args, manifest)
     before, after = os.path.getsize(args.file), os.path.getsize(out)
     packed = " (packed first)" if manifest["form"] == "masked" else ""
     print(
