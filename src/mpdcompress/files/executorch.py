@@ -127,7 +127,8 @@ def _float_block_form(model: nn.Module) -> None:
 def _int8_activation_form(model: nn.Module) -> None:
     """Symmetric quantized linear layers (packed and dense) of ``model`` (an export copy) run as
     :class:`Int8ActivationBlocks`. Convolutions and asymmetric int4 layers stay weight-only:
-    XNNPACK's quantized kernels take neither (with zero points it computed outputs 20 % off)."""
+    XNNPACK's quantized kernels take neither: its blockwise int4 weights have one scale per block
+    and a fixed zero point of 8, so per-group zero points would be lost (outputs were 20 % off)."""
     layers = [
         m
         for m in model.modules()
