@@ -52,3 +52,15 @@ def test_training_and_quantized_calls_build_their_weights_each_time():
     with torch.no_grad():
         fake(x)
     assert fake[0] not in dispatch._torch_weights  # its rounded blocks follow the float ones
+
+
+def test_a_deleted_module_leaves_nothing_behind():
+    import gc
+
+    model = _packed()
+    with torch.no_grad():
+        model(torch.randn(2, 12))
+    before = len(dispatch._torch_weights)
+    del model
+    gc.collect()
+    assert len(dispatch._torch_weights) == before - 1  # what is kept does not keep the module alive
