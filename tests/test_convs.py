@@ -480,3 +480,23 @@ def test_a_packed_cnn_goes_through_torch_export_and_runs_the_same():
     assert "aten.conv2d.default" in ops and "aten.index_select.default" in ops
     with torch.no_grad():
         assert torch.equal(exported.module()(x), packed(x))
+
+
+def test_inference_runs_a_chain_s_relus_in_place_without_touching_the_input_or_hooks():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    )
+    packed = mpd.pack(mpd.mpdify_(model, 2, convs=True, seed=0)).eval()
+    chain = next(m for m in packed.modules() if isinstance(m, mpd.PackedConvChain))
+    x = torch.randn(2, 8, 5, 5)
+    kept = x.clone()
+    expected = packed(x).detach()  # autograd on: every module runs as a module
+    with torch.no_grad():
+        assert torch.equal(packed(x), expected)
+        seen = []
+        relu = next(m for m in chain.gaps[0] if isinstance(m, nn.ReLU))
+        handle = relu.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+        assert torch.equal(packed(x), expected) and seen  # a hooked ReLU still runs as a module
+        handle.remove()
+    assert torch.equal(x, kept)

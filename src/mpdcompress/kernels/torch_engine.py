@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-__all__ = ["BlockGemm", "ChainWeights", "run_chain_torch", "BATCH_MAJOR_BELOW"]
+__all__ = ["BlockGemm", "ChainWeights", "run_chain_torch", "tracing", "BATCH_MAJOR_BELOW"]
 
 # Batches smaller than this run the whole chain batch-major (see the module notes).
 BATCH_MAJOR_BELOW = 2
@@ -72,7 +72,8 @@ class ChainWeights:
     input_gaps: Sequence[bool] | None = None
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether a tracer (TorchScript, ``torch.compile``, ``torch.export``) is running the code."""
     return (
         torch.jit.is_scripting()
         or torch.jit.is_tracing()
@@ -81,10 +82,10 @@ def _tracing() -> bool:
     )
 
 
-def _functional_only(x: torch.Tensor, weights: ChainWeights, tracing: bool) -> bool:
+def _functional_only(x: torch.Tensor, weights: ChainWeights, traced: bool) -> bool:
     # out= bypasses autograd and autocast and is opaque to tracers, so it is only used in plain
     # eager inference.
-    if tracing:
+    if traced:
         return True
     if x.is_meta:  # shape inference (torch has no autocast state for the meta device)
         return True
@@ -135,8 +136,8 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     batch = x2d.shape[0]
-    tracing = _tracing()
-    functional = _functional_only(x, weights, tracing)
+    traced = tracing()
+    functional = _functional_only(x, weights, traced)
     n = len(weights.blocks)
     first = weights.blocks[0]
     if weights.gathers[0] is not None:
@@ -144,7 +145,7 @@ def run_chain_torch(x: torch.Tensor, weights: ChainWeights) -> torch.Tensor:
     xg = x2d.reshape(batch, first.shape[0], first.shape[2])
     # Traced graphs keep one layout for every batch: a branch on it would pin an exported
     # dynamic batch dimension to one side of the threshold.
-    if n == 1 or (type(batch) is int and batch < BATCH_MAJOR_BELOW and not tracing):
+    if n == 1 or (type(batch) is int and batch < BATCH_MAJOR_BELOW and not traced):
         y = _block_gemm_to_batch_major(xg.transpose(0, 1), first, weights.biases[0], functional)
         for i in range(1, n):
             blocks = weights.blocks[i]

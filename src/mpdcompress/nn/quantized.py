@@ -25,7 +25,7 @@ from ..core.layout import BlockLayout
 from ..core.masks import MPDMask, check_incoming_mask
 from ..errors import CompressionError
 from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, DynamicInt8Blocks, QuantizedWeight
-from ..kernels.torch_engine import BlockGemm
+from ..kernels.torch_engine import BlockGemm, tracing
 from .packed import BlockDiagonalLinear, PackedBlocks
 from .packed_conv import BlockDiagonalConv
 
@@ -167,7 +167,7 @@ class QuantizedBlocks(PackedBlocks):
     def engine_blocks(self, kernel_indices: bool) -> torch.Tensor | BlockGemm:
         if self.export_gemm is not None:
             return self.export_gemm
-        if self.activations != "dynamic" or kernel_indices or self.qweight.device.type != "cpu" or _tracing():
+        if self.activations != "dynamic" or kernel_indices or self.qweight.device.type != "cpu" or tracing():
             return self.weight_blocks
         return _dynamic_blocks(self, self.quantized_weight())
 
@@ -180,10 +180,6 @@ class QuantizedBlocks(PackedBlocks):
     def _apply(self, fn, recurse=True):
         self._dynamic = None  # prepacked for the old tensors
         return super()._apply(fn, recurse)
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def _dynamic_blocks(module: nn.Module, weight: QuantizedWeight) -> DynamicInt8Blocks:
@@ -323,7 +319,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         gemm = self.export_gemm
-        if gemm is None and self.activations == "dynamic" and self.qweight.device.type == "cpu" and not _tracing():
+        if gemm is None and self.activations == "dynamic" and self.qweight.device.type == "cpu" and not tracing():
             gemm = _dynamic_blocks(self, self.quantized_weight())
         if gemm is None:
             return F.linear(input, self.weight, self.bias)
