@@ -33,6 +33,7 @@ __all__ = [
     "engine_for",
     "forget_launch_plans",
     "launch_plan_generation",
+    "keepable",
 ]
 
 ENGINES = ("auto", "torch", "triton")
@@ -126,6 +127,13 @@ def launch_plan_generation() -> int:
     return _launch_plan_generation
 
 
+def keepable(weights: ChainWeights) -> bool:
+    """Whether ``weights`` may be kept between calls (a launch plan, the PyTorch engine's kept
+    weights): plain parameter blocks only, since quantized and quantization-aware layers make
+    their blocks on every call."""
+    return all(isinstance(b, nn.Parameter) for b in weights.blocks)
+
+
 def _import_triton_engine() -> None:
     # Imported on first use (it imports Triton); kept in globals, as an import statement per
     # call costs host time at batch 1.
@@ -162,8 +170,7 @@ def _weights_for_torch(module) -> ChainWeights:
     if cached is not None and cached[0] == _launch_plan_generation:
         return cached[1]
     weights = module.chain_weights(kernel_indices=False)
-    # Plain parameter blocks only: quantized and quantization-aware layers make theirs per call.
-    if all(isinstance(b, nn.Parameter) for b in weights.blocks):
+    if keepable(weights):
         _torch_weights[module] = (_launch_plan_generation, weights)
     return weights
 

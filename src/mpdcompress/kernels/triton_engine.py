@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import triton_kernels as tk
 from . import tuning
-from .dispatch import launch_plan_generation
+from .dispatch import keepable, launch_plan_generation
 from .torch_engine import ChainWeights
 from .tuning import TileConfig, batch_bucket, capturing, choose, interpreting
 
@@ -508,12 +508,6 @@ def _layout(x: Tensor, weights: ChainWeights, generation: int) -> tuple[bool, bo
     return _layouts_chosen[key]
 
 
-def _plannable(weights: ChainWeights) -> bool:
-    # Plain parameter blocks only: quantized and quantization-aware layers make their float
-    # blocks on every call.
-    return all(isinstance(b, nn.Parameter) for b in weights.blocks)
-
-
 def run_packed_triton(x: Tensor, module: nn.Module) -> Tensor:
     """``module`` (anything with ``chain_weights``) applied to ``x`` on the Triton engine: eager
     inference (no autograd, no autocast, no tracing) replays a cached :class:`LaunchPlan`;
@@ -531,7 +525,7 @@ def run_packed_triton(x: Tensor, module: nn.Module) -> Tensor:
         weights = module.chain_weights(kernel_indices=True)
         # A plan records tiles: none is recorded while a CUDA graph is captured (tiles are not
         # measured then) or while tracing.
-        if not h.shape[0] or not _plannable(weights) or not _plain_eager(x) or capturing(x.device):
+        if not h.shape[0] or not keepable(weights) or not _plain_eager(x) or capturing(x.device):
             return run_chain_triton(x, weights)
         if plans is None or len(plans) >= _PLANS_PER_MODULE:
             plans = _plans[module] = {}
