@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..errors import CompressionError
 from ..nn.conv_chain import DENSE_CONVS, PackedConvChain, valid_input_positions
@@ -52,9 +51,9 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
             _fold_chain(module)
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
-            for i in range(1, len(module)):
-                key, norm = list(module._modules.items())[i]
-                if _foldable(norm) and _fold_into(module[i - 1], norm):
+            pairs = list(module._modules.items())
+            for (_, layer), (key, norm) in zip(pairs, pairs[1:]):
+                if _foldable(norm) and _fold_into(layer, norm):
                     module._modules[key] = nn.Identity()
     return model
 
@@ -80,27 +79,19 @@ def _fold_into(layer: nn.Module, norm: nn.Module) -> bool:
         return False
     if type(norm) is not _NORM_OF[len(layer.kernel_size)] or norm.num_features != layer.out_channels:
         return False
-    if isinstance(layer, BlockDiagonalConv):
-        # The packed bias is in padded block order: output channel o sits at out_gather[o].
-        scale, shift = _scale_shift(norm)
-        rows = layer.layout.compression * layer.layout.max_rows
-        padded_scale = torch.ones(rows, dtype=torch.float64, device=scale.device)
-        padded_shift = torch.zeros(rows, dtype=torch.float64, device=scale.device)
-        padded_scale[layer.out_gather.to(scale.device)] = scale
-        padded_shift[layer.out_gather.to(scale.device)] = shift
-        _scale_rows(layer, "weight_blocks", padded_scale, padded_shift)
+    scale, shift = _scale_shift(norm)
+    if not isinstance(layer, BlockDiagonalConv):
+        # Masked layers keep their mask: scaling rows leaves off-mask weights at zero.
+        _scale_rows(layer, "weight", scale, shift)
         return True
-    weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *_norm_arguments(norm))
-    # Masked layers keep their mask: scaling rows leaves off-mask weights at zero.
-    layer.weight.copy_(weight)
-    layer.bias = nn.Parameter(bias.detach().to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    # The packed rows are in padded block order: output channel o sits at out_gather[o].
+    rows = layer.layout.compression * layer.layout.max_rows
+    padded_scale = torch.ones(rows, dtype=torch.float64, device=scale.device)
+    padded_shift = torch.zeros(rows, dtype=torch.float64, device=scale.device)
+    padded_scale[layer.out_gather.to(scale.device)] = scale
+    padded_shift[layer.out_gather.to(scale.device)] = shift
+    _scale_rows(layer, "weight_blocks", padded_scale, padded_shift)
     return True
-
-
-def _norm_arguments(norm: nn.Module) -> tuple:
-    weight = torch.ones_like(norm.running_var) if norm.weight is None else norm.weight
-    bias = torch.zeros_like(norm.running_mean) if norm.bias is None else norm.bias
-    return norm.running_mean, norm.running_var, norm.eps, weight, bias
 
 
 def _scale_rows(layer: nn.Module, name: str, scale: torch.Tensor, shift: torch.Tensor) -> None:

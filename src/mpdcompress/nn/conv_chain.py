@@ -15,6 +15,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..errors import CompressionError
 from ..kernels.torch_engine import tracing
@@ -43,8 +44,6 @@ _CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.FeatureAlphaDropout)
 
 
 def _hooked(module: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
