@@ -23,8 +23,10 @@ from ..timing import interleaved_medians
 
 __all__ = ["packed_variants", "run_runtime_bench", "render_runtime_bench"]
 
-# ExecuTorch variants exported with export_executorch(..., int8_activations=True).
+# Variants exported with int8_activations=True (ExecuTorch: XNNPACK's int8 kernels; ONNX Runtime:
+# MatMulNBits at accuracy level 4), and ONNX variants with int4 layers as MatMulNBits.
 _INT8_ACTIVATIONS = " + int8 activations"
+_MATMULNBITS = " as MatMulNBits"
 
 
 def packed_variants(name: str, c: int, formats: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -52,7 +54,13 @@ def _sessions(runtime: str, models: dict[str, nn.Module], example: torch.Tensor,
 
             from ..files.onnx import export_onnx
 
-            path = export_onnx(model, example, folder / f"{len(runners)}.onnx")
+            path = export_onnx(
+                model,
+                example,
+                folder / f"{len(runners)}.onnx",
+                quantized_ops="matmulnbits" if label.endswith(_MATMULNBITS) else "dequantize",
+                int8_activations=label.endswith(_INT8_ACTIVATIONS),
+            )
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             runners[label] = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
         else:
@@ -93,11 +101,21 @@ def run_runtime_bench(
             if "asym" not in fmt
         },
     }
+    # ONNX Runtime's MatMulNBits: int4 layers weight-only, every format with int8 activations.
+    models_onnx = {
+        **models,
+        **{
+            f"MPD c={compression} {fmt}{_MATMULNBITS}": models[f"MPD c={compression} {fmt}"]
+            for fmt in formats
+            if fmt.startswith("int4")
+        },
+        **{f"MPD c={compression} {fmt}{_INT8_ACTIVATIONS}": models[f"MPD c={compression} {fmt}"] for fmt in formats},
+    }
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         for runtime in runtimes:
             say(f"{runtime}: exporting")
-            chosen = {"pytorch": models_pytorch, "executorch": models_executorch}.get(runtime, models)
+            chosen = {"pytorch": models_pytorch, "onnxruntime": models_onnx, "executorch": models_executorch}[runtime]
             runners = _sessions(runtime, chosen, torch.randn(2, *shape), Path(folder))
             for batch in batches:
                 x = torch.randn(batch, *shape)
@@ -132,6 +150,14 @@ def render_runtime_bench(results: dict[str, Any], command: str) -> str:
         f"Command: `{command}`. Ratios of medians timed round-robin within one runtime (higher is faster than "
         "that runtime's dense fp32 model); errors: largest difference to the same model in PyTorch, relative "
         "to its largest output.",
+        "",
+        "Forms: in PyTorch, quantized blocks dequantize in every forward (`int8-dynamic`: fbgemm's int8 GEMMs, "
+        "activations quantized on the fly); in ONNX Runtime they are stored as integers and dequantized by "
+        "standard operators, which ONNX Runtime folds to float weights at load, unless exported as its "
+        "`MatMulNBits` kernel (`as MatMulNBits`: 4-bit weights, float activations); in ExecuTorch weight-only "
+        "blocks dequantize in every call outside XNNPACK (which has no weight-only kernel). `+ int8 activations`: "
+        "activations rounded to int8 per row on the fly (XNNPACK's kernels, ONNX Runtime's `MatMulNBits` at "
+        "accuracy level 4), close to but not exactly the weight-only output.",
         "",
         "| runtime | model | " + " | ".join(f"batch {b}" for b in batches) + " | max error vs PyTorch |",
         "|---|---|" + "---|" * (len(batches) + 1),

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError, MPDCompressError, UnknownNameError
+from ..files.onnx import QUANTIZED_OPS
 from ..models import MODELS, model_spec
 from .arguments import device_name, nonnegative_int, opset, positive_int, quantization, seed
 from .distill import add_distill_parser
@@ -287,8 +288,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     shape = args.input_shape or recorded or _input_shape(model)
     inputs = example_inputs(model, args, tuple(shape) if shape else None)
     kind = args.format or ("executorch" if str(args.output).endswith(".pte") else "onnx")
-    if args.int8_activations and kind != "executorch":
-        raise ConfigError("--int8-activations is for ExecuTorch (.pte) exports")
+    if args.quantized_ops != "dequantize" and kind != "onnx":
+        raise ConfigError("--quantized-ops is for ONNX exports (ExecuTorch: --int8-activations)")
     if kind == "executorch":
         from ..files.executorch import export_executorch
 
@@ -297,8 +298,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         from ..files.onnx import export_onnx
 
-        path = export_onnx(model, inputs, args.output, opset=args.opset, dynamic_dims=dims)
+        path = export_onnx(
+            model,
+            inputs,
+            args.output,
+            opset=args.opset,
+            dynamic_dims=dims,
+            quantized_ops=args.quantized_ops,
+            int8_activations=args.int8_activations,
+        )
         target = f"ONNX opset {args.opset}"
+        if args.int8_activations or args.quantized_ops == "matmulnbits":
+            target += ", quantized linear layers as MatMulNBits" + (
+                " with int8 activations" if args.int8_activations else ""
+            )
     described = (
         ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
         if isinstance(inputs, dict)
@@ -462,8 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--int8-activations",
         action="store_true",
-        help="ExecuTorch: run quantized linear layers in XNNPACK's int8 kernels, activations rounded to int8 on the "
-        "fly (faster; close to, not exactly, the weight-only output)",
+        help="run quantized linear layers in int8 kernels (ExecuTorch: XNNPACK's; ONNX: ONNX Runtime's MatMulNBits), "
+        "activations rounded to int8 on the fly (faster; close to, not exactly, the weight-only output)",
+    )
+    ex.add_argument(
+        "--quantized-ops",
+        choices=QUANTIZED_OPS,
+        default="dequantize",
+        help="ONNX: dequantize integer weights with standard operators (any runtime), or run int4 linear layers as "
+        "ONNX Runtime's MatMulNBits (com.microsoft), which keeps them 4-bit",
     )
     ex.add_argument(
         "--example-inputs",

@@ -25,6 +25,7 @@ from ..errors import ConfigError, ExportError, MissingDependencyError
 from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, unpack_int4
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.quantized import QuantizedBlockDiagonalLinear, QuantizedBlocks, QuantizedLinear
+from .block_forms import PerBlockProducts
 from .export_inputs import DynamicDims, Inputs, check_runs_on, dynamic_shapes, quiet_export, split_inputs
 
 __all__ = ["export_executorch", "run_executorch", "Int8ActivationBlocks"]
@@ -39,28 +40,10 @@ def _executorch():
     return XnnpackPartitioner, to_edge_transform_and_lower
 
 
-class _PerBlockLinears:
-    """Blocks run as one ``linear`` per block on the block's slice of the input: XNNPACK runs a
-    linear with constant weights far faster than a batched matrix product (a probe of 8 blocks of
+class FloatBlockLinears(PerBlockProducts):
+    """Float blocks as per-block linear layers, each block a constant of the program: XNNPACK runs
+    a linear with constant weights far faster than a batched matrix product (a probe of 8 blocks of
     512 x 2048 ran 8x faster at batch 1)."""
-
-    shape: tuple[int, int, int]
-
-    def _block(self, k: int, a: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def batch_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``a`` (c, batch, cols) → ``(batch, c * rows)``."""
-        y = torch.cat([self._block(k, a[k]) for k in range(self.shape[0])], dim=1)
-        return y if bias is None else y + bias
-
-    def feature_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``a`` (c, cols, batch) → ``(c * rows, batch)``."""
-        return self.batch_major(a.transpose(1, 2), bias).t()
-
-
-class FloatBlockLinears(_PerBlockLinears):
-    """Float blocks as per-block linear layers, each block a constant of the program."""
 
     def __init__(self, blocks: torch.Tensor) -> None:
         self.shape = tuple(blocks.shape)
@@ -70,7 +53,7 @@ class FloatBlockLinears(_PerBlockLinears):
         return F.linear(a, self.blocks[k])
 
 
-class Int8ActivationBlocks(_PerBlockLinears):
+class Int8ActivationBlocks(PerBlockProducts):
     """Integer blocks in the form ExecuTorch's XNNPACK backend runs quantized: per block, torchao's
     per-row int8 quantization of the activations and the block's integers dequantized by torchao's
     ``dequantize_affine`` into ``linear``, the pattern XNNPACK's partitioner lowers to its

@@ -533,8 +533,10 @@ class PackedChain(ForgetsLaunchPlans, nn.Module):
         return h
 
     def _apply_tail(self, h: torch.Tensor) -> torch.Tensor:
-        # The weight is read only when it trains: a quantized tail dequantizes on each read.
-        if self.tail_columns is not None and torch.is_grad_enabled() and self.tail.weight.requires_grad:
+        # Only a float tail trains; a quantized one (no nn.Linear) dequantizes on each read of its
+        # weight, or has none in an export form.
+        trains = isinstance(self.tail, nn.Linear) and self.tail.weight.requires_grad
+        if self.tail_columns is not None and torch.is_grad_enabled() and trains:
             return nn.functional.linear(h, self.tail.weight * self.tail_columns, self.tail.bias)
         return self.tail(h)
 
