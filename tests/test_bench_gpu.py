@@ -39,6 +39,10 @@ def test_layer_candidates_compute_the_same_masked_layer_or_say_why_not():
     assert fns["bmm_only"](x).shape == (2, 3, 64)
     assert "semi_structured" in notes  # 2:4 kernels need a GPU and a 16-bit type
     assert fns["monarch"](x).shape == (3, 128)
+    for bits in ("int8", "int4"):  # random integers: another function of the same shape, run by Triton
+        assert fns[f"packed_{bits}"](x).shape == (3, 128)
+    _, notes = layer_candidates(30, 64, 4, torch.float32, "cpu", ("dense", "packed", "packed_torch", "packed_int4"))
+    assert "even layout" in notes["packed_int4"]  # 30 rows in 4 blocks: padding a random block would fill
 
 
 def test_suite_rows_report_and_targets(tmp_path):
@@ -51,7 +55,7 @@ def test_suite_rows_report_and_targets(tmp_path):
         training_models=("lenet300",),
         training_batch=8,
         repeats=1,
-        candidates=("dense", "packed", "packed_torch", "bmm_only", "monarch"),
+        candidates=("dense", "packed", "packed_torch", "bmm_only", "packed_int8", "packed_int4", "monarch"),
     )
     seen = []
     result = run_gpu_suite(
@@ -68,6 +72,7 @@ def test_suite_rows_report_and_targets(tmp_path):
         assert r["packed_vs_torch_engine_error"] < 1e-5
         assert r["speedup_vs_dense"]["eager"]["dense"] == 1.0
         assert r["seconds"]["graph"]["packed"] is None  # no CUDA graphs on the CPU
+        assert r["seconds"]["eager"]["packed_int4"] > 0 and r["seconds"]["eager"]["packed_int8"] > 0
     assert {r["batch"] for r in result["models"]} == {1, 3}
     assert set(result["training"][0]["seconds"]) == {"dense", "masked", "compact", "compact_torch"}
     paths = write_gpu_report(result, tmp_path)

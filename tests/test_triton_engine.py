@@ -255,6 +255,92 @@ def test_launch_plans_replay_eager_inference_and_follow_every_change_of_the_mode
         assert_close_to_scale(got, mpd.dequantize(packed)(x), rel=TOLERANCE[torch.float32])
 
 
+def _no_float_copy(self):
+    raise AssertionError("integer blocks dequantized into a float copy")
+
+
+def _integer_blocks(blocks, c, rows, config):
+    """Round-to-nearest integer blocks without torchao (the GPU machine has none): the kernel's
+    arithmetic, not the choice of scales, is under test. Padding stays exactly zero."""
+    from mpdcompress.kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, pack_int4
+
+    cols = blocks.shape[-1]
+    group = cols if config.bits == 8 else config.group_size
+    groups = -(-cols // group)
+    w = nn.functional.pad(blocks.detach().float(), (0, groups * group - cols)).unflatten(-1, (groups, group))
+    zeros = None
+    if config.symmetric:
+        top = 127 if config.bits == 8 else 7
+        scales = w.abs().amax(-1).clamp_min(1e-8) / top
+        q = (w / scales[..., None]).round().clamp(-top - 1, top)
+        if config.bits == 4:
+            q = q + SYMMETRIC_INT4_ZERO
+    else:
+        low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scales = (high - low).clamp_min(1e-8) / 15
+        zeros = (-low / scales).round().clamp(0, 15)
+        q = (w / scales[..., None] + zeros[..., None]).round().clamp(0, 15)
+        zeros = zeros.to(torch.uint8)
+    if config.bits == 8:
+        q = q.flatten(-2)[..., :cols].to(torch.int8)
+    else:  # an odd row ends in a padding nibble: the rounded zero of its (even) group's padding
+        q = pack_int4(q.flatten(-2)[..., : cols + cols % 2])
+    return QuantizedWeight(q, scales.to(blocks.dtype), zeros, config.bits, tuple(blocks.shape), group)
+
+
+@pytest.fixture
+def quantize_(monkeypatch):
+    from mpdcompress.core import quantize
+
+    monkeypatch.setattr(quantize, "quantize_weight", _integer_blocks)
+    return mpd.quantize_
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-g8-asym", "int4-g16"])
+def test_integer_blocks_are_dequantized_inside_the_kernel_to_the_float_blocks_values(fmt, quantize_, monkeypatch):
+    """Eager inference multiplies a quantized model's integers, dequantized tile by tile, with
+    the values of its dequantized blocks (fp32: bit for bit, through the same tiles), and never
+    writes a float copy of the blocks; autograd runs on the dequantized blocks as before."""
+    from mpdcompress.kernels.quantized_blocks import QuantizedWeight
+
+    masked = chain([40, 36, 22, 10], nn.GELU, lambda i: (4, 3, 2)[i]).eval()
+    quantized = quantize_(mpd.pack(masked).to(DEVICE), fmt)
+    dequantized = mpd.dequantize(quantized)
+    for batch in (1, 5, 70):
+        x = torch.randn(batch, 40, device=DEVICE)
+        with torch.no_grad():
+            reference = quantized(x)  # the PyTorch engine
+            with use_engine("triton"):
+                floats = dequantized(x)
+                with monkeypatch.context() as patch:
+                    patch.setattr(QuantizedWeight, "dequantize", _no_float_copy)
+                    got = quantized(x)
+                    assert torch.equal(quantized(x), got)  # the launch plan, replayed
+        assert_close_to_scale(got.cpu(), reference.cpu(), rel=TOLERANCE[torch.float32])
+        if tuning.interpreting():  # one tile for both (a GPU measures each launch's own)
+            assert torch.equal(got, floats)
+    x = torch.randn(5, 40, device=DEVICE, requires_grad=True)
+    ref, out = both_engines(quantized, x)
+    assert_close_to_scale(out.detach().cpu(), ref.detach().cpu(), rel=TOLERANCE[torch.float32])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert_close_to_scale(grad.cpu(), ref_grad.cpu(), rel=TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_integer_blocks_match_the_reference_engine(dtype, quantize_):
+    masked = chain([40, 36, 10], nn.ReLU, lambda i: (4, 2)[i]).eval()
+    quantized = quantize_(mpd.pack(masked).to(DEVICE, dtype), "int4-g8-asym")
+    x = torch.randn(7, 40, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        ref, got = both_engines(quantized, x)
+        with use_engine("triton"):
+            floats = mpd.dequantize(quantized)(x)
+    assert_close_to_scale(got.float().cpu(), ref.float().cpu(), rel=TOLERANCE[dtype])
+    if not tuning.interpreting():  # the interpreter truncates to 16 bits where a GPU rounds
+        assert_close_to_scale(got.float().cpu(), floats.float().cpu(), rel=TOLERANCE[dtype] / 10)
+
+
 def test_a_gpu_measures_the_activation_layout_of_each_launch_plan(monkeypatch):
     """Whether to transpose the input first and to write the last output feature-major is timed
     (all four ways) once per chain shape and batch bucket, not fixed at 64 rows; every way computes

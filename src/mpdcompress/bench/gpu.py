@@ -4,8 +4,10 @@ For each layer shape, batch and dtype, every candidate is timed eagerly and as C
 (CUDA events, candidates sampled round-robin in one process); ratios are dense time / candidate
 time in the same mode. Candidates: ``dense`` (``nn.Linear``), ``packed`` (Triton engine),
 ``packed_torch`` (PyTorch engine), ``bmm_only`` (the block GEMM on already gathered inputs: the
-ceiling), ``monarch`` (same parameter count), ``semi_structured`` (2:4) and ``bsr`` (the
-unpermuted block-diagonal weight as torch BSR). Then whole FC stacks and a training step.
+ceiling), ``packed_int8`` / ``packed_int4`` (the Triton engine on int8 / int4-g128 blocks,
+dequantized as their tiles load), ``monarch`` (same parameter count), ``semi_structured`` (2:4)
+and ``bsr`` (the unpermuted block-diagonal weight as torch BSR). Then whole FC stacks and a
+training step.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 from torch import nn
 
 from ..kernels import use_engine
+from ..kernels.quantized_blocks import QuantizedWeight
 from ..nn.masked import MPDLinear
 from ..nn.packed import BlockDiagonalLinear
+from ..nn.quantized import QuantizedBlockDiagonalLinear
 from ..timing import cuda_medians, interleaved_medians
 from .alternatives import MonarchLinear, semi_structured_linear
 from .machine import describe_machine
@@ -50,7 +54,17 @@ class GpuProfile:
     training_models: tuple[str, ...] = ("alexnet-fc",)
     training_batch: int = 512
     repeats: int = 10
-    candidates: tuple[str, ...] = ("dense", "packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr")
+    candidates: tuple[str, ...] = (
+        "dense",
+        "packed",
+        "packed_torch",
+        "bmm_only",
+        "packed_int8",
+        "packed_int4",
+        "monarch",
+        "semi_structured",
+        "bsr",
+    )
 
 
 GPU_FULL = GpuProfile()
@@ -66,7 +80,7 @@ GPU_KEY = GpuProfile(
     dtypes=("bf16",),
     models=("alexnet-fc",),
     repeats=5,
-    candidates=("dense", "packed", "packed_torch", "bmm_only"),
+    candidates=("dense", "packed", "packed_torch", "bmm_only", "packed_int8", "packed_int4"),
 )
 GPU_PROFILES = {"full": GPU_FULL, "quick": GPU_QUICK, "key": GPU_KEY}
 Record = Callable[[dict], None]
@@ -104,6 +118,8 @@ def layer_candidates(
 
     fns["bmm_only"] = bmm_only
     builders = {
+        "packed_int8": lambda: _engine(_random_integer_layer(packed, 8), "triton"),
+        "packed_int4": lambda: _engine(_random_integer_layer(packed, 4), "triton"),
         "monarch": lambda: MonarchLinear(d_in, d_out, c, **kw).eval(),
         "semi_structured": lambda: semi_structured_linear(dense.weight, dense.bias),
         "bsr": lambda: _bsr(blocks, packed.bias.detach() if packed.bias is not None else None, packed.layout.is_even),
@@ -118,6 +134,25 @@ def layer_candidates(
         except (RuntimeError, ValueError, NotImplementedError, ImportError, AssertionError) as exc:
             notes[key] = f"not run: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
     return {k: v for k, v in fns.items() if k in wanted}, notes
+
+
+def _random_integer_layer(packed: BlockDiagonalLinear, bits: int, group: int = 128) -> QuantizedBlockDiagonalLinear:
+    """``packed`` with random int8 (one scale per row) or int4 (groups of ``group``) blocks: the
+    kernel's speed does not depend on the values, and the GPU machine has no torchao to round
+    real weights with. Even layouts only (random integers would fill the padding)."""
+    c, rows, cols = packed.weight_blocks.shape
+    if not packed.layout.is_even or cols % 2:
+        raise ValueError("random integer blocks need an even layout with an even block width")
+    group = cols if bits == 8 else group
+    if bits == 8:
+        q = torch.randint(-127, 128, (c, rows, cols), dtype=torch.int8)
+    else:
+        q = torch.randint(0, 256, (c, rows, cols // 2), dtype=torch.uint8)
+    scales = torch.rand(c, rows, -(-cols // group)) * 1e-2 + 1e-3
+    dtype, device = packed.weight_blocks.dtype, packed.weight_blocks.device
+    weight = QuantizedWeight(q, scales.to(dtype), None, bits, (c, rows, cols), group)
+    bias = None if packed.bias is None else packed.bias.detach().cpu()
+    return QuantizedBlockDiagonalLinear(packed.mpd_mask, weight, bias).to(device).eval()
 
 
 def _bsr(blocks: torch.Tensor, bias: torch.Tensor | None, even: bool) -> Callable:

@@ -9,7 +9,16 @@ from ..atomic import write_atomic
 
 __all__ = ["write_gpu_report", "check_targets"]
 
-LAYER_COLUMNS = ["packed", "packed_torch", "bmm_only", "monarch", "semi_structured", "bsr"]
+LAYER_COLUMNS = [
+    "packed",
+    "packed_torch",
+    "bmm_only",
+    "packed_int8",
+    "packed_int4",
+    "monarch",
+    "semi_structured",
+    "bsr",
+]
 WEIGHT_HEAVY = ("alexnet-fc6", "llm-mlp-up")
 
 
@@ -109,7 +118,8 @@ def write_gpu_report(result: dict, out_dir: str | Path) -> list[Path]:
         "events, candidates sampled round-robin: *eager* launches each call from Python (host overhead "
         "included), *graph* replays the calls captured in one CUDA graph. `packed` is the Triton engine, "
         "`packed_torch` the PyTorch engine, `bmm_only` the block GEMM on pre-gathered inputs (the "
-        "ceiling), `monarch` a Monarch layer with the same parameter count, `semi_structured` 2:4 "
+        "ceiling), `packed_int8` / `packed_int4` the Triton engine on int8 / int4-g128 blocks "
+        "(random integers, dequantized as the kernel loads each tile), `monarch` a Monarch layer with the same parameter count, `semi_structured` 2:4 "
         "sparsity (half the weights), `bsr` the unpermuted block-diagonal weight in torch BSR. `packed "
         "error` is the Triton engine's max difference from the PyTorch engine over the output scale.",
         "",

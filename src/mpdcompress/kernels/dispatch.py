@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import EngineUnavailableError, UnknownNameError
+from .quantized_blocks import QuantizedWeight
 from .torch_engine import ChainWeights, run_chain_torch
 from .tuning import interpreting
 
@@ -129,9 +130,9 @@ def launch_plan_generation() -> int:
 
 def keepable(weights: ChainWeights) -> bool:
     """Whether ``weights`` may be kept between calls (a launch plan, the PyTorch engine's kept
-    weights): plain parameter blocks only, since quantized and quantization-aware layers make
-    their blocks on every call."""
-    return all(isinstance(b, nn.Parameter) for b in weights.blocks)
+    weights): parameter blocks and integer blocks (their layers' own buffers), not the float
+    blocks that quantized and quantization-aware layers make on every call."""
+    return all(isinstance(b, (nn.Parameter, QuantizedWeight)) for b in weights.blocks)
 
 
 def _import_triton_engine() -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import triton_kernels as tk
 from . import tuning
 from .dispatch import keepable, launch_plan_generation
+from .quantized_blocks import QuantizedWeight
 from .torch_engine import ChainWeights
 from .tuning import TileConfig, batch_bucket, capturing, choose, interpreting
 
@@ -98,13 +99,14 @@ def _to_feature_major(x: Tensor) -> Tensor:
 class _LinearLaunch:
     """One ``_block_linear`` launch with everything but the activations fixed: the tile (chosen,
     and measured on first use, for this batch bucket and layout), the grid and the arguments.
-    Built per call, or once per batch size by a :class:`LaunchPlan`."""
+    Built per call, or once per batch size by a :class:`LaunchPlan`. ``weight``: float blocks,
+    or integer blocks (forward only) that the kernel dequantizes as it loads their tiles."""
 
     def __init__(
         self,
         x: Tensor,
         in_index: Tensor,
-        weight: Tensor,
+        weight: Tensor | QuantizedWeight,
         weight_strides: tuple[int, int, int],
         rows: int,
         cols: int,
@@ -116,14 +118,24 @@ class _LinearLaunch:
     ) -> None:
         self.batch, self.c, self.rows, self.cols = x.shape[0], weight.shape[0], rows, cols
         self.bias, self.out_index, self.activation = bias, out_index, activation
-        self.operands = (in_index, weight, bias if bias is not None else weight, out_index)
+        quantized = isinstance(weight, QuantizedWeight)
+        tensor = weight.qweight if quantized else weight
+        self.operands = (in_index, tensor, bias if bias is not None else tensor, out_index)
         self.weight_strides = weight_strides
         # ``gate``: an input gradient through a ReLU reads the forward's output beside ``dz``.
-        self.gate = gate if gate is not None else weight
+        self.gate = gate if gate is not None else tensor
         self.gate_strides = (0, 0) if gate is None else gate.stride()
+        if quantized:
+            zeros = weight.zero_points
+            self.quantization = (weight.scales, tensor if zeros is None else zeros)
+            self.scale_strides = (*weight.scales.stride()[:2], weight.group_size)
+            self.bits, self.has_zeros = weight.bits, zeros is not None
+        else:
+            self.quantization, self.scale_strides = (tensor, tensor), (0, 0, 1)
+            self.bits, self.has_zeros = 0, False
         key = (rows, cols, self.c, str(x.dtype), _feature_major(x), _feature_major(out), activation, bias is not None)
         key += weight_strides  # a forward (rows, cols) and an input gradient (cols, rows) differ here
-        key += (None if gate is None else _feature_major(gate),)
+        key += (None if gate is None else _feature_major(gate), self.bits, self.has_zeros)
         self._use(choose("linear", self.batch, key, x.device, lambda cfg: self._use(cfg)(x, out)))
 
     def _use(self, cfg: TileConfig) -> "_LinearLaunch":
@@ -136,7 +148,9 @@ class _LinearLaunch:
             GATED=self.gate is not self.operands[1],
             SWAP_AB=cfg.swap_ab,
             SPLIT_K=cfg.split_k,
-            **_launch_options(cfg, self.operands[1].dtype),
+            BITS=self.bits,
+            HAS_ZEROS=self.has_zeros,
+            **_launch_options(cfg, self.operands[1].dtype if self.bits == 0 else self.quantization[0].dtype),
         )
         return self
 
@@ -151,6 +165,7 @@ class _LinearLaunch:
             out,
             part,
             self.gate,
+            *self.quantization,
             self.batch,
             self.rows,
             self.cols,
@@ -158,6 +173,7 @@ class _LinearLaunch:
             *out.stride(),
             *self.weight_strides,
             *self.gate_strides,
+            *self.scale_strides,
             **self.options,
         )
         if self.split > 1:
@@ -178,12 +194,26 @@ class _LinearLaunch:
             )
 
 
-def _check(x: Tensor, blocks: Tensor, bias: Optional[Tensor]) -> None:
-    if x.dtype != blocks.dtype or (bias is not None and bias.dtype != blocks.dtype):
+def _check(x: Tensor, blocks: Tensor | QuantizedWeight, bias: Optional[Tensor]) -> None:
+    dtype = blocks.scales.dtype if isinstance(blocks, QuantizedWeight) else blocks.dtype
+    if x.dtype != dtype or (bias is not None and bias.dtype != dtype):
         raise RuntimeError(
-            f"packed layer: input dtype {x.dtype} does not match weight dtype {blocks.dtype}"
+            f"packed layer: input dtype {x.dtype} does not match weight dtype {dtype}"
             + ("" if bias is None else f" / bias dtype {bias.dtype}")
         )
+
+
+def _weight_strides(blocks: Tensor | QuantizedWeight) -> tuple[int, int, int]:
+    """Strides of the blocks' (block, row, input) axes; of the bytes for 4-bit blocks, whose
+    kernel reads input ``k`` from byte ``k // 2``."""
+    tensor = blocks.qweight if isinstance(blocks, QuantizedWeight) else blocks
+    return (tensor.stride(0), tensor.stride(1), tensor.stride(2))
+
+
+def _float_blocks(blocks: Tensor | QuantizedWeight) -> Tensor:
+    """Blocks as the custom ops take them: integer blocks (which only a launch plan runs as
+    such) dequantized."""
+    return blocks.dequantize() if isinstance(blocks, QuantizedWeight) else blocks
 
 
 def _block_linear(
@@ -401,7 +431,7 @@ def run_chain_triton(x: Tensor, weights: ChainWeights) -> Tensor:
         h = _to_feature_major(h)
     n = len(weights.blocks)
     for i in range(n):
-        blocks, bias = _autocast(weights.blocks[i], cast), _autocast(weights.biases[i], cast)
+        blocks, bias = _autocast(_float_blocks(weights.blocks[i]), cast), _autocast(weights.biases[i], cast)
         last = i == n - 1
         act = None if last else weights.activations[i]
         trains = torch.is_grad_enabled() and (
@@ -463,9 +493,17 @@ class LaunchPlan:
             pitch = _pitch(plan.batch) if i < n - 1 or plan.feature_major_output else 0
             out = _new_activation(plan.batch, weights.out_features[i], h, pitch)
             c, rows, cols = blocks.shape
-            strides = (blocks.stride(0), blocks.stride(1), blocks.stride(2))
             launch = _LinearLaunch(
-                h, weights.in_index[i], blocks, strides, rows, cols, bias, weights.out_index[i], out, code
+                h,
+                weights.in_index[i],
+                blocks,
+                _weight_strides(blocks),
+                rows,
+                cols,
+                bias,
+                weights.out_index[i],
+                out,
+                code,
             )
             launch(h, out)
             plan.steps.append((launch, (plan.batch, weights.out_features[i]), (1, pitch) if pitch else None, act))
@@ -499,7 +537,7 @@ def _layout(x: Tensor, weights: ChainWeights, generation: int) -> tuple[bool, bo
     guess = (batch >= FEATURE_MAJOR_INPUT_MIN_BATCH, batch >= FEATURE_MAJOR_INPUT_MIN_BATCH)
     if batch < 2 or not _measures_layouts(x.device):
         return guess
-    shapes = tuple((tuple(b.shape), tuple(b.stride())) for b in weights.blocks)
+    shapes = tuple((tuple(b.shape), _weight_strides(b), getattr(b, "bits", 0)) for b in weights.blocks)
     key = (batch_bucket(batch), x.dtype, x.device, x.stride(1) == 1, shapes, tuple(weights.out_features))
     if key not in _layouts_chosen:
         plans = {layout: LaunchPlan.record(x, weights, generation, layout)[0] for layout in _LAYOUTS}

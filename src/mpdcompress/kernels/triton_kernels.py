@@ -73,6 +73,39 @@ def _on_rows(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _dequantized(
+    w_block,
+    s_block,
+    z_block,
+    ks,
+    mask,
+    stride_wk,
+    GROUP,
+    BITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """A weight tile of integer blocks in float, ``ks`` the tile's inputs along its K axis: the
+    integers (int8, or 4-bit nibbles low first, minus 8 or the group's zero point) times the
+    group's scale, rounded to ``DTYPE`` (the scale's type), the values of
+    ``QuantizedWeight.dequantize`` (masked positions are zero)."""
+    if BITS == 8:
+        q = tl.load(w_block + ks * stride_wk, mask=mask, other=0).to(tl.int32)
+    else:
+        byte = tl.load(w_block + (ks // 2) * stride_wk, mask=mask, other=0).to(tl.int32)
+        q = (byte >> ((ks % 2) * 4)) & 15
+        if HAS_ZEROS:
+            q = q - tl.load(z_block + ks // GROUP, mask=mask, other=0).to(tl.int32)
+        else:
+            q = q - 8
+    # In fp32, then rounded once: a product of an integer of at most 8 bits and a 16-bit float is
+    # exact in fp32, so this rounds as a product in the scale's own type does (and Triton's
+    # interpreter has no 16-bit float arithmetic).
+    scale = tl.load(s_block + ks // GROUP, mask=mask, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) * scale).to(DTYPE)
+
+
+@triton.jit
 def _block_linear(
     x_ptr,
     in_index_ptr,
@@ -82,6 +115,8 @@ def _block_linear(
     y_ptr,
     part_ptr,
     gate_ptr,
+    scale_ptr,
+    zero_ptr,
     batch,
     ROWS,
     COLS,
@@ -94,6 +129,11 @@ def _block_linear(
     stride_wk,
     stride_gb,
     stride_gf,
+    stride_sc,
+    stride_sr,
+    GROUP,
+    BITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
@@ -114,7 +154,10 @@ def _block_linear(
     fp32 sums go to ``part`` (``(SPLIT_K · c · ROWS, batch)``, block-row order) and
     :func:`_split_k_sum` adds them up, adds the bias, applies the epilogue and scatters them.
     ``GATED`` (input gradients through a ReLU): ``x`` counts only where ``gate`` (the forward's
-    output, laid out like ``x``'s positions) is positive, so ``dz · 1[z > 0]`` is never stored."""
+    output, laid out like ``x``'s positions) is positive, so ``dz · 1[z > 0]`` is never stored.
+    ``BITS`` 8 or 4: the blocks are integers (``QuantizedWeight``: ``scale`` per row and group of
+    ``GROUP`` inputs, ``zero`` points if ``HAS_ZEROS``) dequantized as their tiles load, so no
+    float copy of the blocks is written or read; 0: float blocks."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     # Tiles are (batch, rows) or, swapped, (rows, batch); operands follow: x (batch, K) or
@@ -130,6 +173,8 @@ def _block_linear(
     in_rows = offs_r < ROWS
     x_rows = x_ptr + _on_batch(offs_b.to(tl.int64) * stride_xb, SWAP_AB)
     w_block = w_ptr + blk.to(tl.int64) * stride_wc + _on_rows(offs_r * stride_wr, SWAP_AB)
+    s_block = scale_ptr + blk.to(tl.int64) * stride_sc + _on_rows(offs_r * stride_sr, SWAP_AB)
+    z_block = zero_ptr + blk.to(tl.int64) * stride_sc + _on_rows(offs_r * stride_sr, SWAP_AB)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
     else:
@@ -156,11 +201,22 @@ def _block_linear(
                 other=0.0,
             )
             a = tl.where(gate > 0, a, 0.0).to(a.dtype)
-        w = tl.load(
-            w_block + _on_batch(ks * stride_wk, SWAP_AB),
-            mask=_on_batch(ks < COLS, SWAP_AB) & _on_rows(in_rows, SWAP_AB),
-            other=0.0,
-        )
+        w_mask = _on_batch(ks < COLS, SWAP_AB) & _on_rows(in_rows, SWAP_AB)
+        if BITS == 0:
+            w = tl.load(w_block + _on_batch(ks * stride_wk, SWAP_AB), mask=w_mask, other=0.0)
+        else:
+            w = _dequantized(
+                w_block,
+                s_block,
+                z_block,
+                _on_batch(ks, SWAP_AB),
+                w_mask,
+                stride_wk,
+                GROUP,
+                BITS,
+                HAS_ZEROS,
+                x_ptr.dtype.element_ty,
+            )
         if SWAP_AB:
             acc = _mma(w, a, acc, PRECISION, UPCAST)
         else:

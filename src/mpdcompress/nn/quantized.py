@@ -164,10 +164,15 @@ class QuantizedBlocks(PackedBlocks):
         """The dequantized float blocks (computed on each read)."""
         return self.quantized_weight().dequantize()
 
-    def engine_blocks(self, kernel_indices: bool) -> torch.Tensor | BlockGemm:
+    def engine_blocks(self, kernel_indices: bool) -> torch.Tensor | BlockGemm | QuantizedWeight:
+        """The export form if set; for the Triton engine (``kernel_indices``) the integer blocks,
+        which it dequantizes tile by tile; else the dequantized blocks, or the CPU's int8 GEMMs
+        for dynamic activations."""
         if self.export_gemm is not None:
             return self.export_gemm
-        if self.activations != "dynamic" or kernel_indices or self.qweight.device.type != "cpu" or tracing():
+        if kernel_indices:
+            return self.quantized_weight()
+        if self.activations != "dynamic" or self.qweight.device.type != "cpu" or tracing():
             return self.weight_blocks
         return _dynamic_blocks(self, self.quantized_weight())
 
