@@ -38,6 +38,32 @@ def test_quantized_cnn_pte_file_computes_what_pytorch_computes(tmp_path):
             _close(mpd.run_executorch(path, x)[0], model(x))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4-g8", "int4-g32-asym"])
+def test_weight_only_blocks_dequantize_in_xnnpack_to_the_weight_only_output(tmp_path, fmt):
+    """Odd block widths (75 inputs), uneven blocks and a quantized dense classifier: the program
+    stores the integers and computes the weight-only output (to float rounding)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(300, 190), torch.nn.ReLU(), torch.nn.Linear(190, 70), torch.nn.ReLU(), torch.nn.Linear(70, 10)
+    )
+    mpd.mpdify_(model, 4, filter_fn=lambda module, name: name != "4", seed=0)
+    model = mpd.quantize_(mpd.pack(model).eval(), fmt, dense_layers=True)
+    path = mpd.export_executorch(model, torch.randn(2, 300), tmp_path / "m.pte")
+    for batch in (1, 6):
+        x = torch.randn(batch, 300)
+        with torch.no_grad():
+            _close(mpd.run_executorch(path, x)[0], model(x))
+
+
+@pytest.mark.parametrize("fmt, share", [("int8", 0.35), ("int4-g32", 0.25)])
+def test_weight_only_programs_hold_the_integers_not_float_copies(tmp_path, fmt, share):
+    masked = mpd.mpdify_(torch.nn.Sequential(torch.nn.Linear(1024, 1024)), 4, seed=0)
+    model = mpd.quantize_(mpd.pack(masked).eval(), fmt)
+    path = mpd.export_executorch(model, torch.randn(2, 1024), tmp_path / "q.pte")
+    float_path = mpd.export_executorch(mpd.dequantize(model), torch.randn(2, 1024), tmp_path / "f.pte")
+    assert path.stat().st_size < share * float_path.stat().st_size  # 1 MB of float blocks
+
+
 def test_export_command_writes_a_pte_file_for_a_quantized_file(tmp_path, capsys):
     model = mpd.quantize_(_packed("lenet300"), "int4")
     saved = mpd.save(model, tmp_path / "q.safetensors", input_shape=(1, 28, 28))

@@ -98,6 +98,57 @@ class Int8ActivationBlocks(PerBlockProducts):
         return F.linear(a, w)
 
 
+class XnnpackDequantizedBlocks(PerBlockProducts):
+    """Integer blocks dequantized in the program by operators XNNPACK runs, then one linear per
+    block. XNNPACK has no kernel for float activations times integer weights, and ExecuTorch's
+    portable operators, which would take integer casts and nibble arithmetic, ran a block 30-100x
+    slower than its float linear; but XNNPACK converts int8 to float (``dequantize_per_tensor``
+    with scale 1), does float arithmetic, and runs a linear whose weights the program computes.
+    So int8 rows become ``float(q) * scale``; int4 bytes are stored as int8 (minus 128) holding,
+    per group, input ``j`` in the low nibble and input ``j + group / 2`` in the high one, split in
+    float (``hi = floor(b / 16)``, ``lo = b - 16 hi``, exact for integers), so each half of every
+    group is one linear over the matching half of the input: no interleaving copy. The weights
+    are exactly the dequantized blocks (one rounding, of the product by the scale); int4 sums two
+    linears, so its output differs from the weight-only one by float rounding."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        from torch.ao.quantization.fx import _decomposed  # noqa: F401 (registers quantized_decomposed)
+
+        c, rows = weight.qweight.shape[:2]
+        self.shape = (c, rows, weight.inputs)
+        self.bits, self.group = weight.bits, weight.group_size
+        scales = weight.scales.float()
+        if weight.bits == 8:
+            self.blocks = [(q.clone(), s.clone(), None) for q, s in zip(weight.qweight.unbind(0), scales.unbind(0))]
+            return
+        groups = scales.shape[-1]
+        nibbles = F.pad(unpack_int4(weight.qweight)[..., : weight.inputs], (0, groups * self.group - weight.inputs))
+        halves = nibbles.unflatten(-1, (groups, 2, self.group // 2))
+        stored = (halves[..., 0, :] + 16 * halves[..., 1, :] - 128).to(torch.int8)  # (c, rows, groups, group / 2)
+        zeros = weight.zero_points  # symmetric: the constant 8, no tensor in the program
+        self.blocks = [
+            (
+                stored[k].clone(),
+                scales[k].unsqueeze(-1).clone(),
+                SYMMETRIC_INT4_ZERO if zeros is None else zeros[k].float().unsqueeze(-1).clone(),
+            )
+            for k in range(c)
+        ]
+
+    def _block(self, k: int, a: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        q, scales, zeros = self.blocks[k]
+        if self.bits == 8:
+            return F.linear(a, ops.dequantize_per_tensor(q, 1.0, 0, -128, 127, torch.int8) * scales)
+        rows, groups, half = q.shape
+        stored = ops.dequantize_per_tensor(q, 1.0, -128, -128, 127, torch.int8)  # the bytes, 0..255
+        high = torch.floor(stored * 0.0625)
+        low = stored - 16 * high
+        a = F.pad(a, (0, groups * 2 * half - a.shape[-1])).unflatten(-1, (groups, 2, half))
+        y = F.linear(a[..., 0, :].flatten(-2), ((low - zeros) * scales).reshape(rows, -1))
+        return y + F.linear(a[..., 1, :].flatten(-2), ((high - zeros) * scales).reshape(rows, -1))
+
+
 def _float_block_form(model: nn.Module) -> None:
     """Float packed linear layers of ``model`` (an export copy) run as :class:`FloatBlockLinears`."""
     for layer in model.modules():
@@ -123,9 +174,21 @@ def _int8_activation_form(model: nn.Module) -> None:
             "asymmetric int4 and convolutions stay weight-only)"
         )
     for layer in layers:
-        layer.export_gemm = Int8ActivationBlocks(layer.quantized_weight())
-        for name in ("qweight", "scales", "zero_points"):  # unused now; a program would store them too
-            layer.register_buffer(name, None)
+        _set_export_form(layer, Int8ActivationBlocks(layer.quantized_weight()))
+
+
+def _weight_only_form(model: nn.Module) -> None:
+    """Quantized linear layers (packed and dense) of ``model`` (an export copy) that no other form
+    took run as :class:`XnnpackDequantizedBlocks`."""
+    for layer in model.modules():
+        if isinstance(layer, (QuantizedBlockDiagonalLinear, QuantizedLinear)) and layer.export_gemm is None:
+            _set_export_form(layer, XnnpackDequantizedBlocks(layer.quantized_weight()))
+
+
+def _set_export_form(layer: nn.Module, form: PerBlockProducts) -> None:
+    layer.export_gemm = form
+    for name in ("qweight", "scales", "zero_points"):  # unused now; a program would store them too
+        layer.register_buffer(name, None)
 
 
 def export_executorch(
@@ -158,6 +221,7 @@ def export_executorch(
     _float_block_form(model)
     if int8_activations:
         _int8_activation_form(model)
+    _weight_only_form(model)
     args, kwargs = split_inputs(example_inputs)
     dims = dynamic_shapes(args, kwargs, dynamic_dims, dynamic_batch, max_size)
     try:
@@ -167,7 +231,10 @@ def export_executorch(
         ):  # eval mode first, so the check forward moves no BatchNorm statistics
             check_runs_on(model, args, kwargs)
             program = torch.export.export(model, args, kwargs or None, dynamic_shapes=dims)
-            buffer = lower(program, partitioner=[partitioner()]).to_executorch().buffer
+            # The second partitioner takes the linears whose weights the program computes
+            # (XnnpackDequantizedBlocks); the first keeps constant weights prepacked.
+            partitioners = [partitioner(), partitioner(force_non_static_weights_for_f32_linear=True)]
+            buffer = lower(program, partitioner=partitioners).to_executorch().buffer
     except ExportError:
         raise
     except Exception as exc:  # torch.export and the lowering raise many unrelated types
