@@ -26,6 +26,7 @@ from ..nn.packed import BlockDiagonalLinear
 from ..nn.quantized import QuantizedBlockDiagonalLinear
 from ..timing import cuda_medians, interleaved_medians
 from .alternatives import MonarchLinear, semi_structured_linear
+from .gpu_report import LAYER_COLUMNS
 from .machine import describe_machine
 from .model import build_stack
 
@@ -54,17 +55,7 @@ class GpuProfile:
     training_models: tuple[str, ...] = ("alexnet-fc",)
     training_batch: int = 512
     repeats: int = 10
-    candidates: tuple[str, ...] = (
-        "dense",
-        "packed",
-        "packed_torch",
-        "bmm_only",
-        "packed_int8",
-        "packed_int4",
-        "monarch",
-        "semi_structured",
-        "bsr",
-    )
+    candidates: tuple[str, ...] = ("dense", *LAYER_COLUMNS)
 
 
 GPU_FULL = GpuProfile()

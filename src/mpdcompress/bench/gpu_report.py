@@ -9,6 +9,7 @@ from ..atomic import write_atomic
 
 __all__ = ["write_gpu_report", "check_targets"]
 
+# Every layer candidate but dense, in the report's column order (the full profile times them all).
 LAYER_COLUMNS = [
     "packed",
     "packed_torch",
