@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--qat-steps", type=int, default=0, help="quantization-aware steps per 4-bit format")
     parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--convs", action="store_true", help="MPD on the convolutions too (but the first)")
     parser.add_argument("--out", default="results/size")
     args = parser.parse_args()
     profile = SizeProfile(
@@ -36,6 +37,7 @@ def main() -> None:
         args.train_limit,
         speed_compression=10 if 10 in args.compressions else args.compressions[0],
         qat_steps=args.qat_steps,
+        compress_convs=args.convs,
     )
     results = timed_study(lambda: run_size_study(profile, progress=lambda message: print(message, flush=True)))
     report = render_size_study(results, command_line("benchmarks/size_study.py", sys.argv[1:]))

@@ -186,3 +186,29 @@ def test_a_packed_model_on_the_meta_device_is_refused_by_both_quantizers():
         with pytest.raises(CompressionError, match="meta device"):
             quantizer(model, "int8")
     assert not fake_quantized_layers(model) and not quantized_layers(model)
+
+
+def test_size_study_compresses_and_quantizes_the_convolutions_when_asked(data_dir):
+    from mpdcompress.experiments.size_study import SizeProfile, render_size_study, run_size_study
+
+    profiles = {
+        convs: SizeProfile(
+            model="deep-mnist",
+            compressions=(4,),
+            formats=("int4-g64",),
+            epochs=1,
+            train_limit=64,
+            speed_compression=4,
+            size_only=None,
+            qat_steps=2,
+            compress_convs=convs,
+        )
+        for convs in (False, True)
+    }
+    sizes = {}
+    for convs, profile in profiles.items():
+        results = run_size_study(profile)
+        sizes[convs] = {r["format"]: r["bytes"] for r in results["rows"] if r["model"] == "mpd c=4"}
+    # conv2's 51k weights, a quarter kept and at 4 bits, instead of all of them in fp32
+    assert sizes[True]["int4-g64 QAT"] < sizes[False]["int4-g64 QAT"] - 150_000
+    assert "MPD on its convolutions too" in render_size_study(results, "cmd")
