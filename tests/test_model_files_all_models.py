@@ -126,6 +126,58 @@ def test_export_command_writes_an_onnx_model_that_computes_the_same(saved, name,
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
 
 
+PACKED_CASES = [case for case in CASES if case.values[1] == "packed"]
+
+
+@pytest.mark.parametrize("name,form,convs", PACKED_CASES)
+def test_int4_files_export_as_matmulnbits_that_computes_the_weight_only_output(saved, name, form, convs, tmp_path):
+    """The README's ONNX Runtime MatMulNBits form, for every model: quantized (blocks, packed
+    convolutions and the layers kept dense), saved, exported by the CLI, run by ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("torchao")
+    model, _, x = saved(name, form, convs)
+    float_model = mpd.load(mpd.save(model, tmp_path / "f.safetensors")).eval()
+    quantized = mpd.quantize_(float_model, "int4", dense_layers=True)
+    path = mpd.save(quantized, tmp_path / "q.safetensors", input_shape=MODELS[name].input_shape)
+    onnx_path = tmp_path / "q.onnx"
+    assert main(["export", str(path), "-o", str(onnx_path), "--quantized-ops", "matmulnbits"]) == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = quantized(x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+# One model per kind of layer the ExecuTorch forms meet (an MLP, 3-D transformer inputs, a packed
+# convolution before a chain, a model with an operator the runtime lacks): exporting every
+# registry model takes ~7 CPU minutes, past what the suite can spend.
+EXECUTORCH_CASES = [
+    case
+    for case in PACKED_CASES
+    if case.id in ("lenet300-packed", "transformer-mlp-packed", "deep-mnist-packed-convs", "tf-cifar10-packed")
+]
+
+
+@pytest.mark.parametrize("name,form,convs", EXECUTORCH_CASES)
+def test_int4_models_run_weight_only_in_executorch_or_are_refused_by_name(saved, name, form, convs, tmp_path):
+    """ExecuTorch's weight-only form (blocks dequantized inside XNNPACK); a model the runtime
+    cannot run is refused at export, naming the missing kernel, not written."""
+    pytest.importorskip("executorch")
+    pytest.importorskip("torchao")
+    model, _, x = saved(name, form, convs)
+    quantized = mpd.quantize_(mpd.load(mpd.save(model, tmp_path / "f.safetensors")).eval(), "int4", dense_layers=True)
+    if name == "tf-cifar10":  # LocalResponseNorm lowers to avg_pool3d, which no kernel here runs
+        with pytest.raises(mpd.ExportError, match="no kernel for aten::avg_pool3d"):
+            mpd.export_executorch(quantized, x, tmp_path / "q.pte")
+        assert not (tmp_path / "q.pte").exists()
+        return
+    path = mpd.export_executorch(quantized, x, tmp_path / "q.pte")
+    with torch.no_grad():
+        expected = quantized(x)
+    got = mpd.run_executorch(path, x)[0]
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max())
+
+
 @pytest.mark.parametrize("name,form,convs", CASES)
 def test_masks_stored_as_seeds_load_the_same(saved, name, form, convs, tmp_path):
     model, _, x = saved(name, form, convs)

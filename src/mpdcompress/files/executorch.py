@@ -234,12 +234,36 @@ def export_executorch(
             # The second partitioner takes the linears whose weights the program computes
             # (XnnpackDequantizedBlocks); the first keeps constant weights prepacked.
             partitioners = [partitioner(), partitioner(force_non_static_weights_for_f32_linear=True)]
-            buffer = lower(program, partitioner=partitioners).to_executorch().buffer
+            lowered = lower(program, partitioner=partitioners).to_executorch()
+            _refuse_missing_kernels(lowered)
+            buffer = lowered.buffer
     except ExportError:
         raise
     except Exception as exc:  # torch.export and the lowering raise many unrelated types
         raise ExportError(f"ExecuTorch export failed: {exc}") from exc
     return atomic_path(Path(path), lambda tmp: tmp.write_bytes(buffer))
+
+
+def _refuse_missing_kernels(lowered) -> None:
+    """Refuse a program with operators outside XNNPACK that the installed ExecuTorch runtime has
+    no kernel for (``nn.LocalResponseNorm`` lowers to ``avg_pool3d``, say): it would be written,
+    then fail to load with an error code."""
+    try:
+        from executorch.extension.pybindings.portable_lib import _get_operator_names
+    except ImportError:  # no runtime here to check against
+        return
+    known = set(_get_operator_names())
+    needed = {
+        node.target.name()
+        for node in lowered.exported_program().graph_module.graph.nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+    }
+    missing = sorted(needed - known)
+    if missing:
+        raise ExportError(
+            f"the ExecuTorch runtime installed here has no kernel for {', '.join(missing)}, which the program "
+            "needs outside XNNPACK (nn.LocalResponseNorm lowers to avg_pool3d), so the program would not load"
+        )
 
 
 def run_executorch(path: str | os.PathLike, *inputs: torch.Tensor) -> list[torch.Tensor]:
