@@ -139,3 +139,19 @@ def test_runtime_bench_checks_every_variant_against_pytorch_including_int8_activ
     assert all(error < 1e-5 for variant, error in errors.items() if not variant.endswith("activations"))
     assert 0 < errors["MPD c=4 int8 + int8 activations"] < 1e-2
     assert "| executorch | MPD c=4 int8 + int8 activations |" in render_runtime_bench(results, "cmd")
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 5])
+def test_local_response_norm_runs_from_channel_slices(size):
+    from mpdcompress.files.executorch import SlicedLocalResponseNorm
+
+    norm = torch.nn.LocalResponseNorm(size, alpha=1e-2, beta=0.75, k=1.0)
+    x = torch.randn(2, 7, 5, 6)
+    _close(SlicedLocalResponseNorm(norm)(x), norm(x))  # torch's avg_pool3d has no ExecuTorch kernel
+
+
+def test_a_program_the_runtime_has_no_kernel_for_is_refused_by_name(tmp_path):
+    model = torch.nn.Sequential(torch.nn.AvgPool3d((2, 1, 1), stride=1)).eval()
+    with pytest.raises(ExportError, match="no kernel for aten::avg_pool3d"):
+        mpd.export_executorch(model, torch.randn(2, 3, 4, 5, 6), tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()

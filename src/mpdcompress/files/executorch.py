@@ -149,6 +149,31 @@ class XnnpackDequantizedBlocks(PerBlockProducts):
         return y + F.linear(a[..., 1, :].flatten(-2), ((high - zeros) * scales).reshape(rows, -1))
 
 
+class SlicedLocalResponseNorm(nn.Module):
+    """``nn.LocalResponseNorm`` from channel slices: torch lowers it to ``avg_pool3d``, for which
+    ExecuTorch has no kernel; the same window sum as ``size`` shifted slices of the padded
+    squares (XNNPACK pads, slices and adds), equal to torch's up to the order of the sum."""
+
+    def __init__(self, norm: nn.LocalResponseNorm) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = norm.size, norm.alpha, norm.beta, norm.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        pad = [0, 0] * (x.dim() - 2) + [self.size // 2, (self.size - 1) // 2]
+        squares = F.pad(x * x, pad)
+        window = sum(squares[:, j : j + channels] for j in range(self.size))
+        return x / (window * (self.alpha / self.size) + self.k) ** self.beta
+
+
+def _local_response_norm_form(model: nn.Module) -> None:
+    """Every ``nn.LocalResponseNorm`` of ``model`` (an export copy) as :class:`SlicedLocalResponseNorm`."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LocalResponseNorm):
+                setattr(parent, name, SlicedLocalResponseNorm(child))
+
+
 def _float_block_form(model: nn.Module) -> None:
     """Float packed linear layers of ``model`` (an export copy) run as :class:`FloatBlockLinears`."""
     for layer in model.modules():
@@ -218,6 +243,7 @@ def export_executorch(
         raise ConfigError(f"max_size must be an int of at least 2, got {max_size!r}")
     partitioner, lower = _executorch()
     model = copy.deepcopy(model)  # the export forms are set on a copy
+    _local_response_norm_form(model)
     _float_block_form(model)
     if int8_activations:
         _int8_activation_form(model)
@@ -246,8 +272,8 @@ def export_executorch(
 
 def _refuse_missing_kernels(lowered) -> None:
     """Refuse a program with operators outside XNNPACK that the installed ExecuTorch runtime has
-    no kernel for (``nn.LocalResponseNorm`` lowers to ``avg_pool3d``, say): it would be written,
-    then fail to load with an error code."""
+    no kernel for (``nn.AvgPool3d``'s ``avg_pool3d``, say): it would be written, then fail to load
+    with an error code."""
     try:
         from executorch.extension.pybindings.portable_lib import _get_operator_names
     except ImportError:  # no runtime here to check against
@@ -262,7 +288,7 @@ def _refuse_missing_kernels(lowered) -> None:
     if missing:
         raise ExportError(
             f"the ExecuTorch runtime installed here has no kernel for {', '.join(missing)}, which the program "
-            "needs outside XNNPACK (nn.LocalResponseNorm lowers to avg_pool3d), so the program would not load"
+            "needs outside XNNPACK, so the program would not load"
         )
 
 
