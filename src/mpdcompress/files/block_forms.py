@@ -10,8 +10,9 @@ linear with constant weights, ONNX Runtime's MatMulNBits). Each form is a
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["PerBlockProducts"]
+__all__ = ["PerBlockProducts", "set_export_form"]
 
 
 class PerBlockProducts:
@@ -30,3 +31,11 @@ class PerBlockProducts:
     def feature_major(self, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``a`` (c, cols, batch) → ``(c * rows, batch)``."""
         return self.batch_major(a.transpose(1, 2), bias).t()
+
+
+def set_export_form(layer: nn.Module, form: PerBlockProducts) -> None:
+    """``layer`` (a quantized layer of an export copy) runs ``form``; its integer buffers, unused
+    now, are dropped, or the program would store them beside the form's own constants."""
+    layer.export_gemm = form
+    for name in ("qweight", "scales", "zero_points"):
+        layer.register_buffer(name, None)

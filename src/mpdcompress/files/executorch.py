@@ -25,7 +25,7 @@ from ..errors import ConfigError, ExportError, MissingDependencyError
 from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, unpack_int4
 from ..nn.packed import BlockDiagonalLinear
 from ..nn.quantized import QuantizedBlockDiagonalLinear, QuantizedBlocks, QuantizedLinear
-from .block_forms import PerBlockProducts
+from .block_forms import PerBlockProducts, set_export_form
 from .export_inputs import DynamicDims, Inputs, check_runs_on, dynamic_shapes, quiet_export, split_inputs
 
 __all__ = ["export_executorch", "run_executorch", "Int8ActivationBlocks"]
@@ -199,7 +199,7 @@ def _int8_activation_form(model: nn.Module) -> None:
             "asymmetric int4 and convolutions stay weight-only)"
         )
     for layer in layers:
-        _set_export_form(layer, Int8ActivationBlocks(layer.quantized_weight()))
+        set_export_form(layer, Int8ActivationBlocks(layer.quantized_weight()))
 
 
 def _weight_only_form(model: nn.Module) -> None:
@@ -207,13 +207,7 @@ def _weight_only_form(model: nn.Module) -> None:
     took run as :class:`XnnpackDequantizedBlocks`."""
     for layer in model.modules():
         if isinstance(layer, (QuantizedBlockDiagonalLinear, QuantizedLinear)) and layer.export_gemm is None:
-            _set_export_form(layer, XnnpackDequantizedBlocks(layer.quantized_weight()))
-
-
-def _set_export_form(layer: nn.Module, form: PerBlockProducts) -> None:
-    layer.export_gemm = form
-    for name in ("qweight", "scales", "zero_points"):  # unused now; a program would store them too
-        layer.register_buffer(name, None)
+            set_export_form(layer, XnnpackDequantizedBlocks(layer.quantized_weight()))
 
 
 def export_executorch(

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels.quantized_blocks import SYMMETRIC_INT4_ZERO, QuantizedWeight, pack_int4, unpack_int4
 from ..nn.quantized import QuantizedBlockDiagonalLinear, QuantizedLinear
-from .block_forms import PerBlockProducts
+from .block_forms import PerBlockProducts, set_export_form
 
 __all__ = ["NBitsBlocks", "matmulnbits_form_", "translation_table", "WEIGHT_ONLY", "INT8_ACTIVATIONS"]
 
@@ -187,8 +187,6 @@ def matmulnbits_form_(model: nn.Module, int8_activations: bool) -> int:
             continue
         if layer.bits == 8 and not int8_activations:
             continue
-        layer.export_gemm = NBitsBlocks(layer.quantized_weight(), level, name or "model")
-        for buffer in ("qweight", "scales", "zero_points"):  # unused now; the graph would store them twice
-            layer.register_buffer(buffer, None)
+        set_export_form(layer, NBitsBlocks(layer.quantized_weight(), level, name or "model"))
         converted += 1
     return converted

@@ -125,10 +125,13 @@ class _LinearLaunch:
         # ``gate``: an input gradient through a ReLU reads the forward's output beside ``dz``.
         self.gate = gate if gate is not None else tensor
         self.gate_strides = (0, 0) if gate is None else gate.stride()
+        self.dtype = _float_dtype(weight)
         if quantized:
-            zeros = weight.zero_points
-            self.quantization = (weight.scales, tensor if zeros is None else zeros)
-            self.scale_strides = (*weight.scales.stride()[:2], weight.group_size)
+            # Zero points have the scales' shape; both contiguous (no copy when they are), one pair
+            # of strides addresses both.
+            scales, zeros = weight.scales.contiguous(), weight.zero_points
+            self.quantization = (scales, tensor if zeros is None else zeros.contiguous())
+            self.scale_strides = (*scales.stride()[:2], weight.group_size)
             self.bits, self.has_zeros = weight.bits, zeros is not None
         else:
             self.quantization, self.scale_strides = (tensor, tensor), (0, 0, 1)
@@ -150,7 +153,7 @@ class _LinearLaunch:
             SPLIT_K=cfg.split_k,
             BITS=self.bits,
             HAS_ZEROS=self.has_zeros,
-            **_launch_options(cfg, self.operands[1].dtype if self.bits == 0 else self.quantization[0].dtype),
+            **_launch_options(cfg, self.dtype),
         )
         return self
 
@@ -194,8 +197,13 @@ class _LinearLaunch:
             )
 
 
+def _float_dtype(blocks: Tensor | QuantizedWeight) -> torch.dtype:
+    """The float type the blocks compute in (integer blocks: their scales')."""
+    return blocks.scales.dtype if isinstance(blocks, QuantizedWeight) else blocks.dtype
+
+
 def _check(x: Tensor, blocks: Tensor | QuantizedWeight, bias: Optional[Tensor]) -> None:
-    dtype = blocks.scales.dtype if isinstance(blocks, QuantizedWeight) else blocks.dtype
+    dtype = _float_dtype(blocks)
     if x.dtype != dtype or (bias is not None and bias.dtype != dtype):
         raise RuntimeError(
             f"packed layer: input dtype {x.dtype} does not match weight dtype {dtype}"
