@@ -155,7 +155,8 @@ def render_runtime_bench(results: dict[str, Any], command: str) -> str:
         "activations quantized on the fly); in ONNX Runtime they are stored as integers and dequantized by "
         "standard operators, which ONNX Runtime folds to float weights at load, unless exported as its "
         "`MatMulNBits` kernel (`as MatMulNBits`: 4-bit weights, float activations); in ExecuTorch weight-only "
-        "blocks dequantize in every call outside XNNPACK (which has no weight-only kernel). `+ int8 activations`: "
+        "blocks dequantize in every call inside XNNPACK (which has no weight-only kernel), then run its linear. "
+        "`+ int8 activations`: "
         "activations rounded to int8 per row on the fly (XNNPACK's kernels, ONNX Runtime's `MatMulNBits` at "
         "accuracy level 4), close to but not exactly the weight-only output.",
         "",
