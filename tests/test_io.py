@@ -93,6 +93,21 @@ def test_indices_use_the_smallest_integer_type(lenet_file):
     }
 
 
+def test_layers_sharing_one_order_tensor_save_and_load(tmp_path):
+    """Hand-made masks may share a permutation tensor between layers; each layer's orders are
+    still stored (the loader checks every layer's own), not tied to the first one's."""
+    from mpdcompress.core.masks import MPDMask, make_mask
+
+    first = make_mask(8, 8, 2, seed=1)
+    second = MPDMask(first.layout, first.col_order, first.row_order)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[0], model[2] = mc.MPDLinear.from_linear(model[0], first), mc.MPDLinear.from_linear(model[2], second)
+    loaded = load(save(model, tmp_path / "shared-orders.safetensors"))
+    assert torch.equal(loaded[2].row_order, first.col_order) and torch.equal(loaded[0].col_order, first.col_order)
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize(
     "name,builder,c",
     [("lenet", lambda: build_model("lenet300"), 10), ("alexnet-fc", lambda: fc_stack([16384, 4096, 4096, 1000]), 8)],

@@ -156,7 +156,9 @@ def save(
         if value.device.type == "meta":
             raise UnsupportedArchitectureError(f"cannot save {key!r}: it is on the meta device (it has no values)")
         where = (value.untyped_storage().data_ptr(), value.storage_offset())
-        if value.numel() and where in storages:
+        # Mask orders are stored with every layer, even where two layers share one tensor: each
+        # layer's are checked against its manifest entry before anything is allocated.
+        if value.numel() and where in storages and not key.endswith(_INDEX_SUFFIXES):
             first = storages[where]
             ref = originals[first]
             if (value.shape, value.stride(), value.dtype) != (ref.shape, ref.stride(), ref.dtype):
