@@ -116,7 +116,13 @@ def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
     """The four variants at factor ``c`` (packed where compressed), and the two masked models."""
     torch.manual_seed(0)
     dense = build_model(name).eval()
-    masked = {"mpd_conv_fc": mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0, convs=True)}
+    # shared_streams: a residual network's streams stay in block order, without gathers (no
+    # effect on networks without residual blocks).
+    masked = {
+        "mpd_conv_fc": mpdify_(
+            copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0, convs=True, shared_streams=True
+        )
+    }
     if any(isinstance(m, nn.Linear) for n, m in dense.named_modules() if paper_filter(dense, name)(m, n)):
         masked["mpd_fc"] = mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0)
     models = {"dense": dense, **{k: pack(m).eval() for k, m in masked.items()}}
@@ -200,6 +206,8 @@ def render_cnn_report(result: dict[str, Any]) -> str:
         "layout's rows include what the layout alone gains (their *dense* column). Against the dense model",
         "in the same layout: divide by that column. *limit*: dense multiply-adds /",
         "the variant's (the uncompressed first convolution caps it). Parameters as a fraction of dense.",
+        "MPD conv+FC draws one channel order per residual stream (`shared_streams=True`), so a packed ResNet",
+        "gathers only inside its residual bodies.",
         "BatchNorms folded into the convolutions before them in every variant (`fold_batchnorm_`), as a model is "
         "deployed."
         if result["profile"].get("fold_batchnorm", False)

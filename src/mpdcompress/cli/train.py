@@ -51,6 +51,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="compress the convolutions too (grouped convolutions when packed), all but the one reading the image",
     )
     tr.add_argument(
+        "--shared-streams",
+        action="store_true",
+        help="with --compress-convs: the convolutions on one residual stream share its channel order, so the "
+        "packed model needs no gathers there (ResNets)",
+    )
+    tr.add_argument(
         "--mode",
         choices=["masked", "compact"],
         default="masked",
@@ -250,6 +256,7 @@ def _train(config, args, ctx) -> int:
             + (
                 f"MPD c={resolved.compression} {resolved.mode}{'' if resolved.permute else ' (non-permuted)'}"
                 + (", convolutions too" if resolved.compress_convs else "")
+                + (" (residual streams share their channel orders)" if resolved.shared_streams else "")
                 + (f", blocks trained as {resolved.qat}" if resolved.qat else "")
                 if resolved.compression
                 else "dense"

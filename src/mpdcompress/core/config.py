@@ -66,7 +66,10 @@ class MPDConfig:
     chooses each mask to keep the most of the layer's trained weight instead of at random.
     ``convs=True`` also compresses ``nn.Conv1d`` / ``nn.Conv2d`` layers on their channel plane,
     except those the default rules skip (see :func:`~mpdcompress.mpdify_`); a convolution named
-    in a ``compression`` mapping is compressed either way.
+    in a ``compression`` mapping is compressed either way. ``shared_streams=True`` (with random
+    masks) gives every compressed convolution that reads or writes one residual stream the same
+    channel order there, so that the packed model keeps the stream in that order with no gathers
+    (:mod:`mpdcompress.core.streams`); the default draws every layer's orders independently.
     """
 
     compression: int | Mapping[str, int]
@@ -76,6 +79,7 @@ class MPDConfig:
     init: Init = "dense"
     masks: Literal["random", "weights", "weights-joint"] = "random"
     convs: bool = False
+    shared_streams: bool = False
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -89,7 +93,11 @@ class MPDConfig:
             raise CompressionTypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
-        for flag in ("permute", "convs"):
+        if self.shared_streams and self.masks != "random":
+            raise ConfigError(
+                f"shared_streams draws the stream orders at random; it cannot be combined with masks={self.masks!r}"
+            )
+        for flag in ("permute", "convs", "shared_streams"):
             if not isinstance(getattr(self, flag), bool):
                 raise CompressionTypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
         if not isinstance(self.compression, Mapping) and (
@@ -106,7 +114,8 @@ class MPDConfig:
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)} - {"compression"})
         if unknown:
             raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)}; MPDConfig takes seed, permute, mode, init, masks and convs"
+                f"unknown option(s) {', '.join(unknown)}; MPDConfig takes seed, permute, mode, init, masks, convs and "
+                "shared_streams"
             )
         if not isinstance(config, cls):
             return cls(config, **options)
@@ -123,4 +132,6 @@ class MPDConfig:
             "init": self.init,
             "masks": self.masks,
             "convs": self.convs,
+            # Only when set, so files of the default config stay readable by releases before it.
+            **({"shared_streams": True} if self.shared_streams else {}),
         }

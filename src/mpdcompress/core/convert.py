@@ -25,6 +25,7 @@ from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
 from .roles import mlp_pairs
+from .streams import relabel_streams_, shared_stream_masks
 
 __all__ = [
     "mpdify_",
@@ -207,6 +208,10 @@ def _planned_masks(
         planned[id(original)] = layer, mask
         if report is not None:
             report({"mask": name, "index": len(planned), "masks": len(factors)})
+    if config.shared_streams:
+        convs = {name: planned[id(candidates[name])][1] for name in factors if type(candidates[name]) in MASKED_CONVS}
+        for name, mask in shared_stream_masks(model, convs, config.seed, config.permute).items():
+            planned[id(candidates[name])] = candidates[name], mask
     return planned
 
 
@@ -413,8 +418,12 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     other ``MPDLinear`` layers become :class:`BlockDiagonalLinear`. With ``fold_dense`` (the
     default), a plain ``nn.Linear`` just before or after such a run (element-wise modules between
     allowed) joins it, its weight reordered so that the run's input or output permutation costs
-    nothing at run time. The result computes the same function as the masked model. Unless
-    ``inplace``, ``model`` is untouched.
+    nothing at run time. With ``fold_dense``, residual streams whose compressed convolutions
+    share one channel order (``MPDConfig(shared_streams=True)``) are first stored in that order
+    (:func:`~mpdcompress.core.streams.relabel_streams_`), so their gathers vanish; :func:`unpack`
+    of such a model gives the masked model with those channels renamed (the same function).
+    The result computes the same function as the masked model. Unless ``inplace``, ``model`` is
+    untouched.
     """
     masked = [m for m in model.modules() if isinstance(m, MaskedWeight)]
     if not masked:
@@ -426,6 +435,8 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     if not inplace:
         model = _copy_except(model, MaskedWeight)
     with torch.no_grad():
+        if fold_dense:
+            relabel_streams_(model)
         shared = _shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             _fuse_conv_sequential(seq, fold_dense, shared)

@@ -157,6 +157,11 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
         device = self.row_order.device
         self.register_buffer("in_gather", in_gather.to(device), persistent=False)
         self.register_buffer("out_gather", out_gather.to(device), persistent=False)
+        # Identity gathers (a residual stream stored in this layer's block order, see
+        # core/streams.py) are skipped: each would copy the whole activation for nothing.
+        c = layout.compression
+        self.in_is_identity = layout.d_in % c == 0 and torch.equal(mask.col_order, torch.arange(layout.d_in))
+        self.out_is_identity = layout.d_out % c == 0 and torch.equal(mask.row_order, torch.arange(layout.d_out))
         padding = None
         if not layout.is_even:
             padding = layout.padding_mask().view(-1, layout.max_cols, *[1] * len(self.kernel_size))
@@ -171,7 +176,9 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dim = -1 - len(self.kernel_size)
-        return gather_channels(self.grouped(gather_channels(input, dim, self.in_gather)), dim, self.out_gather)
+        x = input if self.in_is_identity else gather_channels(input, dim, self.in_gather)
+        x = self.grouped(x)
+        return x if self.out_is_identity else gather_channels(x, dim, self.out_gather)
 
     def extra_repr(self) -> str:
         layout = self.layout

@@ -115,6 +115,7 @@ class TrainConfig:
     compression: int | None = 10  # None: the dense baseline
     permute: bool = True
     compress_convs: bool = False  # also every convolution but those mpdify_'s rules skip (the image-reading one)
+    shared_streams: bool = False  # one channel order per residual stream (MPDConfig.shared_streams)
     width: float = 1.0  # every inner width of the model times this (a thin dense baseline: < 1)
     mode: str = "masked"  # or "compact": train the packed block-diagonal form directly
     init: str = "block"  # training from scratch; "dense" keeps nn.Linear's initialization (see mpdify_)
@@ -144,6 +145,10 @@ class TrainConfig:
         check_choice("init", self.init, INITS)
         if not (isinstance(self.width, (int, float)) and 0 < self.width <= 16):
             raise ConfigError(f"width must be a number in (0, 16], got {self.width!r}")
+        if self.shared_streams and not (self.compression and self.compress_convs):
+            raise ConfigError(
+                "shared_streams orders the compressed convolutions: it needs a compression and compress_convs"
+            )
         if self.qat is not None and (self.mode != "compact" or not self.compression):
             raise ConfigError(
                 "quantization-aware training (qat) trains the packed blocks: it needs a compression and mode 'compact'"
@@ -194,5 +199,9 @@ class TrainConfig:
 RESUMABLE_DIFFERENCES = ("epochs", "device", "data_root", "micro_batch", "compile", "workers", "checkpoint_every")
 
 
+# Fields added after checkpoints were first written, with the value older runs had.
+LATER_FIELDS = {"shared_streams": False}
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUMABLE_DIFFERENCES}
+    return {k: v for k, v in {**LATER_FIELDS, **config}.items() if k not in RESUMABLE_DIFFERENCES}

@@ -87,6 +87,7 @@ def build_for(config: TrainConfig) -> nn.Module:
             seed=config.mask_seed,
             permute=config.permute,
             convs=config.compress_convs,
+            shared_streams=config.shared_streams,
             mode=config.mode,
             init=config.init,
         )
