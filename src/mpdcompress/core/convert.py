@@ -25,7 +25,7 @@ from .layout import validate_compression
 from .mask_search import mask_from_weight, masks_for_layers
 from .masks import MPDMask, layer_seed, make_mask
 from .roles import mlp_pairs
-from .streams import relabel_streams_, shared_stream_masks
+from .streams import relabel_streams_, shared_modules, shared_stream_masks
 
 __all__ = [
     "mpdify_",
@@ -437,7 +437,7 @@ def pack(model: nn.Module, *, inplace: bool = False, fold_dense: bool = True) ->
     with torch.no_grad():
         if fold_dense:
             relabel_streams_(model)
-        shared = _shared_modules(model)
+        shared = shared_modules(model)
         for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
             _fuse_conv_sequential(seq, fold_dense, shared)
             _fuse_sequential(seq, fold_dense, shared)
@@ -520,17 +520,6 @@ def packed_layer_sources(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         else:
             layers[name] = module, name
     return layers
-
-
-def _shared_modules(model: nn.Module) -> set[int]:
-    """Ids of modules that sit at more than one place in ``model``."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for parent in model.modules():
-        for child in parent._modules.values():
-            if child is not None:
-                (shared if id(child) in seen else seen).add(id(child))
-    return shared
 
 
 def _is_plain_linear(module: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from ..nn.masked import MaskedWeight, MPDLinear
 from ..nn.residual import Residual
 from .masks import MPDMask, inverse_permutation, layer_seed
 
-__all__ = ["ResidualStream", "residual_streams", "shared_stream_masks", "relabel_streams_"]
+__all__ = ["ResidualStream", "residual_streams", "shared_stream_masks", "relabel_streams_", "shared_modules"]
 
 # A module's place: its parent and its key there, so that it can be replaced.
 Slot = tuple[nn.Module, str]
@@ -97,8 +97,11 @@ def residual_streams(model: nn.Module) -> list[ResidualStream]:
     streams = []
     for seq in [m for m in model.modules() if type(m) is nn.Sequential]:
         streams += _sequential_streams(seq)
-    shared = _shared_ids(model)
-    return [s for s in streams if s.understood and _consistent(s, shared)]
+    streams = [s for s in streams if s.understood]
+    for stream in streams:
+        stream.channels = _module(stream.writers[0]).out_channels
+    shared = shared_modules(model)
+    return [s for s in streams if _consistent(s, shared)]
 
 
 def _sequential_streams(seq: nn.Sequential) -> list[ResidualStream]:
@@ -158,7 +161,8 @@ def _sequential_streams(seq: nn.Sequential) -> list[ResidualStream]:
     return streams
 
 
-def _shared_ids(model: nn.Module) -> set[int]:
+def shared_modules(model: nn.Module) -> set[int]:
+    """Ids of the modules that sit at more than one place in ``model``."""
     seen: set[int] = set()
     shared: set[int] = set()
     for parent in model.modules():
@@ -169,9 +173,8 @@ def _shared_ids(model: nn.Module) -> set[int]:
 
 
 def _consistent(stream: ResidualStream, shared: set[int]) -> bool:
-    """Sets ``stream.channels``; whether every module agrees on it and is used once."""
+    """Whether every module of ``stream`` agrees on its channel count and is used once."""
     writers = [_module(s) for s in stream.writers]
-    stream.channels = writers[0].out_channels
     slots = stream.writers + stream.readers + stream.on_stream
     if any(id(_module(s)) in shared for s in slots):
         return False
