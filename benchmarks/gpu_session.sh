@@ -6,12 +6,13 @@
 #   bash benchmarks/gpu_session.sh OUTDIR quick     two layer shapes, bf16, batches 1 and 128
 #   bash benchmarks/gpu_session.sh OUTDIR bf16      the full GPU benchmark in bf16          -> OUTDIR/bench_gpu_bf16/
 #   bash benchmarks/gpu_session.sh OUTDIR fp32      the full GPU benchmark in fp32          -> OUTDIR/bench_gpu_fp32/
+#   bash benchmarks/gpu_session.sh OUTDIR cnn       whole CNNs on cuDNN, bf16, c = 4 and 8  -> OUTDIR/bench_cnn_gpu/
 # Output goes to OUTDIR as it is made (tee, and the benchmark rewrites its report after every
 # row), so a part stopped by its timeout still returns what it measured. The GPU machine has no
 # package registry: the code runs from PYTHONPATH=src with what is installed there.
 set -uo pipefail
 out=${1:?output folder}
-part=${2:?part: key, tests, quick, bf16 or fp32}
+part=${2:?part: key, tests, quick, bf16, fp32 or cnn}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 # The tiles the tuner picks per shape and batch (plain, swap-AB or split-K) come back with the run:
@@ -31,5 +32,7 @@ case $part in
   quick) bench 570 bench_gpu_quick --quick ;;
   bf16) bench 570 bench_gpu_bf16 --dtype bf16 ;;
   fp32) bench 570 bench_gpu_fp32 --dtype fp32 ;;
+  cnn) timeout 570 python3 -m mpdcompress bench --profile cnn --device cuda --dtype bf16 --factors 4 8 \
+         --out "$out/bench_cnn_gpu" 2>&1 | tee "$out/bench_cnn_gpu.log" | tail -5 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -57,6 +57,27 @@ def test_cnn_bench_report_and_command(tmp_path, capsys):
     assert "unknown models" in capsys.readouterr().err
 
 
+def test_cnn_report_of_a_gpu_run_has_eager_and_cuda_graph_rows():
+    """What a GPU run records (eager and CUDA-graph medians; None where capture failed) renders
+    as both kinds of rows; written after every row."""
+    rows = []
+    result = run_cnn_bench(
+        CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1, layouts=("channels_last",)),
+        on_row=lambda so_far: rows.append(len(so_far["rows"])),
+    )
+    assert rows == [1]
+    (row,) = result["rows"]
+    row["graph_seconds"] = {**row["seconds"], "thin_dense channels_last": None}
+    result["profile"]["device"], result["machine"]["gpu"] = "cuda", "NVIDIA H100"
+    report = render_cnn_report(result)
+    assert "NVIDIA H100 (cuDNN; timed by CUDA events)" in report
+    assert "| deep-mnist | 2 | 1 | channels last | 1.00× |" in report
+    assert "| deep-mnist | 2 | 1 | channels last, CUDA graph | 1.00× |" in report and "(not capturable)" in report
+    if not torch.cuda.is_available():  # refused before any model is built
+        with pytest.raises(ConfigError, match="cuda"):
+            run_cnn_bench(CnnProfile(models=("deep-mnist",), device="cuda"))
+
+
 def test_accuracy_study_trains_every_variant_at_matching_sizes():
     from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
 

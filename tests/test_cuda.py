@@ -114,3 +114,27 @@ def test_compact_training_with_triton_kernels_on_gpu():
                 opt.step()
     for ref, got in zip(models["torch"].parameters(), models["triton"].parameters()):
         assert_close_to_scale(got, ref, rel=1e-4)
+
+
+def test_packed_resnet_with_shared_streams_on_cuda_and_the_cnn_bench_there():
+    """cuDNN's grouped convolutions give what the masked model gives (fp32, TF32 off), channels-last
+    too; the CNN bench times every variant eagerly and from a CUDA graph."""
+    from mpdcompress.bench.cnn import CnnProfile, render_cnn_report, run_cnn_bench
+    from mpdcompress.models import build_model
+
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False
+    masked = mpdify_(build_model("resnet18-cifar"), 8, convs=True, shared_streams=True).cuda().eval()
+    packed = pack(masked).eval()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        assert_close_to_scale(packed(x), masked(x), 1e-4)
+        last = packed.to(memory_format=torch.channels_last)
+        assert_close_to_scale(last(x.contiguous(memory_format=torch.channels_last)), masked(x), 1e-4)
+    profile = CnnProfile(models=("resnet18-cifar",), factors=(4,), batches=(1,), repeats=2, device="cuda", dtype="bf16")
+    result = run_cnn_bench(profile)
+    (row,) = result["rows"]
+    assert all(v is not None and v > 0 for v in row["seconds"].values())
+    assert row["graph_seconds"]["dense"] is not None
+    report = render_cnn_report(result)
+    assert "| resnet18-cifar | 4 | 1 | channels last, CUDA graph |" in report and "cuDNN" in report

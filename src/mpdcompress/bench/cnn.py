@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from ..core.batchnorm import fold_batchnorm_
+from ..core.config import check_choice, checked_device
 from ..core.convert import mpdify_, pack
 from ..errors import ConfigError
 from ..models import MODELS, build_model, paper_filter, scale_widths
 from ..nn import MaskedWeight
-from ..timing import interleaved_medians
+from ..timing import cuda_medians, interleaved_medians
 from .machine import describe_machine
 
 __all__ = [
@@ -40,6 +41,7 @@ CNN_MODELS = ("deep-mnist", "tf-cifar10", "alexnet-bn", "resnet18-cifar", "vgg11
 VARIANTS = ("dense", "mpd_fc", "mpd_conv_fc", "thin_dense")
 _FORMATS = {"channels_first": torch.contiguous_format, "channels_last": torch.channels_last}
 LAYOUTS = tuple(_FORMATS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class CnnProfile:
     # Every variant times with its BatchNorms folded into the convolutions before them
     # (fold_batchnorm_), as a model is deployed; False times them as they train.
     fold_batchnorm: bool = True
+    # On a GPU (cuDNN) every variant is timed by CUDA events, eagerly and as a CUDA-graph replay.
+    device: str = "cpu"
+    dtype: str = "fp32"
 
 
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -135,13 +140,23 @@ def run_cnn_bench(
     *,
     command: str = "mpdcompress bench --profile cnn",
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Time every variant of every model at every factor and batch; returns the result dict."""
+    """Time every variant of every model at every factor and batch; returns the result dict.
+    ``on_row`` gets the result so far after each row (a run cut short keeps what it measured)."""
     say = progress or (lambda message: None)
     unknown = sorted(set(profile.layouts) - set(_FORMATS))
     if unknown or not profile.layouts:
         raise ConfigError(f"layouts must be some of {', '.join(_FORMATS)}, got {list(profile.layouts)}")
-    rows = []
+    device = checked_device(profile.device, "the CNN bench's device")
+    dtype = check_choice("dtype", profile.dtype, tuple(DTYPES))
+    result = {
+        "command": command,
+        "machine": describe_machine(str(device)),
+        "profile": asdict(profile),
+        "rows": [],
+    }
+    rows = result["rows"]
     for name in profile.models:
         shape = MODELS[name].input_shape
         for c in profile.factors:
@@ -152,26 +167,34 @@ def run_cnn_bench(
             macs.update({k: multiply_adds(m, shape) for k, m in masked.items()})
             if profile.fold_batchnorm:
                 models = {k: fold_batchnorm_(m) for k, m in models.items()}
+            models = {k: m.to(device=device, dtype=DTYPES[dtype]) for k, m in models.items()}
             placed = {layout: _in_layout(models, layout) for layout in profile.layouts}
             for batch in profile.batches:
-                x = torch.randn(batch, *shape)
+                x = torch.randn(batch, *shape, device=device, dtype=DTYPES[dtype])
                 calls = {}
                 for layout, variants in placed.items():
                     xl = x.contiguous(memory_format=_FORMATS[layout])
                     calls.update({_key(k, layout): (lambda m=m, xl=xl: m(xl)) for k, m in variants.items()})
+                row = {
+                    "model": name,
+                    "compression": c,
+                    "batch": batch,
+                    "layouts": list(profile.layouts),
+                    "parameters": sizes,
+                    "multiply_adds": macs,
+                }
                 with torch.no_grad():
-                    seconds = interleaved_medians(calls, repeats=profile.repeats, min_time=0.05 if batch == 1 else 0)
-                rows.append(
-                    {
-                        "model": name,
-                        "compression": c,
-                        "batch": batch,
-                        "seconds": seconds,
-                        "layouts": list(profile.layouts),
-                        "parameters": sizes,
-                        "multiply_adds": macs,
-                    }
-                )
+                    if device.type == "cuda":
+                        row["seconds"] = cuda_medians(calls, graph=False, repeats=profile.repeats)
+                        row["graph_seconds"] = cuda_medians(calls, graph=True, repeats=profile.repeats)
+                    else:
+                        row["seconds"] = interleaved_medians(
+                            calls, repeats=profile.repeats, min_time=0.05 if batch == 1 else 0
+                        )
+                rows.append(row)
+                seconds = row["seconds"]
+                if on_row is not None:
+                    on_row(result)
                 say(
                     f"{name} c={c} batch {batch}: "
                     + ", ".join(
@@ -179,7 +202,7 @@ def run_cnn_bench(
                         for layout in profile.layouts
                     )
                 )
-    return {"command": command, "machine": describe_machine("cpu"), "profile": asdict(profile), "rows": rows}
+    return result
 
 
 def _key(variant: str, layout: str) -> str:
@@ -193,14 +216,21 @@ def _in_layout(models: dict[str, nn.Module], layout: str) -> dict[str, nn.Module
     return {k: copy.deepcopy(m).to(memory_format=_FORMATS[layout]) for k, m in models.items()}
 
 
+def _machine(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    where = machine.get("gpu") if result["profile"].get("device", "cpu") != "cpu" else None
+    where = f"{where} (cuDNN; timed by CUDA events)" if where else machine.get("cpu", "?")
+    return f"{where}, torch {machine.get('torch', '?')}"
+
+
 def render_cnn_report(result: dict[str, Any]) -> str:
     """The CNN section as Markdown: speed-ups over the channels-first dense model with their
     multiply-add limits, per memory format, and sizes."""
     lines = [
         "# Whole CNNs: MPD on convolutions and FC layers vs dense, FC-only MPD and a thin dense network",
         "",
-        f"Command: `{result['command']}`. Machine: {result['machine'].get('cpu', '?')}, "
-        f"torch {result['machine'].get('torch', '?')}. Each row's variants, in every memory format, were timed",
+        f"Command: `{result['command']}`. Machine: {_machine(result)}, {result['profile'].get('dtype', 'fp32')}. "
+        "Each row's variants, in every memory format, were timed",
         "round-robin in one process; speed-ups are the time of the dense model in the row's first layout",
         "(channels-first unless only channels-last was asked for) / the variant's (medians), so the other",
         "layout's rows include what the layout alone gains (their *dense* column). Against the dense model",
@@ -218,20 +248,26 @@ def render_cnn_report(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        s, m, p = row["seconds"], row["multiply_adds"], row["parameters"]
+        m, p = row["multiply_adds"], row["parameters"]
         layouts = row.get("layouts", ["channels_first"])
-        reference = s[_key("dense", layouts[0])]
-        for layout in layouts:
+        # On a GPU: eager calls, then the same calls replayed from a CUDA graph (no host overhead).
+        timings = [("", row["seconds"])] + ([(", CUDA graph", row["graph_seconds"])] if "graph_seconds" in row else [])
+        for how, s in timings:
+            reference = s[_key("dense", layouts[0])]
+            for layout in layouts:
 
-            def cell(variant: str, layout: str = layout) -> str:
-                key = _key(variant, layout)
-                if key not in s:
-                    return "— (no FC layer to compress)"
-                return f"{reference / s[key]:.2f}× ({m['dense'] / m[variant]:.2f}×)"
+                def cell(variant: str, layout: str = layout, s: dict = s, reference: float | None = reference) -> str:
+                    key = _key(variant, layout)
+                    if key not in s:
+                        return "— (no FC layer to compress)"
+                    if s[key] is None or reference is None:
+                        return "— (not capturable)"
+                    return f"{reference / s[key]:.2f}× ({m['dense'] / m[variant]:.2f}×)"
 
-            lines.append(
-                f"| {row['model']} | {row['compression']} | {row['batch']} | {layout.replace('_', ' ')} "
-                f"| {reference / s[_key('dense', layout)]:.2f}× | {cell('mpd_conv_fc')} | {cell('mpd_fc')} "
-                f"| {cell('thin_dense')} | {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
-            )
+                dense = cell("dense").split(" (")[0]
+                lines.append(
+                    f"| {row['model']} | {row['compression']} | {row['batch']} | {layout.replace('_', ' ')}{how} "
+                    f"| {dense} | {cell('mpd_conv_fc')} | {cell('mpd_fc')} | {cell('thin_dense')} "
+                    f"| {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
+                )
     return "\n".join(lines) + "\n"

@@ -59,7 +59,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     command = ("mpdcompress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and args.profile != "cnn":
         paths = _bench_gpu(args, command)
     else:
         if args.profile == "key":
@@ -135,16 +135,23 @@ def _bench_cnn(args: argparse.Namespace, command: str, progress) -> list:
 
     changes = {"models": args.models, "factors": args.factors, "batches": args.batches, "layouts": args.layouts}
     profile = dataclasses.replace(
-        CnnProfile(), fold_batchnorm=not args.keep_batchnorm, **{k: tuple(v) for k, v in changes.items() if v}
+        CnnProfile(),
+        fold_batchnorm=not args.keep_batchnorm,
+        device=args.device,
+        dtype=args.dtype or "fp32",
+        **{k: tuple(v) for k, v in changes.items() if v},
     )
     unknown = sorted(set(profile.models) - set(MODELS))
     if unknown:
         raise UnknownNameError(f"unknown models {unknown}; registered: {', '.join(MODELS)}")
-    result = run_cnn_bench(profile, command=command, progress=progress)
     out = Path("results/bench_cnn" if args.out == BENCH_OUT else args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench_cnn.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
-    write_atomic(out / "bench_cnn.md", lambda f: f.write(render_cnn_report(result).encode()))
+
+    def write(result: dict) -> None:  # after every row, so a run cut short keeps what it measured
+        write_atomic(out / "bench_cnn.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+        write_atomic(out / "bench_cnn.md", lambda f: f.write(render_cnn_report(result).encode()))
+
+    write(run_cnn_bench(profile, command=command, progress=progress, on_row=write))
     return [out / "bench_cnn.json", out / "bench_cnn.md"]
 
 
