@@ -264,7 +264,9 @@ def _renamed(module: nn.Module, order: torch.Tensor, *, rows: bool) -> nn.Module
     if not rows and _is_linear(module):
         positions = module.in_features // order.numel()
         index = (order[:, None] * positions + torch.arange(positions)).flatten()
-    new = copy.deepcopy(module)
+    # The copy does not copy what is replaced below (the weight; the bias with the rows).
+    replaced = [module.weight] + ([module.bias] if rows and module.bias is not None else [])
+    new = copy.deepcopy(module, {id(p): p for p in replaced})
     device = module.weight.device
     new.weight = nn.Parameter(
         module.weight.index_select(0 if rows else 1, index.to(device)), requires_grad=module.weight.requires_grad

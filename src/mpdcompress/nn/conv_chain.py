@@ -225,11 +225,10 @@ class PackedConvChain(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dim = self.channel_dim
-        first = self.layers[0]
         if self.head is not None:
             x = run_gap(self.head_gap, self.head(input))
         else:
-            x = input if first.in_is_identity else gather_channels(input, dim, first.in_gather)
+            x = self.layers[0].to_blocks(input)
         for i, layer in enumerate(self.layers):
             x = layer.grouped(x)
             if i + 1 < len(self.layers):
@@ -238,8 +237,7 @@ class PackedConvChain(nn.Module):
                 x = x if link is None else gather_channels(x, dim, link)
         x = run_gap(self.tail_gap, x)
         if self.tail is None:
-            last = self.layers[-1]
-            return x if last.out_is_identity else gather_channels(x, dim, last.out_gather)
+            return self.layers[-1].from_blocks(x)
         weight = self.tail.weight
         if self.tail_columns is not None and torch.is_grad_enabled() and weight.requires_grad:
             return self.tail._conv_forward(x, weight * self.tail_columns, self.tail.bias)

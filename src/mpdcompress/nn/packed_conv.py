@@ -174,11 +174,16 @@ class BlockDiagonalConv(PackedBlocks, nn.Module):
             x, self.effective_blocks(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s channels in this layer's (padded) input block order."""
+        return x if self.in_is_identity else gather_channels(x, -1 - len(self.kernel_size), self.in_gather)
+
+    def from_blocks(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (output channels in block order) with its channels back in their order."""
+        return y if self.out_is_identity else gather_channels(y, -1 - len(self.kernel_size), self.out_gather)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dim = -1 - len(self.kernel_size)
-        x = input if self.in_is_identity else gather_channels(input, dim, self.in_gather)
-        x = self.grouped(x)
-        return x if self.out_is_identity else gather_channels(x, dim, self.out_gather)
+        return self.from_blocks(self.grouped(self.to_blocks(input)))
 
     def extra_repr(self) -> str:
         layout = self.layout
