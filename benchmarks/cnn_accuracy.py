@@ -1,14 +1,26 @@
 """Deep MNIST on MNIST trained from scratch: dense vs MPD on its convolutions and FC layers at
 c = 4 vs a thin dense network of the same parameter count, two seeds each.
 
+Results are rewritten after every training run; ``--resume`` keeps the runs already in ``--out``
+(same settings, any of the seeds asked for), so a study of hours can be finished in parts.
+
 Usage: python benchmarks/cnn_accuracy.py [--model deep-mnist] [--dataset mnist] [-c 4] [--epochs 3]
-       [--seeds 0 1] [--train-limit N] [--out results/cnn_accuracy]
+       [--seeds 0 1] [--train-limit N] [--out results/cnn_accuracy] [--resume]
 """
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
-from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
+from mpdcompress.errors import ConfigError
+from mpdcompress.experiments.cnn_accuracy import (
+    CnnAccuracyProfile,
+    render_cnn_accuracy,
+    resumable_rows,
+    run_cnn_accuracy,
+)
 from mpdcompress.experiments.study_files import command_line, timed_study, write_study
 
 
@@ -21,12 +33,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--out", default="results/cnn_accuracy")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     args = parser.parse_args()
     profile = CnnAccuracyProfile(
         args.model, args.dataset, args.compression, args.epochs, tuple(args.seeds), args.train_limit
     )
-    results = timed_study(lambda: run_cnn_accuracy(profile, progress=lambda message: print(message, flush=True)))
-    report = render_cnn_accuracy(results, command_line("benchmarks/cnn_accuracy.py", sys.argv[1:]))
+    # The command a reader would type to make the whole table again (--resume only splits the work).
+    command = command_line("benchmarks/cnn_accuracy.py", [a for a in sys.argv[1:] if a != "--resume"])
+    done = []
+    previous = Path(args.out) / "results.json"
+    if args.resume and previous.exists():
+        try:
+            done = resumable_rows(json.loads(previous.read_text()), profile)
+        except ConfigError as error:
+            sys.exit(f"cnn_accuracy.py: {error}")
+    started = time.perf_counter()
+
+    def write(results: dict) -> None:
+        results["wall_seconds"] = time.perf_counter() - started
+        write_study(args.out, results, render_cnn_accuracy(results, command))
+
+    results = timed_study(
+        lambda: run_cnn_accuracy(profile, lambda message: print(message, flush=True), done=done, on_row=write)
+    )
+    report = render_cnn_accuracy(results, command)
     write_study(args.out, results, report)
     print(report)
 

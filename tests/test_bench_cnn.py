@@ -79,15 +79,45 @@ def test_cnn_report_of_a_gpu_run_has_eager_and_cuda_graph_rows():
 
 
 def test_accuracy_study_trains_every_variant_at_matching_sizes():
-    from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
+    from mpdcompress.experiments.cnn_accuracy import VARIANTS, CnnAccuracyProfile, render_cnn_accuracy, run_cnn_accuracy
 
     profile = CnnAccuracyProfile(model="deep-mnist", dataset="fake", epochs=1, seeds=(0,), train_limit=64)
     results = run_cnn_accuracy(profile)
     sizes = {row["variant"]: row["parameters"] for row in results["rows"]}
-    assert set(sizes) == {"dense", "mpd_conv_fc", "thin_dense"}
+    assert set(sizes) == set(VARIANTS)
     assert abs(sizes["thin_dense"] / sizes["mpd_conv_fc"] - 1) < 0.03 and sizes["dense"] > 3 * sizes["thin_dense"]
     assert all(0 <= row["accuracy"] <= 1 for row in results["rows"])
-    assert "| thin_dense |" in render_cnn_accuracy(results, "test")
+    assert all(row["epoch_accuracies"][-1] == row["accuracy"] for row in results["rows"])
+    report = render_cnn_accuracy(results, "test")
+    assert "| thin_dense |" in report and "after each epoch" in report and "Partial" not in report
+
+
+def test_accuracy_study_resumes_without_training_the_runs_it_has(monkeypatch):
+    from mpdcompress.experiments import cnn_accuracy
+    from mpdcompress.experiments.cnn_accuracy import CnnAccuracyProfile, render_cnn_accuracy, resumable_rows
+
+    first = CnnAccuracyProfile(model="deep-mnist", dataset="fake", epochs=1, seeds=(0,), train_limit=64)
+    written = []
+    earlier = cnn_accuracy.run_cnn_accuracy(first, on_row=lambda r: written.append(len(r["rows"])))
+    assert written == [1, 2, 3]  # the results after every run, for a study cut short
+    trained = []
+    real_train = cnn_accuracy.train
+    monkeypatch.setattr(
+        cnn_accuracy, "train", lambda config, **kw: trained.append(config.seed) or real_train(config, **kw)
+    )
+    both = CnnAccuracyProfile(model="deep-mnist", dataset="fake", epochs=1, seeds=(0, 1), train_limit=64)
+    partial = []
+    results = cnn_accuracy.run_cnn_accuracy(
+        both, done=resumable_rows(earlier, both), on_row=lambda r: partial.append(render_cnn_accuracy(r, "t"))
+    )
+    assert trained == [1, 1, 1]  # seed 0 of every variant came from the earlier run
+    assert [row for row in results["rows"] if row["seed"] == 0] == earlier["rows"]
+    # what a run cut short after its first training writes still holds every earlier row
+    assert "Partial: 4 of the 6 training runs are done" in partial[0] and "Partial" not in partial[-1]
+    older = {**earlier, "rows": [{k: v for k, v in row.items() if k != "epoch_accuracies"} for row in earlier["rows"]]}
+    assert "after each epoch" not in render_cnn_accuracy(older, "t")  # rows from before the curves were kept
+    with pytest.raises(ConfigError, match="epochs 1 there, 2 here"):
+        resumable_rows(earlier, CnnAccuracyProfile(model="deep-mnist", dataset="fake", epochs=2, train_limit=64))
 
 
 def test_train_width_flag_trains_a_thinner_model(tmp_path):
