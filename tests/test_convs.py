@@ -106,6 +106,9 @@ def test_default_rules_skip_image_grouped_depthwise_and_narrow_convs_with_reason
     assert "image" in reasons["0"] and "depthwise" in reasons["2"] and "groups=4" in reasons["3"]
     assert "padding_mode" in reasons["4"] and "fewer than c=8" in reasons["5"]
     assert conv_skip_reason(nn.Conv2d(64, 64, 3), 8) is None
+    only_skipped = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 3, padding_mode="reflect"))
+    with pytest.raises(CompressionError, match=r"convolutions left dense: 0: depthwise.*; 1: padding_mode='reflect'"):
+        mpd.mpdify_(only_skipped, 4, convs=True)  # why nothing was selected, not "no nn.Linear"
 
 
 def test_convs_are_opt_in_and_explicit_choices_are_refused_by_name():

@@ -165,6 +165,12 @@ def _selected_factors(
     if not factors:
         if not linears and compressed_layers(model):
             raise CompressionError("model is already compressed (it has MPD layers and no plain nn.Linear left)")
+        if config.convs and convs:
+            left = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+            raise CompressionError(
+                "no nn.Linear or convolution was selected for compression"
+                + (f" (convolutions left dense: {left})" if left else "")
+            )
         hint = " (convolutions are compressed with convs=True)" if convs and not config.convs else ""
         raise CompressionError("no nn.Linear layer was selected for compression" + hint)
     return candidates, factors, skipped
