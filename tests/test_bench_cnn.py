@@ -33,26 +33,33 @@ def test_thin_dense_has_the_parameters_asked_for_and_runs(name):
 
 
 def test_cnn_bench_report_and_command(tmp_path, capsys):
-    result = run_cnn_bench(CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1))
+    result = run_cnn_bench(CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1, training_batch=4))
     (row,) = result["rows"]
     variants = {"dense", "mpd_fc", "mpd_conv_fc", "thin_dense"}
     assert set(row["seconds"]) == variants | {f"{v} channels_last" for v in variants}
     macs = row["multiply_adds"]
     assert macs["dense"] > macs["mpd_fc"] > macs["mpd_conv_fc"]
+    (training,) = result["training_rows"]
+    assert set(training["seconds"]) == {"dense", "masked", "compact", "thin_dense"} and training["batch"] == 4
+    state = {k: v["weights"] for k, v in training["state_bytes"].items()}
+    assert state["masked"] == state["dense"] and state["compact"] < state["dense"] / 1.9  # c = 2, first conv dense
     report = render_cnn_report(result)
     assert (
         "| deep-mnist | 2 | 1 | channels first | 1.00× |" in report
         and "| deep-mnist | 2 | 1 | channels last |" in report
+        and "## Training step" in report
+        and "| deep-mnist | 2 | 4 |" in report
     )
     with pytest.raises(ConfigError, match="layouts must be"):
         run_cnn_bench(CnnProfile(models=("deep-mnist",), layouts=("nhwc",)))
     out = tmp_path / "cnn"
     args = ["bench", "--profile", "cnn", "--models", "vgg11-cifar", "--factors", "8", "--batches", "1"]
-    args += ["--layouts", "channels_last"]
+    args += ["--layouts", "channels_last", "--training-batch", "0"]
     assert main([*args, "--out", str(out), "--quiet"]) == 0
     saved = json.loads((out / "bench_cnn.json").read_text())
     assert saved["rows"][0]["model"] == "vgg11-cifar" and saved["rows"][0]["layouts"] == ["channels_last"]
     assert "| vgg11-cifar | 8 | 1 | channels last |" in (out / "bench_cnn.md").read_text()
+    assert saved["training_rows"] == [] and saved["profile"]["training_batch"] is None
     assert main(["bench", "--profile", "cnn", "--models", "resnet-50", "--quiet"]) == 2
     assert "unknown models" in capsys.readouterr().err
 
@@ -62,7 +69,14 @@ def test_cnn_report_of_a_gpu_run_has_eager_and_cuda_graph_rows():
     as both kinds of rows; written after every row."""
     rows = []
     result = run_cnn_bench(
-        CnnProfile(models=("deep-mnist",), factors=(2,), batches=(1,), repeats=1, layouts=("channels_last",)),
+        CnnProfile(
+            models=("deep-mnist",),
+            factors=(2,),
+            batches=(1,),
+            repeats=1,
+            layouts=("channels_last",),
+            training_batch=None,
+        ),
         on_row=lambda so_far: rows.append(len(so_far["rows"])),
     )
     assert rows == [1]

@@ -118,7 +118,7 @@ def test_compact_training_with_triton_kernels_on_gpu():
 
 def test_packed_resnet_with_shared_streams_on_cuda_and_the_cnn_bench_there():
     """cuDNN's grouped convolutions give what the masked model gives (fp32, TF32 off), channels-last
-    too; the CNN bench times every variant eagerly and from a CUDA graph."""
+    too; the CNN bench times every variant eagerly and from a CUDA graph, and the training steps."""
     from mpdcompress.bench.cnn import CnnProfile, render_cnn_report, run_cnn_bench
     from mpdcompress.models import build_model
 
@@ -131,9 +131,13 @@ def test_packed_resnet_with_shared_streams_on_cuda_and_the_cnn_bench_there():
         assert_close_to_scale(packed(x), masked(x), 1e-4)
         last = packed.to(memory_format=torch.channels_last)
         assert_close_to_scale(last(x.contiguous(memory_format=torch.channels_last)), masked(x), 1e-4)
-    profile = CnnProfile(models=("resnet18-cifar",), factors=(4,), batches=(1,), repeats=2, device="cuda", dtype="bf16")
+    profile = CnnProfile(
+        models=("resnet18-cifar",), factors=(4,), batches=(1,), repeats=2, device="cuda", dtype="bf16", training_batch=8
+    )
     result = run_cnn_bench(profile)
     (row,) = result["rows"]
+    (training,) = result["training_rows"]
+    assert all(v > 0 for v in training["seconds"].values())
     assert all(v is not None and v > 0 for v in row["seconds"].values())
     assert row["graph_seconds"]["dense"] is not None
     report = render_cnn_report(result)

@@ -24,6 +24,7 @@ from ..models import MODELS, build_model, paper_filter, scale_widths
 from ..nn import MaskedWeight
 from ..timing import cuda_medians, interleaved_medians
 from .machine import describe_machine
+from .training import adam_step_times
 
 __all__ = [
     "CnnProfile",
@@ -61,6 +62,10 @@ class CnnProfile:
     # On a GPU (cuDNN) every variant is timed by CUDA events, eagerly and as a CUDA-graph replay.
     device: str = "cpu"
     dtype: str = "fp32"
+    # One Adam step (forward, backward, update; fp32, channels-first, BatchNorms training) at this
+    # batch for every model and factor: dense, masked and compact training of MPD on the
+    # convolutions and FC layers, and the thin dense network. None: no training rows.
+    training_batch: int | None = 64
 
 
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -135,6 +140,36 @@ def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
     return models, masked
 
 
+def _training_variants(name: str, c: int) -> dict[str, nn.Module]:
+    """The models whose training step is timed: dense, MPD on convs and FC masked (the paper's way)
+    and compact (trained packed), and the thin dense network of the packed model's size."""
+    torch.manual_seed(0)
+    dense = build_model(name)
+    compressed = {
+        mode: mpdify_(
+            copy.deepcopy(dense),
+            c,
+            filter_fn=paper_filter(dense, name),
+            seed=0,
+            convs=True,
+            shared_streams=True,
+            mode=mode,
+        )
+        for mode in ("masked", "compact")
+    }
+    thin = thin_dense(name, parameter_count(compressed["compact"]))
+    return {"dense": dense, **compressed, "thin_dense": thin}
+
+
+def _training_row(name: str, c: int, profile: CnnProfile, device: torch.device) -> dict[str, Any]:
+    models = {k: m.to(device) for k, m in _training_variants(name, c).items()}
+    batch = profile.training_batch
+    x = torch.randn(batch, *MODELS[name].input_shape, device=device)
+    y = torch.randint(0, MODELS[name].num_classes, (batch,), device=device)
+    seconds, memory = adam_step_times(models, x, y, repeats=profile.repeats, device=device)
+    return {"model": name, "compression": c, "batch": batch, "seconds": seconds, "state_bytes": memory}
+
+
 def run_cnn_bench(
     profile: CnnProfile,
     *,
@@ -155,6 +190,7 @@ def run_cnn_bench(
         "machine": describe_machine(str(device)),
         "profile": asdict(profile),
         "rows": [],
+        "training_rows": [],
     }
     rows = result["rows"]
     for name in profile.models:
@@ -201,6 +237,14 @@ def run_cnn_bench(
                         f"{layout} {seconds[_key('dense', layout)] / seconds[_key('mpd_conv_fc', layout)]:.2f}x"
                         for layout in profile.layouts
                     )
+                )
+            if profile.training_batch:
+                result["training_rows"].append(_training_row(name, c, profile, device))
+                if on_row is not None:
+                    on_row(result)
+                s = result["training_rows"][-1]["seconds"]
+                say(
+                    f"{name} c={c} training step: masked {s['dense'] / s['masked']:.2f}x dense, compact {s['dense'] / s['compact']:.2f}x"
                 )
     return result
 
@@ -270,4 +314,30 @@ def render_cnn_report(result: dict[str, Any]) -> str:
                     f"| {dense} | {cell('mpd_conv_fc')} | {cell('mpd_fc')} | {cell('thin_dense')} "
                     f"| {p['mpd_conv_fc'] / p['dense']:.3f} | {p['thin_dense'] / p['dense']:.3f} |"
                 )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _training_table(result.get("training_rows", []))) + "\n"
+
+
+def _training_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Training-step speed-ups over dense, and the memory of compact training's weights and Adam state."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Training step (Adam: forward, backward, update; fp32, channels-first, BatchNorms training)",
+        "",
+        "Speed-ups: the dense step's time / the variant's (medians, timed round-robin in one process). MPD "
+        "on the convolutions and FC layers trained masked (`mpdify_`, the paper's way) and compact "
+        '(`mode="compact"`, trained packed); the thin dense network has the packed model\'s parameters.',
+        "",
+        "| model | c | batch | masked × | compact × | compact × masked | thin dense × "
+        "| weights + Adam state, compact / masked |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s, m = row["seconds"], row["state_bytes"]
+        lines.append(
+            f"| {row['model']} | {row['compression']} | {row['batch']} | {s['dense'] / s['masked']:.2f}× "
+            f"| {s['dense'] / s['compact']:.2f}× | {s['masked'] / s['compact']:.2f}× | {s['dense'] / s['thin_dense']:.2f}× "
+            f"| {m['compact']['total'] / m['masked']['total']:.3f} |"
+        )
+    return lines

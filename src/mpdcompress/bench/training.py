@@ -10,7 +10,7 @@ from torch import nn
 from ..timing import interleaved_medians
 from .model import build_stack
 
-__all__ = ["run_training_bench", "training_state_bytes"]
+__all__ = ["adam_step_times", "run_training_bench", "training_state_bytes"]
 
 FORMS = {"dense": "dense", "masked": "masked", "compact": "packed"}
 
@@ -27,6 +27,27 @@ def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"weights": weights, "optimizer": state, "total": weights + state}
 
 
+def adam_step_times(
+    models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, repeats: int, device: str | torch.device
+) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Median seconds of one Adam step (forward, backward, update) of each model on ``(x, y)``,
+    timed round-robin, and the bytes of its weights and Adam state."""
+    steps, memory = {}, {}
+    for key, model in models.items():
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        step()  # Adam's state exists from the first step on
+        memory[key] = training_state_bytes(model, opt)
+        steps[key] = step
+    return interleaved_medians(steps, repeats=repeats, warmup=1, device=device), memory
+
+
 def run_training_bench(
     names: Iterable[str],
     factors: Iterable[int],
@@ -41,24 +62,14 @@ def run_training_bench(
     for name in names:
         for c in factors:
             batch = batch_for.get(name, 512)
-            steps, memory = {}, {}
+            models = {}
             for form, built in FORMS.items():
-                model, shape = build_stack(name, built, compression=c)
-                model = model.to(device).train()
-                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-                x = torch.randn(batch, *shape, device=device)
-                classes = model(x[:1]).shape[-1]
-                y = torch.randint(0, classes, (batch,), device=device)
-
-                def step(model=model, opt=opt, x=x, y=y) -> None:
-                    opt.zero_grad(set_to_none=True)
-                    nn.functional.cross_entropy(model(x), y).backward()
-                    opt.step()
-
-                step()
-                memory[form] = training_state_bytes(model, opt)
-                steps[form] = step
-            seconds = interleaved_medians(steps, repeats=repeats, warmup=1, device=device)
+                models[form], shape = build_stack(name, built, compression=c)
+                models[form].to(device)
+            x = torch.randn(batch, *shape, device=device)
+            classes = models["dense"](x[:1]).shape[-1]
+            y = torch.randint(0, classes, (batch,), device=device)
+            seconds, memory = adam_step_times(models, x, y, repeats=repeats, device=device)
             rows.append(
                 {
                     "model": name,

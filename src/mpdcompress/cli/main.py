@@ -137,6 +137,7 @@ def _bench_cnn(args: argparse.Namespace, command: str, progress) -> list:
     profile = dataclasses.replace(
         CnnProfile(),
         fold_batchnorm=not args.keep_batchnorm,
+        training_batch=CnnProfile.training_batch if args.training_batch is None else (args.training_batch or None),
         device=args.device,
         dtype=args.dtype or "fp32",
         **{k: tuple(v) for k, v in changes.items() if v},
@@ -405,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-batchnorm",
         action="store_true",
         help="cnn profile: time BatchNorms as they train instead of folded into the convolutions (fold_batchnorm_)",
+    )
+    bench.add_argument(
+        "--training-batch",
+        type=nonnegative_int,
+        help="cnn profile: batch of the timed Adam training steps (dense, masked, compact, thin dense; "
+        "default 64, 0: none)",
     )
     bench.add_argument(
         "--compile",
