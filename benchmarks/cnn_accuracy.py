@@ -11,7 +11,6 @@ Usage: python benchmarks/cnn_accuracy.py [--model deep-mnist] [--dataset mnist] 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from mpdcompress.errors import ConfigError
@@ -47,18 +46,17 @@ def main() -> None:
             done = resumable_rows(json.loads(previous.read_text()), profile)
         except ConfigError as error:
             sys.exit(f"cnn_accuracy.py: {error}")
-    started = time.perf_counter()
 
-    def write(results: dict) -> None:
-        results["wall_seconds"] = time.perf_counter() - started
-        write_study(args.out, results, render_cnn_accuracy(results, command))
+    def write(results: dict) -> str:  # after every training run (a run cut short keeps them) and at the end
+        report = render_cnn_accuracy(results, command)
+        write_study(args.out, results, report)
+        return report
 
+    # The machine and wall time (this sitting's; each row has its own seconds) come with the last write.
     results = timed_study(
         lambda: run_cnn_accuracy(profile, lambda message: print(message, flush=True), done=done, on_row=write)
     )
-    report = render_cnn_accuracy(results, command)
-    write_study(args.out, results, report)
-    print(report)
+    print(write(results))
 
 
 if __name__ == "__main__":

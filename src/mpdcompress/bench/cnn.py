@@ -122,8 +122,9 @@ def thin_width(name: str, parameters: int) -> float:
     return (low + high) / 2
 
 
-def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """The four variants at factor ``c`` (packed where compressed), and the two masked models."""
+def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Module], float]:
+    """The four variants at factor ``c`` (packed where compressed), the two masked models, and the
+    width scale of the thin dense network."""
     torch.manual_seed(0)
     dense = build_model(name).eval()
     # shared_streams: a residual network's streams stay in block order, without gathers (no
@@ -136,13 +137,15 @@ def _variants(name: str, c: int) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
     if any(isinstance(m, nn.Linear) for n, m in dense.named_modules() if paper_filter(dense, name)(m, n)):
         masked["mpd_fc"] = mpdify_(copy.deepcopy(dense), c, filter_fn=paper_filter(dense, name), seed=0)
     models = {"dense": dense, **{k: pack(m).eval() for k, m in masked.items()}}
-    models["thin_dense"] = thin_dense(name, parameter_count(models["mpd_conv_fc"])).eval()
-    return models, masked
+    width = thin_width(name, parameter_count(models["mpd_conv_fc"]))
+    models["thin_dense"] = scale_widths(build_model(name), width).eval()
+    return models, masked, width
 
 
-def _training_variants(name: str, c: int) -> dict[str, nn.Module]:
+def _training_variants(name: str, c: int, width: float) -> dict[str, nn.Module]:
     """The models whose training step is timed: dense, MPD on convs and FC masked (the paper's way)
-    and compact (trained packed), and the thin dense network of the packed model's size."""
+    and compact (trained packed), and the thin dense network at ``width``, the packed model's size
+    (the inference rows' bisection, not done again)."""
     torch.manual_seed(0)
     dense = build_model(name)
     compressed = {
@@ -157,12 +160,11 @@ def _training_variants(name: str, c: int) -> dict[str, nn.Module]:
         )
         for mode in ("masked", "compact")
     }
-    thin = thin_dense(name, parameter_count(compressed["compact"]))
-    return {"dense": dense, **compressed, "thin_dense": thin}
+    return {"dense": dense, **compressed, "thin_dense": scale_widths(build_model(name), width)}
 
 
-def _training_row(name: str, c: int, profile: CnnProfile, device: torch.device) -> dict[str, Any]:
-    models = {k: m.to(device) for k, m in _training_variants(name, c).items()}
+def _training_row(name: str, c: int, width: float, profile: CnnProfile, device: torch.device) -> dict[str, Any]:
+    models = {k: m.to(device) for k, m in _training_variants(name, c, width).items()}
     batch = profile.training_batch
     x = torch.randn(batch, *MODELS[name].input_shape, device=device)
     y = torch.randint(0, MODELS[name].num_classes, (batch,), device=device)
@@ -196,7 +198,7 @@ def run_cnn_bench(
     for name in profile.models:
         shape = MODELS[name].input_shape
         for c in profile.factors:
-            models, masked = _variants(name, c)
+            models, masked, width = _variants(name, c)
             dense_macs = multiply_adds(models["dense"], shape)
             sizes = {k: parameter_count(m) for k, m in models.items()}
             macs = {"dense": dense_macs, "thin_dense": multiply_adds(models["thin_dense"], shape)}
@@ -239,7 +241,7 @@ def run_cnn_bench(
                     )
                 )
             if profile.training_batch:
-                result["training_rows"].append(_training_row(name, c, profile, device))
+                result["training_rows"].append(_training_row(name, c, width, profile, device))
                 if on_row is not None:
                     on_row(result)
                 s = result["training_rows"][-1]["seconds"]
